@@ -1,0 +1,254 @@
+"""Typed NATS messaging: publish, subscribe, serve and request with protocol messages.
+
+Handlers see protocol messages, never raw NATS objects. Every request carries an explicit deadline (the
+nats-py default of 0.5 s is never right for a prefill). A malformed or unknown message is logged and
+dropped; a handler that raises answers with an ErrorReply instead of leaving the caller to time out.
+The W3C `traceparent` of the current request rides in a NATS header both ways (see tracecontext.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATSClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from pdserve import subjects, tracecontext
+from pdserve.protocol import ErrorReply, InvalidMessage, Message, decode, encode
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+
+
+class BusError(Exception):
+    pass
+
+
+class BusTimeout(BusError):
+    """No answer within the deadline."""
+
+
+class NoResponders(BusError):
+    """Nobody listens on the subject: the worker is gone."""
+
+
+class RemoteError(BusError):
+    """The other side answered with an ErrorReply."""
+
+    def __init__(self, reply: ErrorReply):
+        super().__init__(f"{reply.code}: {reply.message}")
+        self.reply = reply
+
+
+class Bus:
+    """One NATS connection of one service."""
+
+    def __init__(self, nc: NATSClient, name: str):
+        self._nc = nc
+        self.name = name
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | list[str],
+        name: str,
+        *,
+        connect_timeout_s: float = 10.0,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+    ) -> "Bus":
+        """Connect, retrying until connect_timeout_s (services may start before NATS); reconnect forever after."""
+
+        async def on_disconnect() -> None:
+            if not nc.is_closed and not nc.is_draining:
+                log.warning("%s: disconnected from NATS; reconnecting", name)
+
+        async def on_reconnect() -> None:
+            log.warning("%s: reconnected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else "?")
+
+        connected = False
+
+        async def on_error(e: Exception) -> None:
+            if connected:  # before that, the connect loop below reports the last error
+                log.warning("%s: NATS error: %s", name, e)
+
+        deadline = time.monotonic() + connect_timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            nc = NATSClient()
+            try:
+                # nats-py keeps retrying a first connection by itself; bound it by our deadline.
+                await asyncio.wait_for(nc.connect(
+                    servers=servers,
+                    name=name,
+                    connect_timeout=max(1, min(5, int(deadline - time.monotonic()))),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                    user=user,
+                    password=password,
+                    token=token,
+                ), timeout=max(0.5, deadline - time.monotonic()))
+                connected = True
+                return cls(nc, name)
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
+                last_error = e
+                await nc.close()
+                await asyncio.sleep(0.25)
+        raise BusError(
+            f"{name}: cannot reach NATS at {servers} within {connect_timeout_s:.0f}s ({last_error!r}); "
+            "start nats-server or pass the right --nats URL"
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    async def close(self) -> None:
+        """Drain: finish handlers in flight, flush what is published, then close."""
+        if self._nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self._nc.drain(), timeout=5)
+        except (asyncio.TimeoutError, nats.errors.Error) as e:
+            log.warning("%s: NATS drain did not finish (%s); closing", self.name, e)
+            await self._nc.close()
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        await self._nc.flush(timeout=timeout_s)
+
+    # ------------------------------------------------------------------------------------- publish
+
+    async def publish(self, subject: str, msg: Message, *, request_id: str | None = None) -> None:
+        await self._nc.publish(subject, encode(msg), headers=_headers(request_id))
+
+    # ------------------------------------------------------------------------------------ subscribe
+
+    async def subscribe(
+        self, subject: str, cls: type[M], handler: Callable[[M], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        """Deliver each valid `cls` message on subject to handler, in order; drop and log invalid ones."""
+
+        async def on_msg(raw: Msg) -> None:
+            msg = self._decode(raw, cls)
+            if msg is None:
+                return
+            with tracecontext.use(raw.headers):
+                try:
+                    await handler(msg)
+                except Exception:
+                    log.exception("%s: handler for %s failed on %s", self.name, subject, _request_id_of(msg))
+
+        return await self._subscribe(subject, queue, on_msg)
+
+    async def serve(
+        self, subject: str, cls: type[M], handler: Callable[[M], Awaitable[Message]], *, queue: str = ""
+    ) -> Subscription:
+        """Answer each valid request with handler's reply; an exception answers an ErrorReply.
+
+        Requests are handled concurrently (nats-py runs one callback at a time per subscription, so each
+        request gets its own task; references are kept until it ends).
+        """
+
+        async def on_msg(raw: Msg) -> None:
+            task = asyncio.create_task(handle(raw))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def handle(raw: Msg) -> None:
+            msg = self._decode(raw, cls)
+            if msg is None:
+                if raw.reply:
+                    await self._reply(raw, ErrorReply(code="bad_request", message="malformed message", retryable=False))
+                return
+            with tracecontext.use(raw.headers):
+                try:
+                    reply = await handler(msg)
+                except Exception as e:
+                    log.exception("%s: handler for %s failed on %s", self.name, subject, _request_id_of(msg))
+                    reply = ErrorReply(code="handler_failed", message=f"{type(e).__name__}: {e}")
+            if raw.reply:
+                await self._reply(raw, reply)
+
+        return await self._subscribe(subject, queue, on_msg)
+
+    async def request(
+        self, subject: str, msg: Message, reply_cls: type[R], *, timeout_s: float, request_id: str | None = None
+    ) -> R:
+        """Send msg and wait at most timeout_s for a `reply_cls`.
+
+        Raises BusTimeout, NoResponders, RemoteError (an ErrorReply came back) or BusError (bad reply).
+        """
+        assert timeout_s > 0, "every request needs a positive deadline"
+        try:
+            raw = await self._nc.request(subject, encode(msg), timeout=timeout_s, headers=_headers(request_id))
+        except nats.errors.NoRespondersError as e:
+            raise NoResponders(f"no service listens on {subject}") from e
+        except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
+            raise BusTimeout(f"no answer on {subject} within {timeout_s:.1f}s") from e
+        try:
+            return decode(raw.data, reply_cls)
+        except InvalidMessage as e:
+            try:
+                error = decode(raw.data, ErrorReply)
+            except InvalidMessage:
+                raise BusError(f"bad reply on {subject}: {e}") from e
+            raise RemoteError(error) from None
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as e:  # connection closed or reconnecting: the server forgets it anyway
+            log.debug("%s: unsubscribe: %s", self.name, e)
+
+    # ------------------------------------------------------------------------------------- internal
+
+    async def _subscribe(self, subject: str, queue: str, on_msg: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        sub = await self._nc.subscribe(subject, queue=queue, cb=on_msg)
+        self._subs.append(sub)
+        # Make the server know the subscription before anyone is told to send to it.
+        await self._nc.flush(timeout=5)
+        return sub
+
+    def _decode(self, raw: Msg, cls: type[M]) -> M | None:
+        try:
+            return decode(raw.data, cls)
+        except InvalidMessage as e:
+            log.warning("%s: dropped invalid message on %s: %s", self.name, raw.subject, e)
+            return None
+
+    async def _reply(self, raw: Msg, reply: Message) -> None:
+        try:
+            await raw.respond(encode(reply))
+        except nats.errors.Error as e:
+            log.warning("%s: could not reply on %s: %s", self.name, raw.subject, e)
+
+
+def _headers(request_id: str | None) -> dict[str, str] | None:
+    headers = {}
+    traceparent = tracecontext.current()
+    if traceparent:
+        headers[subjects.HEADER_TRACEPARENT] = traceparent
+    if request_id:
+        headers[subjects.HEADER_REQUEST_ID] = request_id
+    return headers or None
+
+
+def _request_id_of(msg: Message) -> str:
+    return getattr(msg, "request_id", "-")

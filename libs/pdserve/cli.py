@@ -1,0 +1,63 @@
+"""`pdserve`: one command for every service, and `pdserve up` for the whole system.
+
+    pdserve up [--engine mock] [--prefill N] [--decode M] [--port 8000]
+    pdserve router --nats URL [--port 8000]
+    pdserve prefill-worker --nats URL
+    pdserve decode-worker --nats URL
+    pdserve kv-broker --nats URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pdserve import config as cfg
+from pdserve.service import run, setup_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", help="start NATS, the KV broker, the router and workers on this machine")
+    from pdserve.launcher import add_up_arguments
+
+    add_up_arguments(up)
+    cfg.add_arguments(sub.add_parser("router", help="the OpenAI HTTP API"), cfg.RouterConfig)
+    for role in ("prefill", "decode"):
+        cfg.add_arguments(sub.add_parser(f"{role}-worker", help=f"a {role} worker"), cfg.WorkerConfig, skip=("role",))
+    cfg.add_arguments(sub.add_parser("kv-broker", help="the KV block index and handover book"), cfg.BrokerConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.__dict__.pop("command")
+    try:
+        if command == "up":
+            from pdserve.launcher import up
+
+            return up(args)
+        if command == "router":
+            from services.router.main import serve
+
+            config = cfg.build(cfg.RouterConfig, args)
+        elif command in ("prefill-worker", "decode-worker"):
+            from services.decode_worker.main import serve as serve_decode
+            from services.prefill_worker.main import serve as serve_prefill
+
+            config = cfg.build(cfg.WorkerConfig, args, role=command.split("-")[0])
+            serve = serve_prefill if config.role == "prefill" else serve_decode
+        else:
+            from services.kv_broker.main import serve
+
+            config = cfg.build(cfg.BrokerConfig, args)
+    except cfg.ConfigError as e:
+        print(f"pdserve {command}: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, command)
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""One frozen config per service, built in one place from CLI flags, `PDSERVE_*` variables and defaults.
+
+Precedence: flag > environment (`PDSERVE_<FIELD>`, e.g. PDSERVE_NATS, PDSERVE_PREFILL_TIMEOUT_S) > default.
+Every value is validated at start; a `ConfigError` says which flag or variable to change and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+C = TypeVar("C")
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+MOCK_MODEL = "pdserve-mock"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag / variable and the fix."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "PDSERVE_" + name.upper()
+
+
+def _fail(name: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{_flag(name)} / {_env(name)}: {problem}; {fix}")
+
+
+@dataclass(frozen=True)
+class BusOptions:
+    nats: str = _opt(DEFAULT_NATS, "NATS server URL(s), comma-separated")
+    nats_user: str | None = _opt(None, "NATS user name")
+    nats_password: str | None = _opt(None, "NATS password")
+    nats_token: str | None = _opt(None, "NATS auth token")
+    connect_timeout_s: float = _opt(15.0, "how long to wait for NATS at start-up")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        for url in self.nats_servers:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                _fail("nats", f"{url!r} is not a NATS URL", "use nats://HOST:PORT (the default is " + DEFAULT_NATS + ")")
+        if self.connect_timeout_s <= 0:
+            _fail("connect_timeout_s", "must be > 0", "give a number of seconds such as 15")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            _fail("log_level", f"unknown level {self.log_level!r}", "use DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [s.strip() for s in self.nats.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class MockEngineOptions:
+    """The mock engine's timing model and KV shape (defaults: SmolLM2-135M's KV, fp16)."""
+
+    mock_ms_per_prompt_token: float = _opt(0.02, "simulated prefill time per prompt token")
+    mock_ms_per_decode_step: float = _opt(2.0, "simulated time per generated token")
+    mock_num_layers: int = _opt(30, "layers of the simulated KV")
+    mock_num_kv_heads: int = _opt(3, "KV heads of the simulated KV")
+    mock_head_dim: int = _opt(64, "head dimension of the simulated KV")
+    mock_dtype_bytes: int = _opt(2, "bytes per KV element (2: fp16/bf16)")
+
+
+@dataclass(frozen=True)
+class WorkerConfig(BusOptions, MockEngineOptions):
+    role: Literal["prefill", "decode"] = _opt("prefill", "prefill or decode")
+    worker_id: str = _opt("", "unique worker id (default: role-host-pid-random)")
+    engine: Literal["mock"] = _opt("mock", "inference engine: mock (vllm comes with the vLLM issue)")
+    model: str = _opt(MOCK_MODEL, "model name served")
+    max_model_len: int = _opt(4096, "context limit in tokens")
+    block_size: int = _opt(16, "tokens per KV block (must match on every worker)")
+    num_kv_blocks: int = _opt(2048, "KV blocks the engine owns")
+    advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
+    bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
+    heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")
+    max_queue: int = _opt(256, "requests waiting or running before new ones are refused")
+    kv_lease_s: float = _opt(30.0, "how long prefill keeps a request's KV for the decode worker")
+    kv_pull_timeout_s: float = _opt(10.0, "deadline for pulling one request's KV before recomputing locally")
+
+    def __post_init__(self) -> None:
+        BusOptions.__post_init__(self)
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", f"{self.role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+        if not all(c.isalnum() or c in "-_" for c in self.worker_id):
+            _fail("worker_id", f"{self.worker_id!r} has characters NATS subjects cannot carry", "use letters, digits, - and _")
+        for name in ("max_model_len", "block_size", "num_kv_blocks", "max_queue"):
+            if getattr(self, name) <= 0:
+                _fail(name, "must be > 0", "give a positive whole number")
+        for name in ("heartbeat_interval_s", "kv_lease_s", "kv_pull_timeout_s"):
+            if getattr(self, name) <= 0:
+                _fail(name, "must be > 0", "give a positive number of seconds")
+        if self.max_model_len > self.num_kv_blocks * self.block_size:
+            _fail("num_kv_blocks", f"{self.num_kv_blocks} blocks of {self.block_size} tokens cannot hold one "
+                  f"{self.max_model_len}-token request", f"raise it to at least {-(-self.max_model_len // self.block_size)}")
+
+
+@dataclass(frozen=True)
+class RouterConfig(BusOptions):
+    host: str = _opt("127.0.0.1", "HTTP bind address")
+    port: int = _opt(8000, "HTTP port")
+    router_id: str = _opt("", "unique router id (default: router-host-pid-random)")
+    prefill_timeout_s: float = _opt(60.0, "deadline for a prefill worker's KV-ready answer")
+    decode_accept_timeout_s: float = _opt(5.0, "deadline for a decode worker to accept a request")
+    stream_idle_timeout_s: float = _opt(30.0, "longest gap between two token chunks before the decode is given up")
+    request_timeout_s: float = _opt(600.0, "deadline for a whole request")
+    max_attempts: int = _opt(3, "workers tried per role before giving up on a request")
+    kv_lookup_timeout_s: float = _opt(0.2, "deadline for the KV broker's lookup answer")
+
+    def __post_init__(self) -> None:
+        BusOptions.__post_init__(self)
+        if not self.router_id:
+            object.__setattr__(self, "router_id", f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+        if not 0 <= self.port <= 65535:
+            _fail("port", f"{self.port} is not a TCP port", "use 1-65535 (0 picks a free one)")
+        for name in ("prefill_timeout_s", "decode_accept_timeout_s", "stream_idle_timeout_s", "request_timeout_s", "kv_lookup_timeout_s"):
+            if getattr(self, name) <= 0:
+                _fail(name, "must be > 0", "give a positive number of seconds")
+        if self.max_attempts < 1:
+            _fail("max_attempts", "must be >= 1", "give a positive whole number")
+
+
+@dataclass(frozen=True)
+class BrokerConfig(BusOptions):
+    broker_id: str = _opt("", "unique broker id (default: broker-host-pid-random)")
+    heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats")
+
+    def __post_init__(self) -> None:
+        BusOptions.__post_init__(self)
+        if not self.broker_id:
+            object.__setattr__(self, "broker_id", f"broker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+
+
+# ------------------------------------------------------------------------------- flags and env vars
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field; defaults stay None so that env vars and defaults apply in build()."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}; default {f.default}]"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+
+
+def build(cls: type[C], args: argparse.Namespace | dict | None = None, env: dict[str, str] | None = None, **overrides: Any) -> C:
+    """Config from flags (args), then PDSERVE_* env vars, then defaults; converted and validated."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    values.update(overrides)
+    env = os.environ if env is None else env
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        raw = values.get(f.name)
+        if raw is None:
+            raw = env.get(_env(f.name))
+        if raw is None:
+            continue
+        kwargs[f.name] = _convert(f.name, raw, hints[f.name])
+    return cls(**kwargs)
+
+
+def _base_type(hint: Any) -> Any:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is Literal:
+        return str
+    if args and get_origin(hint) is not Literal:
+        return _base_type(args[0])
+    return hint
+
+
+def _convert(name: str, raw: Any, hint: Any) -> Any:
+    if get_origin(hint) is Literal:
+        if raw not in get_args(hint):
+            _fail(name, f"{raw!r} is not one of {', '.join(map(str, get_args(hint)))}", "pick one of those")
+        return raw
+    kind = _base_type(hint)
+    if not isinstance(raw, str) or kind is str:
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        _fail(name, f"{raw!r} is not a valid {kind.__name__}", f"give a {kind.__name__}")

@@ -1,0 +1,106 @@
+"""The worker-facing engine interface: the mock engine implements it now, vLLM implements it next.
+
+A prefill worker calls `prefill()` (one token, KV kept and served under a lease) and later `release_kv()`;
+a decode worker calls `generate()` with the KV location from prefill (or none, to prefill locally). The
+engine owns its KV memory and its transfer endpoint, because with vLLM the KV lives in the engine's own
+process; workers only pass `KVTransferParams` along.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token_id: int
+    first_text: str
+    finish_reason: FinishReason | None  # set when the first token already ends the request
+    kv_transfer_params: KVTransferParams | None  # None when nothing is held (request finished)
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """Tokens generated since the last output; the last one has a finish_reason."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class KVLoadReport:
+    """How a decode got its prompt KV: pulled from prefill, or recomputed locally (and why)."""
+
+    num_blocks: int
+    num_bytes: int
+    transfer_ms: float
+    recomputed: bool
+    error: str | None = None
+
+
+class KVLoadError(Exception):
+    """The KV named by kv_transfer_params could not be loaded (refused, timed out, corrupt, mismatched)."""
+
+
+KVLoadedCallback = Callable[[str, KVLoadReport], None]
+KVEventCallback = Callable[[list[int], list[int]], None]
+
+
+class Engine(abc.ABC):
+    """Set by the worker: `on_kv_loaded(request_id, report)` as soon as a decode has its prompt KV (pulled or
+    recomputed), so prefill can free its copy at once; `on_kv_event(stored_hashes, removed_hashes)` whenever
+    blocks are stored or freed, for the broker's index."""
+
+    card: ModelCard
+    on_kv_loaded: KVLoadedCallback | None = None
+    on_kv_event: KVEventCallback | None = None
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def transfer_address(self) -> str | None:
+        """The engine's KV transfer endpoint (tcp://host:port), advertised in heartbeats."""
+
+    @abc.abstractmethod
+    async def prefill(
+        self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams, lease_s: float
+    ) -> PrefillResult:
+        """Run the prompt, choose the first token, keep the KV blocks for a puller until release or lease end."""
+
+    @abc.abstractmethod
+    async def release_kv(self, request_id: str) -> bool:
+        """Free the blocks held for request_id; False if none were held (already released or expired)."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingParams,
+        first_token_id: int | None,
+        kv_transfer_params: KVTransferParams | None,
+    ) -> AsyncIterator[TokenOutput]:
+        """Load the prompt's KV (pull, or recompute locally on failure) and decode after first_token_id.
+
+        With first_token_id None the engine prefills locally and its first output holds the first token.
+        After the iterator ends or is closed, nothing is held for the request.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop whatever runs for request_id and free what it holds."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, float]:
+        """Counters named as in protocol.WorkerStats (num_held_blocks, kv_usage, num_kv_bytes_sent, ...)."""

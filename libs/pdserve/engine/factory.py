@@ -1,0 +1,32 @@
+"""Build a worker's engine from its config."""
+
+from __future__ import annotations
+
+from pdserve.config import WorkerConfig
+from pdserve.engine.base import Engine
+from pdserve.protocol import KVLayout, ModelCard
+
+
+def mock_card(config: WorkerConfig) -> ModelCard:
+    return ModelCard(
+        name=config.model,
+        tokenizer="byte",
+        max_model_len=config.max_model_len,
+        kv_layout=KVLayout(
+            num_layers=config.mock_num_layers, num_kv_heads=config.mock_num_kv_heads, head_dim=config.mock_head_dim,
+            dtype=f"mock{8 * config.mock_dtype_bytes}", dtype_bytes=config.mock_dtype_bytes,
+            block_size=config.block_size,
+        ),
+    )
+
+
+def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str) -> Engine:
+    if config.engine == "mock":
+        from pdserve.engine.mock import MockEngine
+
+        return MockEngine(
+            worker_id=config.worker_id, card=mock_card(config), num_kv_blocks=config.num_kv_blocks,
+            ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
+            advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
+        )
+    raise ValueError(f"unknown engine {config.engine!r}; use --engine mock")

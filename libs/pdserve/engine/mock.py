@@ -1,0 +1,247 @@
+"""The mock engine: deterministic tokens, a timing model, and real KV-sized payloads over the real transport.
+
+It implements the same Engine interface as the vLLM engine, so the control plane, the transport and the
+failure paths are exercised exactly as in production, in milliseconds instead of minutes. Time is simulated
+with asyncio sleeps (never a busy loop): `ms_per_prompt_token` per prefilled token, `ms_per_decode_step`
+per generated token. Prefill compute is serialised (one prompt at a time, as on a compute-bound GPU);
+decodes run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+
+from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
+from pdserve.kv.hashing import block_hashes
+from pdserve.kv.pool import ArrayBlockPool
+from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError
+from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineFull(Exception):
+    """Not enough free KV blocks for the request right now (retry elsewhere)."""
+
+
+@dataclass
+class _Held:
+    block_ids: list[int]
+    block_hashes: list[int]
+    transfer_id: str | None = None
+    lease_timer: asyncio.TimerHandle | None = None
+
+
+class MockEngine(Engine):
+    def __init__(
+        self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,
+        ms_per_decode_step: float, advertise_host: str, bind_host: str, kv_pull_timeout_s: float,
+    ):
+        self.worker_id = worker_id
+        self.card = card
+        self._layout = card.kv_layout
+        self._ms_per_prompt_token = ms_per_prompt_token
+        self._ms_per_decode_step = ms_per_decode_step
+        self._kv_pull_timeout_s = kv_pull_timeout_s
+        self._pool = ArrayBlockPool.zeros(num_kv_blocks, self._layout.bytes_per_block, layout_tag=layout_tag(card))
+        self._free = list(range(num_kv_blocks))
+        self._held: dict[str, _Held] = {}
+        self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host)
+        self._client = TransferClient()
+        self._prefill_lock = asyncio.Lock()
+        self._running: set[str] = set()
+        self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
+                          "num_recomputes": 0, "num_local_prefills": 0}
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._endpoint.start()
+
+    async def stop(self) -> None:
+        for request_id in list(self._held):
+            self._free_request(request_id)
+        self._endpoint.stop()
+        self._client.close()
+
+    @property
+    def transfer_address(self) -> str | None:
+        return self._endpoint.address
+
+    # ------------------------------------------------------------------------------------ prefill
+
+    async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
+                      lease_s: float) -> PrefillResult:
+        held = self._allocate(request_id, prompt_token_ids)
+        try:
+            async with self._prefill_lock:
+                await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
+                self._write_prompt_kv(prompt_token_ids, held.block_ids)
+        except BaseException:
+            self._free_request(request_id)
+            raise
+        stream = TokenStream(prompt_token_ids, sampling)
+        token, text = stream.next()
+        if stream.finish_reason is not None:  # one token was the whole answer: nothing to hand over
+            self._free_request(request_id)
+            return PrefillResult(token, text, stream.finish_reason, None)
+        held.transfer_id = uuid.uuid4().hex
+        token_secret = secrets.token_urlsafe(16)
+        expires_at = time.time() + lease_s
+        self._endpoint.allow(held.transfer_id, token_secret, held.block_ids, expires_at)
+        held.lease_timer = asyncio.get_running_loop().call_later(lease_s, self._lease_expired, request_id)
+        params = KVTransferParams(
+            worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id,
+            token=token_secret, block_ids=tuple(held.block_ids), num_tokens=len(prompt_token_ids),
+            kv_layout=self._layout, lease_expires_at=expires_at,
+        )
+        return PrefillResult(token, text, None, params)
+
+    def _lease_expired(self, request_id: str) -> None:
+        if request_id in self._held:
+            log.warning("request %s: KV lease expired before decode released it; freeing its blocks", request_id)
+            self._free_request(request_id)
+
+    async def release_kv(self, request_id: str) -> bool:
+        return self._free_request(request_id)
+
+    # ------------------------------------------------------------------------------------- decode
+
+    async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
+                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None
+                       ) -> AsyncIterator[TokenOutput]:
+        held = self._allocate(request_id, prompt_token_ids)
+        self._running.add(request_id)
+        try:
+            stream = TokenStream(prompt_token_ids, sampling)
+            if kv_transfer_params is None or first_token_id is None:
+                self._counters["num_local_prefills"] += 1
+                await self._compute_prefill(prompt_token_ids, held.block_ids)
+                token, text = stream.next()
+                yield TokenOutput((token,), text, stream.finish_reason)
+            else:
+                await self._load_kv(request_id, prompt_token_ids, held.block_ids, kv_transfer_params)
+                token, _ = stream.next()  # prefill already emitted the first token's text
+                if token != first_token_id:
+                    raise RuntimeError(f"request {request_id}: prefill chose token {first_token_id}, decode replays {token}")
+            while stream.finish_reason is None:
+                await asyncio.sleep(self._ms_per_decode_step / 1000)
+                token, text = stream.next()
+                yield TokenOutput((token,), text, stream.finish_reason)
+        finally:
+            self._running.discard(request_id)
+            self._free_request(request_id)
+
+    async def _load_kv(self, request_id: str, prompt_token_ids: tuple[int, ...], block_ids: list[int],
+                       params: KVTransferParams) -> None:
+        """Pull the prompt's KV from prefill; on any failure recompute it locally (never hang, never decode bad KV)."""
+        error: str | None = None
+        if params.kv_layout != self._layout:
+            error = (f"KV layout differs: prefill {params.worker_id} has {params.kv_layout}, this decode worker has "
+                     f"{self._layout}; run every worker with the same model, dtype and block size")
+        elif len(params.block_ids) != len(block_ids):
+            error = f"prefill holds {len(params.block_ids)} blocks for the prompt, decode needs {len(block_ids)}"
+        else:
+            try:
+                result = await self._client.pull(
+                    params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
+                    timeout_s=self._kv_pull_timeout_s)
+                if not self._kv_matches(prompt_token_ids, block_ids):
+                    error = "received KV differs from what prefill computed for this prompt"
+                else:
+                    self._counters["num_kv_blocks_received"] += result.num_blocks
+                    self._counters["num_kv_bytes_received"] += result.num_bytes
+                    self._counters["kv_transfer_ms"] += result.seconds * 1000
+                    self._report_load(request_id, KVLoadReport(result.num_blocks, result.num_bytes,
+                                                               result.seconds * 1000, recomputed=False))
+                    return
+            except TransferError as e:
+                error = f"{type(e).__name__}: {e}"
+        log.warning("request %s: KV load from %s failed (%s); recomputing the prefill locally",
+                    request_id, params.worker_id, error)
+        self._counters["num_recomputes"] += 1
+        await self._compute_prefill(prompt_token_ids, block_ids)
+        self._report_load(request_id, KVLoadReport(0, 0, 0.0, recomputed=True, error=error))
+
+    def _report_load(self, request_id: str, report: KVLoadReport) -> None:
+        if self.on_kv_loaded:
+            self.on_kv_loaded(request_id, report)
+
+    async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> None:
+        await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
+        self._write_prompt_kv(prompt_token_ids, block_ids)
+
+    async def abort(self, request_id: str) -> None:
+        # A running generate() frees its blocks itself once its task is cancelled (the worker cancels it):
+        # freeing them here could hand them to another request while a pull still writes into them.
+        if request_id not in self._running:
+            self._free_request(request_id)
+
+    # ---------------------------------------------------------------------------------- KV memory
+
+    def _allocate(self, request_id: str, prompt_token_ids: tuple[int, ...]) -> _Held:
+        if request_id in self._held:
+            raise EngineFull(f"request {request_id} already holds blocks on this worker")
+        num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
+        if num_blocks > len(self._free):
+            raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free)} free")
+        block_ids = [self._free.pop() for _ in range(num_blocks)]
+        held = self._held[request_id] = _Held(block_ids, block_hashes(prompt_token_ids, self._layout.block_size))
+        if self.on_kv_event and held.block_hashes:
+            self.on_kv_event(held.block_hashes, [])
+        return held
+
+    def _free_request(self, request_id: str) -> bool:
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return False
+        if held.lease_timer:
+            held.lease_timer.cancel()
+        if held.transfer_id:
+            self._endpoint.release(held.transfer_id)
+        self._free.extend(held.block_ids)
+        if self.on_kv_event and held.block_hashes:
+            self.on_kv_event([], held.block_hashes)
+        return True
+
+    def _block_arrays(self, block_ids: list[int]) -> list[np.ndarray]:
+        return [np.frombuffer(self._pool.segments(b)[0], dtype=np.uint8) for b in block_ids]
+
+    def _write_prompt_kv(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> None:
+        fill_prompt_kv(prompt_token_ids, self._layout.block_size, self._block_arrays(block_ids))
+
+    def _kv_matches(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> bool:
+        expected = [np.empty(self._layout.bytes_per_block, dtype=np.uint8) for _ in block_ids]
+        fill_prompt_kv(prompt_token_ids, self._layout.block_size, expected)
+        return all(np.array_equal(e, got) for e, got in zip(expected, self._block_arrays(block_ids)))
+
+    def stats(self) -> dict[str, float]:
+        total = self._pool.num_blocks
+        endpoint = self._endpoint.stats()
+        return {
+            **self._counters,
+            "num_held_blocks": total - len(self._free),
+            "num_free_blocks": len(self._free),
+            "num_total_blocks": total,
+            "kv_usage": (total - len(self._free)) / total,
+            "num_running": len(self._running),
+            "num_kv_blocks_sent": endpoint["num_blocks_sent"],
+            "num_kv_bytes_sent": endpoint["num_bytes_sent"],
+            "num_transfers_refused": endpoint["num_transfers_refused"],
+        }
+
+
+def layout_tag(card: ModelCard) -> str:
+    """What both ends of a transfer compare at the handshake: model, dtype, block size, shape."""
+    k: KVLayout = card.kv_layout
+    return (f"{card.name}|{k.dtype}|block_size={k.block_size}|layers={k.num_layers}|"
+            f"kv_heads={k.num_kv_heads}|head_dim={k.head_dim}")

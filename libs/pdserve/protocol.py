@@ -1,0 +1,294 @@
+"""Every message pdserve sends between processes.
+
+Each message is a frozen pydantic model with a `type` tag and a `schema_version`; on the wire it is orjson.
+Messages arrive from other processes, possibly of another version, so everything is validated on receipt:
+`decode()` raises `InvalidMessage` for malformed JSON, a wrong type tag, an unknown schema version or a
+field of the wrong shape, and the bus logs and drops such a message instead of crashing the service.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+Role = Literal["prefill", "decode", "broker"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class InvalidMessage(ValueError):
+    """A message that does not parse or validate as the expected type."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    type: str
+    schema_version: int = SCHEMA_VERSION
+
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(msg: Message) -> bytes:
+    return orjson.dumps(msg.model_dump(mode="json"))
+
+
+def decode(data: bytes, cls: type[M]) -> M:
+    """Parse and validate `data` as a `cls`; raises InvalidMessage naming what is wrong."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidMessage(f"not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
+    expected_type = cls.model_fields["type"].default
+    if raw.get("type") != expected_type:
+        raise InvalidMessage(f"expected message type {expected_type!r}, got {raw.get('type')!r}")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise InvalidMessage(
+            f"{expected_type}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+            "run the same pdserve version on every service"
+        )
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidMessage(f"{expected_type}: {e.error_count()} invalid field(s): {e.errors()[0]}") from e
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class KVLayout(BaseModel):
+    """Shape of the KV cache; both ends of a transfer must agree on it byte for byte."""
+
+    model_config = ConfigDict(frozen=True)
+    num_layers: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    dtype: str
+    dtype_bytes: int = Field(gt=0)
+    block_size: int = Field(gt=0, description="tokens per KV block")
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+class ModelCard(BaseModel):
+    """What the router needs to serve a model: name, tokenizer, limits, KV layout."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    tokenizer: str = Field(description="'byte' for the mock engine, else a local Hugging Face directory")
+    max_model_len: int = Field(gt=0)
+    kv_layout: KVLayout
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    max_tokens: int = Field(gt=0)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+# ------------------------------------------------------------------------------------ membership
+
+
+class Heartbeat(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    worker_id: str
+    role: Role
+    model: ModelCard | None = None
+    transfer_address: str | None = None
+    num_queued: int = 0
+    num_running: int = 0
+    kv_usage: float = 0.0
+    num_held_blocks: int = 0
+    num_requests_served: int = 0
+    interval_s: float = Field(gt=0)
+    sent_at: float
+    started_at: float
+
+
+class Goodbye(Message):
+    type: Literal["goodbye"] = "goodbye"
+    worker_id: str
+    role: Role
+
+
+class StatsRequest(Message):
+    type: Literal["stats_request"] = "stats_request"
+
+
+class WorkerStats(Message):
+    """A worker's counters; the test-visible face of its engine and transport."""
+
+    type: Literal["worker_stats"] = "worker_stats"
+    worker_id: str
+    role: Role
+    num_requests_served: int = 0
+    num_running: int = 0
+    num_held_blocks: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    kv_usage: float = 0.0
+    num_kv_blocks_sent: int = 0
+    num_kv_bytes_sent: int = 0
+    num_kv_blocks_received: int = 0
+    num_kv_bytes_received: int = 0
+    kv_transfer_ms: float = 0.0
+    num_transfers_refused: int = 0
+    num_recomputes: int = 0
+    num_local_prefills: int = 0
+
+
+# ---------------------------------------------------------------------------------- request flow
+
+
+class KVTransferParams(BaseModel):
+    """Where a request's KV blocks are and how to read them (prefill -> router -> decode)."""
+
+    model_config = ConfigDict(frozen=True)
+    worker_id: str
+    address: str = Field(description="transfer endpoint, tcp://host:port")
+    transfer_id: str
+    token: str
+    block_ids: tuple[int, ...]
+    num_tokens: int = Field(ge=0, description="prompt tokens whose KV the blocks hold")
+    kv_layout: KVLayout
+    lease_expires_at: float
+
+
+class PrefillRequest(Message):
+    type: Literal["prefill_request"] = "prefill_request"
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    deadline: float = Field(description="unix time by which the KV-ready answer is useless")
+
+
+class KVReady(Message):
+    """Prefill done: the first token and where its KV waits (also published for the broker)."""
+
+    type: Literal["kv_ready"] = "kv_ready"
+    request_id: str
+    worker_id: str
+    first_token_id: int
+    first_text: str
+    finish_reason: FinishReason | None = None
+    kv_transfer_params: KVTransferParams | None = None
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+
+
+class DecodeRequest(Message):
+    type: Literal["decode_request"] = "decode_request"
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    first_token_id: int | None = Field(
+        default=None, description="token chosen by prefill; None: decode prefills locally"
+    )
+    kv_transfer_params: KVTransferParams | None = None
+    stream_subject: str
+    deadline: float
+
+
+class DecodeAccepted(Message):
+    type: Literal["decode_accepted"] = "decode_accepted"
+    request_id: str
+    worker_id: str
+
+
+class TokenChunk(Message):
+    """Decode -> router. `seq` counts from 0 per request; the last chunk has a finish_reason."""
+
+    type: Literal["token_chunk"] = "token_chunk"
+    request_id: str
+    seq: int = Field(ge=0)
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+
+class KVRelease(Message):
+    type: Literal["kv_release"] = "kv_release"
+    request_id: str
+    transfer_id: str
+    ok: bool
+
+
+class KVTransferDone(Message):
+    type: Literal["kv_transfer_done"] = "kv_transfer_done"
+    request_id: str
+    prefill_worker_id: str
+    decode_worker_id: str
+    ok: bool
+    num_blocks: int = 0
+    num_bytes: int = 0
+    transfer_ms: float = 0.0
+    error: str | None = None
+
+
+class CancelRequest(Message):
+    """Abort a request and free what it holds; only on `worker_id` when given (retries elsewhere go on)."""
+
+    type: Literal["cancel"] = "cancel"
+    request_id: str
+    worker_id: str | None = None
+
+
+class ErrorReply(Message):
+    """Reply to a request that could not be served; `retryable` tells the caller to try elsewhere."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    retryable: bool = True
+
+
+# ---------------------------------------------------------------------------------------- broker
+
+
+class KVEvent(Message):
+    """Blocks a worker stored or removed, by chained block hash."""
+
+    type: Literal["kv_event"] = "kv_event"
+    worker_id: str
+    model: str
+    stored: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+    cleared: bool = False
+
+
+class KVLookup(Message):
+    type: Literal["kv_lookup"] = "kv_lookup"
+    model: str
+    block_hashes: tuple[int, ...]
+
+
+class KVLookupReply(Message):
+    type: Literal["kv_lookup_reply"] = "kv_lookup_reply"
+    num_matched_blocks: dict[str, int] = Field(description="worker_id -> leading blocks it holds")

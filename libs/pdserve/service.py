@@ -1,0 +1,39 @@
+"""What every service process shares: logging set-up and a shutdown event set by SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {service}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # nats-py logs every reconnect attempt at ERROR; our callbacks already say what happens.
+    logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+
+
+def shutdown_event() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT: services finish what they are doing and leave cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run(main: Callable[[], Awaitable[None]]) -> int:
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0

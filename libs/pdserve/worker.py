@@ -1,0 +1,106 @@
+"""What prefill and decode workers share: NATS, the engine, heartbeats, stats, cancel, KV events.
+
+A worker's life: connect to NATS, find the address to advertise, start the engine (and with it the KV
+transfer endpoint on a free port), announce itself, serve, and on shutdown say goodbye, stop the engine and
+drain NATS. Role-specific handlers live in services/prefill_worker and services/decode_worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Callable
+
+from pdserve import netaddr, subjects
+from pdserve.bus import Bus
+from pdserve.config import WorkerConfig
+from pdserve.engine.base import Engine
+from pdserve.engine.factory import create_engine
+from pdserve.membership import HeartbeatPublisher
+from pdserve.protocol import CancelRequest, Heartbeat, KVEvent, StatsRequest, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.worker_id = config.worker_id
+        self.bus: Bus
+        self.engine: Engine
+        self.num_requests_served = 0
+        self.num_in_flight = 0  # admitted and not yet ended (queued or running)
+        self.started_at = time.time()
+        self._stack = contextlib.AsyncExitStack()
+        self._heartbeats: HeartbeatPublisher
+        self._pending: set[asyncio.Task] = set()
+        self.cancel_hooks: list[Callable[[str], None]] = []  # role handlers stop their own tasks
+
+    async def __aenter__(self) -> "WorkerRuntime":
+        cfg = self.config
+        try:
+            self.bus = await Bus.connect(cfg.nats_servers, self.worker_id, connect_timeout_s=cfg.connect_timeout_s,
+                                         user=cfg.nats_user, password=cfg.nats_password, token=cfg.nats_token)
+            self._stack.push_async_callback(self.bus.close)
+            advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
+            self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host)
+            self.engine.on_kv_event = self._on_kv_event
+            await self.engine.start()
+            self._stack.push_async_callback(self.engine.stop)
+            await self.bus.serve(subjects.worker_stats(self.worker_id), StatsRequest, self._on_stats)
+            await self.bus.subscribe(subjects.CANCEL, CancelRequest, self._on_cancel)
+            self._heartbeats = HeartbeatPublisher(self.bus, self.heartbeat, cfg.heartbeat_interval_s)
+            log.info("%s worker %s: model %s, engine %s, KV transfer endpoint %s", cfg.role, self.worker_id,
+                     self.engine.card.name, cfg.engine, self.engine.transfer_address)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def announce(self) -> None:
+        """Start heartbeats once the role's handlers are subscribed (not before: the router would send work)."""
+        await self._heartbeats.start()
+        self._stack.push_async_callback(self._heartbeats.stop)
+
+    async def __aexit__(self, *exc: object) -> None:
+        log.info("worker %s stopping", self.worker_id)
+        await self._stack.aclose()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Fire-and-forget work (publishes from sync callbacks) with a kept reference."""
+        task = asyncio.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    def heartbeat(self) -> Heartbeat:
+        stats = self.engine.stats()
+        return Heartbeat(
+            worker_id=self.worker_id, role=self.config.role, model=self.engine.card,
+            transfer_address=self.engine.transfer_address,
+            num_queued=max(0, self.num_in_flight - int(stats["num_running"])), num_running=int(stats["num_running"]),
+            kv_usage=stats["kv_usage"], num_held_blocks=int(stats["num_held_blocks"]),
+            num_requests_served=self.num_requests_served, interval_s=self.config.heartbeat_interval_s,
+            sent_at=time.time(), started_at=self.started_at,
+        )
+
+    def can_admit(self) -> bool:
+        return self.num_in_flight < self.config.max_queue
+
+    async def _on_stats(self, _: StatsRequest) -> WorkerStats:
+        stats = {k: v for k, v in self.engine.stats().items() if k in WorkerStats.model_fields}
+        return WorkerStats(worker_id=self.worker_id, role=self.config.role,
+                           num_requests_served=self.num_requests_served, **stats)
+
+    async def _on_cancel(self, msg: CancelRequest) -> None:
+        if msg.worker_id not in (None, self.worker_id):
+            return
+        for hook in self.cancel_hooks:
+            hook(msg.request_id)
+        await self.engine.abort(msg.request_id)
+
+    def _on_kv_event(self, stored: list[int], removed: list[int]) -> None:
+        event = KVEvent(worker_id=self.worker_id, model=self.engine.card.name, stored=tuple(stored), removed=tuple(removed))
+        self.spawn(self.bus.publish(subjects.kv_events(self.worker_id), event))

@@ -1,0 +1,115 @@
+"""Decode worker: pulls a request's KV from its prefill worker, decodes, streams token chunks.
+
+Life: config -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve decode requests on
+this worker's own subject -> heartbeats -> wait for SIGTERM -> goodbye, drain.
+A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
+stream subject with sequence numbers, the last one with finish_reason and usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pdserve import subjects
+from pdserve.config import WorkerConfig
+from pdserve.engine.base import KVLoadReport
+from pdserve.engine.mock import EngineFull
+from pdserve.protocol import (DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone, Message,
+                              TokenChunk, Usage)
+from pdserve.service import shutdown_event
+from pdserve.worker import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class DecodeHandlers:
+    def __init__(self, rt: WorkerRuntime):
+        self.rt = rt
+        self._requests: dict[str, DecodeRequest] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        rt.engine.on_kv_loaded = self._on_kv_loaded
+        rt.cancel_hooks.append(self.on_cancel)
+
+    async def on_decode(self, req: DecodeRequest) -> Message:
+        rt = self.rt
+        if req.model != rt.engine.card.name:
+            return ErrorReply(code="wrong_model", message=f"{rt.worker_id} serves {rt.engine.card.name}, not {req.model}")
+        if time.time() >= req.deadline:
+            return ErrorReply(code="deadline_passed", message="the request's deadline passed before decode", retryable=False)
+        if not rt.can_admit() or req.request_id in self._tasks:
+            return ErrorReply(code="overloaded", message=f"{rt.worker_id} has {rt.num_in_flight} requests (max {rt.config.max_queue})")
+        rt.num_in_flight += 1
+        self._requests[req.request_id] = req
+        self._tasks[req.request_id] = asyncio.create_task(self._run(req), name=f"decode-{req.request_id}")
+        return DecodeAccepted(request_id=req.request_id, worker_id=rt.worker_id)
+
+    async def _run(self, req: DecodeRequest) -> None:
+        rt = self.rt
+        seq = 0
+        num_tokens = 1 if req.first_token_id is not None else 0
+        try:
+            async for out in rt.engine.generate(req.request_id, req.prompt_token_ids, req.sampling,
+                                                req.first_token_id, req.kv_transfer_params):
+                num_tokens += len(out.token_ids)
+                usage = None
+                if out.finish_reason is not None:
+                    usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens)
+                chunk = TokenChunk(request_id=req.request_id, seq=seq, token_ids=out.token_ids, text=out.text,
+                                   finish_reason=out.finish_reason, usage=usage)
+                await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
+                seq += 1
+            rt.num_requests_served += 1
+        except asyncio.CancelledError:
+            log.info("request %s: cancelled after %d chunks", req.request_id, seq)
+            raise
+        except EngineFull as e:
+            await self._fail(req, seq, f"{rt.worker_id}: {e}")
+        except Exception as e:
+            log.exception("request %s: decode failed", req.request_id)
+            await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
+        finally:
+            rt.num_in_flight -= 1
+            self._tasks.pop(req.request_id, None)
+            if self._requests.pop(req.request_id, None) is not None and req.kv_transfer_params:
+                # Never loaded (cancelled or failed first): let prefill free its copy now, not at lease end.
+                self._send_release(req, ok=False)
+
+    async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
+        chunk = TokenChunk(request_id=req.request_id, seq=seq, finish_reason="error", error=error)
+        await self.rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
+
+    def _on_kv_loaded(self, request_id: str, report: KVLoadReport) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None or req.kv_transfer_params is None:
+            return
+        params = req.kv_transfer_params
+        self._send_release(req, ok=not report.recomputed)
+        done = KVTransferDone(request_id=request_id, prefill_worker_id=params.worker_id, decode_worker_id=self.rt.worker_id,
+                              ok=not report.recomputed, num_blocks=report.num_blocks, num_bytes=report.num_bytes,
+                              transfer_ms=report.transfer_ms, error=report.error)
+        self.rt.spawn(self.rt.bus.publish(subjects.KV_TRANSFER_DONE, done, request_id=request_id))
+        if not report.recomputed:
+            log.info("request %s: pulled %d KV blocks (%d bytes) from %s in %.2f ms", request_id, report.num_blocks,
+                     report.num_bytes, params.worker_id, report.transfer_ms)
+
+    def _send_release(self, req: DecodeRequest, *, ok: bool) -> None:
+        params = req.kv_transfer_params
+        assert params is not None
+        release = KVRelease(request_id=req.request_id, transfer_id=params.transfer_id, ok=ok)
+        self.rt.spawn(self.rt.bus.publish(subjects.kv_release(params.worker_id), release, request_id=req.request_id))
+
+    def on_cancel(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task:
+            task.cancel()
+
+
+async def serve(config: WorkerConfig) -> None:
+    stop = shutdown_event()
+    async with WorkerRuntime(config) as rt:
+        handlers = DecodeHandlers(rt)
+        await rt.bus.serve(subjects.decode_request(rt.worker_id), DecodeRequest, handlers.on_decode)
+        await rt.announce()
+        await stop.wait()

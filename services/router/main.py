@@ -1,0 +1,46 @@
+"""Router: the OpenAI HTTP API in front of the prefill and decode workers.
+
+Life: config -> NATS -> membership view (heartbeats) -> orchestrator -> FastAPI app under uvicorn on
+--host/--port (the only fixed port besides NATS'; 0 picks a free one) -> SIGTERM (uvicorn stops taking
+requests, in-flight ones finish) -> drain NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from pdserve import netaddr
+from pdserve.bus import Bus
+from pdserve.config import RouterConfig
+from pdserve.membership import Membership
+from services.router.api import create_app
+from services.router.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: RouterConfig) -> None:
+    bus = await Bus.connect(config.nats_servers, config.router_id, connect_timeout_s=config.connect_timeout_s,
+                            user=config.nats_user, password=config.nats_password, token=config.nats_token)
+    try:
+        membership = Membership()
+        await membership.start(bus)
+        orchestrator = Orchestrator(config, bus, membership)
+        app = create_app(orchestrator, request_timeout_s=config.request_timeout_s)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                                               access_log=False, timeout_graceful_shutdown=10))
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+            log.info("router %s: OpenAI API on http://%s:%d/v1", config.router_id, host, port)
+            if not netaddr.is_loopback(config.host):
+                log.warning("router listens on %s, reachable from other machines", config.host)
+        await serving  # returns on SIGTERM / SIGINT (uvicorn's own handlers)
+    finally:
+        await bus.close()

@@ -1,0 +1,225 @@
+"""One request's journey: prefill on P, first token to the client, decode on D, chunks to the client.
+
+Algorithm of `generate()`:
+1. Prefill: choose the least-loaded prefill worker P and ask it (NATS request, deadline
+   prefill_timeout_s). On a timeout, a vanished worker or a retryable error, cancel on P and try another
+   prefill worker (up to max_attempts). If every try failed, the decode worker prefills locally.
+2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
+   (max_tokens=1, a stop string) we are done.
+3. Decode: subscribe to this request's stream subject, then ask the least-loaded decode worker D to decode
+   with P's KV location. Read chunks in order (sequence numbers) with an idle deadline. If D fails, is
+   gone or stalls before its first chunk, cancel on D and try another decode worker (it pulls the same KV,
+   or recomputes it); after chunks were streamed, end with a clear error.
+4. However the request ends (done, error, client gone), a cancel goes to whichever worker still works on it,
+   so nothing stays allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+from pdserve import subjects, tracecontext
+from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
+from pdserve.config import RouterConfig
+from pdserve.membership import Membership
+from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, KVReady, ModelCard, PrefillRequest,
+                              TokenChunk, Usage)
+from pdserve.tokenizer import Tokenizer, load_tokenizer
+from services.router.backend import (GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
+                                     UpstreamTimeout)
+from services.router.policy import LeastLoadPolicy
+
+log = logging.getLogger(__name__)
+
+
+class _DecodeFailed(Exception):
+    """A decode attempt failed; `retryable` when nothing was streamed from it yet."""
+
+    def __init__(self, message: str, *, retryable: bool, timeout: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+        self.timeout = timeout
+
+
+class Orchestrator:
+    def __init__(self, config: RouterConfig, bus: Bus, membership: Membership):
+        self.config = config
+        self.bus = bus
+        self.membership = membership
+        self.policy = LeastLoadPolicy(membership)
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    # ----------------------------------------------------------------------------- Backend protocol
+
+    def models(self) -> list[ModelCard]:
+        cards: dict[str, ModelCard] = {}
+        for hb in self.membership.live():
+            if hb.model is not None:
+                cards.setdefault(hb.model.name, hb.model)
+        return list(cards.values())
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        card = next(c for c in self.models() if c.name == model)
+        if card.tokenizer not in self._tokenizers:
+            self._tokenizers[card.tokenizer] = load_tokenizer(card.tokenizer)
+        return self._tokenizers[card.tokenizer]
+
+    def health(self) -> dict:
+        live = self.membership.live()
+        workers = [{"worker_id": hb.worker_id, "role": hb.role, "model": hb.model.name if hb.model else None,
+                    "num_requests_served": hb.num_requests_served, "num_queued": hb.num_queued,
+                    "num_running": hb.num_running, "kv_usage": hb.kv_usage,
+                    "transfer_address": hb.transfer_address}
+                   for hb in live if hb.role != "broker"]
+        brokers = [hb.worker_id for hb in live if hb.role == "broker"]
+        roles = {w["role"] for w in workers}
+        ok = self.bus.connected and {"prefill", "decode"} <= roles
+        return {"status": "ok" if ok else "degraded", "router_id": self.config.router_id,
+                "nats_connected": self.bus.connected, "workers": workers, "kv_brokers": brokers}
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        with tracecontext.use(request.traceparent or tracecontext.new_traceparent()):
+            async for delta in self._generate(request):
+                yield delta
+
+    # ------------------------------------------------------------------------------------ internals
+
+    async def _generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        for role in ("prefill", "decode"):
+            if not self.membership.live(role, req.model):
+                raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
+                                    f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
+        ready = await self._prefill(req)
+        if ready is not None:
+            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=1) if ready.finish_reason else None
+            yield GenerateDelta(ready.first_text, (ready.first_token_id,), ready.finish_reason, usage)
+            if ready.finish_reason is not None:
+                return
+        finished = False
+        try:
+            async for delta in self._decode(req, ready):
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished and ready is not None and ready.kv_transfer_params is not None:
+                await self._cancel(req.request_id, ready.worker_id)  # free the KV prefill still holds
+
+    async def _prefill(self, req: GenerateRequest) -> KVReady | None:
+        """KV-ready from some prefill worker, or None when all tries failed (decode then prefills locally)."""
+        tried: list[str] = []
+        for _ in range(self.config.max_attempts):
+            worker = self.policy.choose("prefill", req.model, exclude=tried)
+            if worker is None:
+                break
+            tried.append(worker.worker_id)
+            timeout_s = min(self.config.prefill_timeout_s, self._remaining(req))
+            msg = PrefillRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
+                                 sampling=req.sampling, deadline=time.time() + timeout_s)
+            self.policy.acquire(worker.worker_id)
+            try:
+                ready = await self.bus.request(subjects.prefill_request(worker.worker_id), msg, KVReady,
+                                               timeout_s=timeout_s, request_id=req.request_id)
+                log.info("request %s: prefill on %s: %d prompt tokens in %.1f ms", req.request_id, worker.worker_id,
+                         ready.num_prompt_tokens, ready.prefill_ms)
+                return ready
+            except RemoteError as e:
+                log.warning("request %s: prefill worker %s refused: %s", req.request_id, worker.worker_id, e)
+                if not e.reply.retryable:
+                    raise UpstreamError(f"prefill worker {worker.worker_id}: {e.reply.message}") from e
+            except (BusTimeout, NoResponders, BusError) as e:
+                log.warning("request %s: prefill worker %s failed (%s); trying elsewhere", req.request_id,
+                            worker.worker_id, e)
+                await self._cancel(req.request_id, worker.worker_id)
+            finally:
+                self.policy.release(worker.worker_id)
+            if self._remaining(req) <= 0:
+                raise UpstreamTimeout(f"request {req.request_id} ran out of time during prefill")
+        log.warning("request %s: no prefill worker answered (tried %s); decode will prefill locally",
+                    req.request_id, ", ".join(tried) or "none")
+        return None
+
+    async def _decode(self, req: GenerateRequest, ready: KVReady | None) -> AsyncIterator[GenerateDelta]:
+        tried: list[str] = []
+        last_error: _DecodeFailed | None = None
+        for _ in range(self.config.max_attempts):
+            worker = self.policy.choose("decode", req.model, exclude=tried)
+            if worker is None:
+                break
+            tried.append(worker.worker_id)
+            self.policy.acquire(worker.worker_id)
+            try:
+                async for delta in self._decode_on(req, ready, worker.worker_id):
+                    yield delta
+                return
+            except _DecodeFailed as e:
+                log.warning("request %s: decode on %s failed: %s", req.request_id, worker.worker_id, e)
+                last_error = e
+                if not e.retryable:
+                    break
+            finally:
+                self.policy.release(worker.worker_id)
+        if last_error is None:
+            raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
+        error_cls = UpstreamTimeout if last_error.timeout else UpstreamError
+        raise error_cls(f"decode failed after {len(tried)} attempt(s): {last_error}")
+
+    async def _decode_on(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
+                         ) -> AsyncIterator[GenerateDelta]:
+        stream_subject = subjects.token_stream(self.config.router_id, f"{req.request_id}.{worker_id}")
+        chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+        async def on_chunk(chunk: TokenChunk) -> None:
+            chunks.put_nowait(chunk)
+
+        sub = await self.bus.subscribe(stream_subject, TokenChunk, on_chunk)
+        finished = False
+        num_chunks = 0
+        try:
+            msg = DecodeRequest(
+                request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
+                sampling=req.sampling, first_token_id=ready.first_token_id if ready else None,
+                kv_transfer_params=ready.kv_transfer_params if ready else None, stream_subject=stream_subject,
+                deadline=req.deadline,
+            )
+            timeout_s = min(self.config.decode_accept_timeout_s, self._remaining(req))
+            try:
+                await self.bus.request(subjects.decode_request(worker_id), msg, DecodeAccepted, timeout_s=timeout_s,
+                                       request_id=req.request_id)
+            except RemoteError as e:
+                raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable) from e
+            except BusError as e:
+                raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout)) from e
+            while True:
+                timeout_s = min(self.config.stream_idle_timeout_s, self._remaining(req))
+                try:
+                    chunk = await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
+                except asyncio.TimeoutError:
+                    raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=num_chunks == 0, timeout=True) from None
+                if chunk.seq != num_chunks:
+                    raise _DecodeFailed(f"chunk {chunk.seq} arrived, expected {num_chunks}; tokens were lost",
+                                        retryable=num_chunks == 0)
+                if chunk.error:
+                    raise _DecodeFailed(chunk.error, retryable=num_chunks == 0)
+                num_chunks += 1
+                finished = chunk.finish_reason is not None
+                yield GenerateDelta(chunk.text, chunk.token_ids, chunk.finish_reason, chunk.usage)
+                if finished:
+                    return
+        finally:
+            await self.bus.unsubscribe(sub)
+            if not finished:  # failed, stalled, or the client went away: stop the work and free its KV
+                await self._cancel(req.request_id, worker_id)
+
+    async def _cancel(self, request_id: str, worker_id: str) -> None:
+        try:
+            await self.bus.publish(subjects.CANCEL, CancelRequest(request_id=request_id, worker_id=worker_id),
+                                   request_id=request_id)
+        except Exception as e:  # NATS down: leases and deadlines free the rest
+            log.warning("request %s: cancel to %s not sent: %s", request_id, worker_id, e)
+
+    @staticmethod
+    def _remaining(req: GenerateRequest) -> float:
+        return req.deadline - time.time()
