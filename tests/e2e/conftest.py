@@ -1,0 +1,129 @@
+"""`pdserve up` and single services as real subprocesses, owned by the tests (by pid and process group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> tuple[int, dict | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+    except (OSError, ValueError):
+        return 0, None
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid, from /proc (children of children too)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Service:
+    """A pdserve command in its own process group; stop() sends SIGTERM and checks nothing is left."""
+
+    def __init__(self, argv: list[str], log_path: str, env: dict | None = None):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *argv], stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        env={**os.environ, **(env or {})})
+        self.children_seen: set[int] = set()
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def remember_children(self) -> None:
+        self.children_seen |= descendants(self.process.pid)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        if self.process.poll() is None:
+            self.remember_children()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                raise AssertionError(f"{self.process.args} did not stop within {timeout_s}s on SIGTERM")
+            finally:
+                self.log.close()
+
+    def kill_leftovers(self) -> list[int]:
+        left = [pid for pid in self.children_seen if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        return left
+
+
+class PdserveUp(Service):
+    def __init__(self, tmp_path, port: int, *args: str, name: str = "up"):
+        super().__init__(["up", "--engine", "mock", "--port", str(port), *args], str(tmp_path / f"{name}.log"))
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, num_prefill: int, num_decode: int, timeout_s: float = 60) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"pdserve up exited early:\n{self.output()[-3000:]}"
+            status, health = get_json(f"{self.base_url}/health")
+            if status == 200 and health and "ready:" in self.output():
+                roles = [w["role"] for w in health["workers"]]
+                if roles.count("prefill") >= num_prefill and roles.count("decode") >= num_decode:
+                    self.remember_children()
+                    return health
+            time.sleep(0.2)
+        raise AssertionError(f"pdserve up not ready within {timeout_s}s:\n{self.output()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def system_2p2d(tmp_path_factory):
+    """One `pdserve up --engine mock --prefill 2 --decode 2` for a module of tests, as a new user runs it."""
+    tmp = tmp_path_factory.mktemp("up2p2d")
+    up = PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2")
+    try:
+        up.wait_ready(2, 2)
+        yield up
+    finally:
+        up.stop()
+        left = up.kill_leftovers()
+        assert not left, f"processes left after pdserve up stopped: {left}"

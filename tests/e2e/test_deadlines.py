@@ -1,0 +1,148 @@
+"""Deadlines everywhere: a stalled prefill, a stalled decode, a decode that stops mid-stream.
+
+Real faults: the worker processes of a real `pdserve up` are frozen with SIGSTOP (a hung process keeps its
+sockets open, the worst case for a waiter) and thawed with SIGCONT. Every request must end: a retry on
+another worker with the right answer, or a clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from pdserve.config import MOCK_MODEL
+from pdserve.engine.mock_model import predict
+from pdserve.protocol import SamplingParams
+from pdserve.tokenizer import ByteTokenizer
+from tests.e2e.conftest import PdserveUp, descendants, free_port
+
+pytestmark = pytest.mark.e2e
+
+DEADLINES = {
+    "PDSERVE_PREFILL_TIMEOUT_S": "1",
+    "PDSERVE_DECODE_ACCEPT_TIMEOUT_S": "1",
+    "PDSERVE_STREAM_IDLE_TIMEOUT_S": "1.5",
+    "PDSERVE_MOCK_MS_PER_DECODE_STEP": "20",
+}
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deadlines")
+    old = {k: os.environ.get(k) for k in DEADLINES}
+    os.environ.update(DEADLINES)
+    try:
+        up = PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    try:
+        up.wait_ready(2, 2)
+        yield up
+    finally:
+        for pid in descendants(up.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        up.stop()
+        assert not up.kill_leftovers()
+
+
+def worker_pids(up: PdserveUp, role: str) -> list[int]:
+    pids = []
+    for pid in sorted(descendants(up.process.pid)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"{role}-worker".encode() in f.read():
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]):
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def complete(up: PdserveUp, prompt: str, max_tokens: int = 5) -> httpx.Response:
+    return httpx.post(f"{up.base_url}/v1/completions", timeout=30,
+                      json={"model": MOCK_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def expected(prompt: str, max_tokens: int = 5) -> str:
+    return predict(ByteTokenizer().encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)).text
+
+
+def test_stalled_prefill_worker_is_retried_elsewhere(system):
+    prefill = worker_pids(system, "prefill")
+    assert len(prefill) == 2
+    with frozen(prefill[:1]):
+        for i in range(6):
+            start = time.monotonic()
+            r = complete(system, f"prefill stall {i}")
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected(f"prefill stall {i}")
+            assert time.monotonic() - start < 5  # one prefill deadline (1 s) and a retry, not a hang
+
+
+def test_every_prefill_stalled_means_decode_prefills_locally(system):
+    with frozen(worker_pids(system, "prefill")):
+        r = complete(system, "no prefill left", max_tokens=8)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected("no prefill left", 8)
+
+
+def test_stalled_decode_worker_before_first_token_is_retried_elsewhere(system):
+    decode = worker_pids(system, "decode")
+    assert len(decode) == 2
+    with frozen(decode[:1]):
+        for i in range(6):
+            start = time.monotonic()
+            r = complete(system, f"decode stall {i}")
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected(f"decode stall {i}")
+            assert time.monotonic() - start < 5
+
+
+def test_decode_that_stops_mid_stream_ends_with_a_clear_error(system):
+    decode = worker_pids(system, "decode")
+    body = {"model": MOCK_MODEL, "prompt": "long story", "max_tokens": 500, "temperature": 0, "stream": True}
+    events: list[dict | str] = []
+    start = time.monotonic()
+    with httpx.stream("POST", f"{system.base_url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        stalled = False
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+            if len(events) == 5 and not stalled:
+                stalled = True
+                for pid in decode:
+                    os.kill(pid, signal.SIGSTOP)
+    try:
+        elapsed = time.monotonic() - start
+        assert events[-1] == "[DONE]"
+        error = events[-2]
+        assert "error" in error and "decode" in error["error"]["message"]
+        assert elapsed < 10  # the 1.5 s idle deadline, not the 500-token stream nor a hang
+        assert 5 <= len(events) - 2 < 500
+    finally:
+        for pid in decode:
+            os.kill(pid, signal.SIGCONT)
+    time.sleep(4)  # the thawed workers heartbeat again; the system serves as before
+    r = complete(system, "after the storm")
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("after the storm")

@@ -1,0 +1,293 @@
+"""TransferEndpoint / TransferClient over real ZeroMQ sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from pdserve.kv import (
+    ArrayBlockPool,
+    LayoutMismatch,
+    TransferClient,
+    TransferEndpoint,
+    TransferError,
+    TransferIntegrityError,
+    TransferRefused,
+    TransferTimeout,
+)
+
+TAG = "test-model/float16/bs16"
+TOKEN = "s3cret-token"
+SLACK_S = 0.3  # how late past timeout_s a TransferTimeout may come
+
+
+def make_pool(segment_nbytes=(4096,), num_blocks=16, seed=None, tag=TAG) -> ArrayBlockPool:
+    """One uint8 array per segment; filled with random bytes when `seed` is given, zeros otherwise."""
+    rng = np.random.default_rng(seed)
+    arrays = [
+        rng.integers(0, 256, (num_blocks, n), dtype=np.uint8) if seed is not None else np.zeros((num_blocks, n), np.uint8)
+        for n in segment_nbytes
+    ]
+    return ArrayBlockPool(arrays, layout_tag=tag)
+
+
+@pytest.fixture
+def endpoints():
+    """make(pool, **kw) -> started endpoint; all stopped at the end."""
+    started = []
+
+    def make(pool, **kwargs):
+        ep = TransferEndpoint(pool, bind_host="127.0.0.1", **kwargs)
+        ep.start()
+        started.append(ep)
+        return ep
+
+    yield make
+    for ep in started:
+        ep.stop()
+
+
+@pytest.fixture
+def client():
+    c = TransferClient()
+    yield c
+    c.close()
+
+
+def allow(ep, transfer_id="t1", block_ids=range(16), token=TOKEN, ttl_s=30.0):
+    ep.allow(transfer_id, token, list(block_ids), time.time() + ttl_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------- correct bytes
+
+
+@pytest.mark.parametrize(
+    "segment_nbytes",
+    [(4096,), (300_000,), (40_000, 40_000, 100), (70_000, 10, 70_000, 1000)],
+    ids=["small", "zero-copy", "coalesced", "mixed"],
+)
+async def test_pull_lands_each_remote_block_in_its_local_block(endpoints, client, segment_nbytes):
+    remote = make_pool(segment_nbytes, seed=1)
+    local = make_pool(segment_nbytes, num_blocks=20)
+    ep = endpoints(remote, batch_blocks=3)  # 7 blocks -> batches of 3, 3, 1
+    remote_ids, local_ids = [9, 2, 15, 0, 7, 8, 3], [1, 19, 4, 0, 12, 5, 6]
+    allow(ep, block_ids=remote_ids)
+
+    result = await client.pull(ep.address, "t1", TOKEN, remote_ids, local, local_ids, timeout_s=5)
+
+    for r, l in zip(remote_ids, local_ids):
+        assert local.block_bytes(l) == remote.block_bytes(r)
+    untouched = set(range(20)) - set(local_ids)
+    assert all(local.block_bytes(b) == bytes(sum(segment_nbytes)) for b in untouched)
+    assert result.num_blocks == 7 and result.num_bytes == 7 * sum(segment_nbytes) and result.seconds > 0
+    assert ep.stats()["num_blocks_sent"] == 7 and ep.stats()["num_transfers_served"] == 1
+
+
+async def test_multi_array_pool_of_typed_arrays(endpoints, client):
+    """Engine-shaped arrays (per-layer K and V, float16) are served as raw bytes, segment per array."""
+    rng = np.random.default_rng(2)
+    remote_arrays = [rng.standard_normal((8, 16, 2, 64)).astype(np.float16) for _ in range(4)]
+    local_arrays = [np.zeros_like(a) for a in remote_arrays]
+    remote, local = ArrayBlockPool(remote_arrays, TAG), ArrayBlockPool(local_arrays, TAG)
+    assert remote.segment_nbytes == (4096,) * 4
+    ep = endpoints(remote)
+    allow(ep, block_ids=[3, 4, 5])
+
+    await client.pull(ep.address, "t1", TOKEN, [3, 4, 5], local, [0, 1, 2], timeout_s=5)
+
+    for r, l in zip(remote_arrays, local_arrays):
+        np.testing.assert_array_equal(l[:3], r[3:6])
+        assert not l[3:].any()
+
+
+async def test_pull_of_a_subset_of_the_allowed_blocks(endpoints, client):
+    remote, local = make_pool(seed=3), make_pool()
+    ep = endpoints(remote)
+    allow(ep, block_ids=[1, 2, 3, 4])
+    await client.pull(ep.address, "t1", TOKEN, [4, 2], local, [0, 1], timeout_s=5)
+    assert local.block_bytes(0) == remote.block_bytes(4) and local.block_bytes(1) == remote.block_bytes(2)
+
+
+async def test_on_pull_sees_traceparent_and_sizes(endpoints, client):
+    seen = []
+    ep = endpoints(make_pool(seed=4), on_pull=lambda *args: seen.append(args))
+    allow(ep, block_ids=[0, 1])
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await client.pull(ep.address, "t1", TOKEN, [0, 1], make_pool(), [0, 1], timeout_s=5, traceparent=tp)
+    for _ in range(50):  # the callback runs on the endpoint thread, just after the last batch is queued
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    ((transfer_id, traceparent, num_blocks, num_bytes, seconds),) = seen
+    assert (transfer_id, traceparent, num_blocks, num_bytes) == ("t1", tp, 2, 2 * 4096) and seconds >= 0
+
+
+async def test_many_concurrent_pulls_from_one_endpoint(endpoints):
+    remote = make_pool((50_000, 3000), num_blocks=64, seed=5)
+    local = make_pool((50_000, 3000), num_blocks=64)
+    ep = endpoints(remote, batch_blocks=2)
+    client = TransferClient(max_concurrent_pulls=8)  # fewer threads than pulls: some wait their turn
+    try:
+        pulls = []
+        for i in range(32):
+            remote_ids, local_ids = [2 * i, 2 * i + 1], [63 - 2 * i, 62 - 2 * i]
+            allow(ep, f"t{i}", remote_ids)
+            pulls.append(client.pull(ep.address, f"t{i}", TOKEN, remote_ids, local, local_ids, timeout_s=10))
+        results = await asyncio.gather(*pulls)
+    finally:
+        client.close()
+    assert [r.num_blocks for r in results] == [2] * 32
+    for i in range(64):
+        assert local.block_bytes(63 - i) == remote.block_bytes(i)
+    assert ep.stats()["num_transfers_served"] == 32
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+async def pull_refused(ep, client, transfer_id="t1", token=TOKEN, remote_ids=(0, 1)) -> tuple[TransferRefused, ArrayBlockPool]:
+    local = make_pool()
+    with pytest.raises(TransferRefused) as info:
+        await client.pull(ep.address, transfer_id, token, list(remote_ids), local, [5, 6], timeout_s=5)
+    return info.value, local
+
+
+@pytest.mark.parametrize("token", ["wrong-token", ""], ids=["wrong", "missing"])
+async def test_bad_token_gets_no_bytes(endpoints, client, token):
+    ep = endpoints(make_pool(seed=6))
+    allow(ep, block_ids=[0, 1])
+    err, local = await pull_refused(ep, client, token=token)
+    assert err.reason == "bad_token" and "token" in str(err)
+    assert not any(local.block_bytes(b).strip(b"\0") for b in range(16))
+    assert ep.stats()["num_bytes_sent"] == 0 and ep.stats()["num_transfers_refused"] == 1
+
+
+async def test_unknown_transfer_refused(endpoints, client):
+    ep = endpoints(make_pool(seed=7))
+    err, _ = await pull_refused(ep, client, transfer_id="never-allowed")
+    assert err.reason == "unknown"
+
+
+async def test_released_transfer_refused(endpoints, client):
+    ep = endpoints(make_pool(seed=8))
+    allow(ep, block_ids=[0, 1])
+    assert ep.release("t1") is True
+    assert ep.release("t1") is False and ep.release("other") is False
+    err, _ = await pull_refused(ep, client)
+    assert err.reason == "released"
+
+
+async def test_expired_transfer_refused(endpoints, client):
+    ep = endpoints(make_pool(seed=9))
+    allow(ep, block_ids=[0, 1], ttl_s=-1.0)
+    err, _ = await pull_refused(ep, client)
+    assert err.reason == "expired" and "lease" in str(err)
+
+
+async def test_block_outside_the_allowed_set_refused(endpoints, client):
+    ep = endpoints(make_pool(seed=10))
+    allow(ep, block_ids=[0, 1])
+    err, local = await pull_refused(ep, client, remote_ids=(1, 2))
+    assert err.reason == "bad_block" and "[2]" in str(err)
+    assert ep.stats()["num_bytes_sent"] == 0
+
+
+@pytest.mark.parametrize("local_segments,local_tag", [((2048, 2048), TAG), ((4096,), "other-model/bfloat16/bs16")])
+async def test_layout_mismatch_refused_with_clear_message(endpoints, client, local_segments, local_tag):
+    ep = endpoints(make_pool((4096,), seed=11))
+    allow(ep, block_ids=[0])
+    local = make_pool(local_segments, tag=local_tag)
+    with pytest.raises(LayoutMismatch) as info:
+        await client.pull(ep.address, "t1", TOKEN, [0], local, [0], timeout_s=5)
+    message = str(info.value)
+    assert "prefill has 1 segment(s) of 4096 B" in message and "decode has" in message
+    assert "both sides must run the same model, dtype and block size" in message
+    assert ep.stats()["num_bytes_sent"] == 0
+
+
+async def test_block_count_mismatch_rejected_before_sending(client):
+    with pytest.raises(TransferError, match="one local block per remote block"):
+        await client.pull("tcp://127.0.0.1:1", "t1", TOKEN, [0, 1], make_pool(), [0], timeout_s=1)
+
+
+# --------------------------------------------------------------------------------------------- failures
+
+
+async def test_corruption_detected(endpoints, client):
+    ep = endpoints(make_pool((100_000,), seed=12))
+    allow(ep, block_ids=[0, 1, 2])
+    ep._corrupt_next_send_for_tests()
+    with pytest.raises(TransferIntegrityError, match="checksum"):
+        await client.pull(ep.address, "t1", TOKEN, [0, 1, 2], make_pool((100_000,)), [0, 1, 2], timeout_s=5)
+
+
+async def test_timeout_when_endpoint_stalls_then_next_pull_is_clean(endpoints, client):
+    remote, local = make_pool(seed=13), make_pool()
+    ep = endpoints(remote)
+    allow(ep, block_ids=[0, 1])
+    ep.pause_for_tests(0.8)
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    start = time.monotonic()
+    with pytest.raises(TransferTimeout, match="timeout_s=0.4"):
+        await client.pull(ep.address, "t1", TOKEN, [0, 1], local, [0, 1], timeout_s=0.4)
+    elapsed = time.monotonic() - start
+    ticker.cancel()
+    assert 0.4 <= elapsed < 0.4 + SLACK_S
+    assert ticks >= 15  # the event loop kept running while the pull waited
+    assert local.block_bytes(0) == bytes(4096)
+
+    # The stalled endpoint answers the timed-out pull late; that answer must not reach the next pull.
+    await asyncio.sleep(0.6)
+    await client.pull(ep.address, "t1", TOKEN, [1, 0], local, [0, 1], timeout_s=5)
+    assert local.block_bytes(0) == remote.block_bytes(1) and local.block_bytes(1) == remote.block_bytes(0)
+
+
+async def test_timeout_when_nothing_listens(client):
+    start = time.monotonic()
+    with pytest.raises(TransferTimeout, match="reachable"):
+        await client.pull(f"tcp://127.0.0.1:{free_port()}", "t1", TOKEN, [0], make_pool(), [0], timeout_s=0.5)
+    assert 0.5 <= time.monotonic() - start < 0.5 + SLACK_S
+
+
+async def test_cancelled_pull_stops_promptly(endpoints, client):
+    ep = endpoints(make_pool(seed=14))
+    allow(ep, block_ids=[0])
+    ep.pause_for_tests(2.0)
+    task = asyncio.create_task(client.pull(ep.address, "t1", TOKEN, [0], make_pool(), [0], timeout_s=10))
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - start < 0.3
+
+
+async def test_stop_is_prompt_idempotent_and_idle_cheap():
+    ep = TransferEndpoint(make_pool(), bind_host="127.0.0.1")
+    ep.start()
+    assert ep.address.startswith("tcp://127.0.0.1:") and not ep.address.endswith(":0")
+    cpu, wall = time.process_time(), time.monotonic()
+    await asyncio.sleep(0.5)
+    assert time.process_time() - cpu < 0.05, "an idle endpoint must block in poll, not spin"
+    start = time.monotonic()
+    ep.stop()
+    assert time.monotonic() - start < 0.3
+    ep.stop()
