@@ -5,6 +5,7 @@
     pdserve prefill-worker --nats URL
     pdserve decode-worker --nats URL
     pdserve kv-broker --nats URL
+    pdserve model pull | path
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     for role in ("prefill", "decode"):
         cfg.add_arguments(sub.add_parser(f"{role}-worker", help=f"a {role} worker"), cfg.WorkerConfig, skip=("role",))
     cfg.add_arguments(sub.add_parser("kv-broker", help="the KV block index and handover book"), cfg.BrokerConfig)
+    from pdserve.models import add_model_arguments
+
+    add_model_arguments(sub.add_parser("model", help="fetch the default model (pull) or show where it is (path)"))
     return parser
 
 
@@ -38,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve.launcher import up
 
             return up(args)
+        if command == "model":
+            from pdserve.models import model_command
+
+            return model_command(args)
         if command == "router":
             from services.router.main import serve
 
