@@ -19,6 +19,7 @@ from pdserve.kv import (
     TransferRefused,
     TransferTimeout,
 )
+from pdserve.kv.pool import BatchStream, batch_pieces, block_checksum
 
 TAG = "test-model/float16/bs16"
 TOKEN = "s3cret-token"
@@ -28,11 +29,23 @@ SLACK_S = 0.3  # how late past timeout_s a TransferTimeout may come
 def make_pool(segment_nbytes=(4096,), num_blocks=16, seed=None, tag=TAG) -> ArrayBlockPool:
     """One uint8 array per segment; filled with random bytes when `seed` is given, zeros otherwise."""
     rng = np.random.default_rng(seed)
-    arrays = [
-        rng.integers(0, 256, (num_blocks, n), dtype=np.uint8) if seed is not None else np.zeros((num_blocks, n), np.uint8)
-        for n in segment_nbytes
-    ]
-    return ArrayBlockPool(arrays, layout_tag=tag)
+    if seed is None:
+        return ArrayBlockPool([np.zeros((num_blocks, n), np.uint8) for n in segment_nbytes], layout_tag=tag)
+    return ArrayBlockPool([rng.integers(0, 256, (num_blocks, n), dtype=np.uint8) for n in segment_nbytes], tag)
+
+
+class BytearrayPool:
+    """A BlockPool that is not an ArrayBlockPool (no segment_span): one bytearray per block and segment."""
+
+    def __init__(self, segment_nbytes, num_blocks, layout_tag=TAG):
+        self.num_blocks, self.segment_nbytes, self.layout_tag = num_blocks, tuple(segment_nbytes), layout_tag
+        self._blocks = [[bytearray(n) for n in segment_nbytes] for _ in range(num_blocks)]
+
+    def segments(self, block_id):
+        return [memoryview(seg) for seg in self._blocks[block_id]]
+
+    def block_bytes(self, block_id):
+        return b"".join(self._blocks[block_id])
 
 
 @pytest.fixture
@@ -73,8 +86,8 @@ def free_port() -> int:
 
 @pytest.mark.parametrize(
     "segment_nbytes",
-    [(4096,), (300_000,), (40_000, 40_000, 100), (70_000, 10, 70_000, 1000)],
-    ids=["small", "zero-copy", "coalesced", "mixed"],
+    [(4096,), (300_000,), (40_000, 40_000, 100), (70_000, 10, 70_000, 1000), (1_500_000, 700_000)],
+    ids=["small", "zero-copy", "coalesced", "mixed", "multi-message-batches"],
 )
 async def test_pull_lands_each_remote_block_in_its_local_block(endpoints, client, segment_nbytes):
     remote = make_pool(segment_nbytes, seed=1)
@@ -110,6 +123,35 @@ async def test_multi_array_pool_of_typed_arrays(endpoints, client):
         assert not l[3:].any()
 
 
+@pytest.mark.parametrize("direction", ["array-to-bytearray", "bytearray-to-array"])
+async def test_pools_without_segment_span_interoperate(endpoints, client, direction):
+    """One end cuts the stream into per-block pieces, the other into runs of consecutive blocks."""
+    segment_nbytes = (30_000, 5000)
+    array_pool = make_pool(segment_nbytes, seed=20)
+    plain_pool = BytearrayPool(segment_nbytes, 16)
+    for b in range(16):
+        for seg, src in zip(plain_pool.segments(b), array_pool.segments(b)):
+            seg[:] = src
+        array_pool.segments(b)[0][:1] = bytes([b])  # the two pools differ, so the right source is checked
+    remote, local = (array_pool, BytearrayPool(segment_nbytes, 16)) if direction == "array-to-bytearray" else (
+        plain_pool, make_pool(segment_nbytes))
+    ep = endpoints(remote, batch_blocks=4)
+    ids = [3, 4, 5, 6, 7, 9, 10, 0]
+    allow(ep, block_ids=ids)
+    await client.pull(ep.address, "t1", TOKEN, ids, local, [1, 2, 3, 4, 5, 6, 7, 8], timeout_s=5)
+    assert [local.block_bytes(b) for b in range(1, 9)] == [remote.block_bytes(b) for b in ids]
+
+
+async def test_sequential_pulls_reuse_one_connection(endpoints, client):
+    remote, local = make_pool(seed=21), make_pool()
+    ep = endpoints(remote)
+    for i in range(3):
+        allow(ep, f"t{i}", block_ids=[i])
+        await client.pull(ep.address, f"t{i}", TOKEN, [i], local, [i], timeout_s=5)
+        assert local.block_bytes(i) == remote.block_bytes(i)
+    assert len(client._idle[ep.address]) == 1
+
+
 async def test_pull_of_a_subset_of_the_allowed_blocks(endpoints, client):
     remote, local = make_pool(seed=3), make_pool()
     ep = endpoints(remote)
@@ -136,7 +178,8 @@ async def test_many_concurrent_pulls_from_one_endpoint(endpoints):
     remote = make_pool((50_000, 3000), num_blocks=64, seed=5)
     local = make_pool((50_000, 3000), num_blocks=64)
     ep = endpoints(remote, batch_blocks=2)
-    client = TransferClient(max_concurrent_pulls=8)  # fewer threads than pulls: some wait their turn
+    # Fewer threads than pulls, so some wait their turn; one message of credit, so every message waits for one.
+    client = TransferClient(max_concurrent_pulls=8, window_messages=1)
     try:
         pulls = []
         for i in range(32):
@@ -155,7 +198,7 @@ async def test_many_concurrent_pulls_from_one_endpoint(endpoints):
 # --------------------------------------------------------------------------------------------- refusals
 
 
-async def pull_refused(ep, client, transfer_id="t1", token=TOKEN, remote_ids=(0, 1)) -> tuple[TransferRefused, ArrayBlockPool]:
+async def pull_refused(ep, client, transfer_id="t1", token=TOKEN, remote_ids=(0, 1)):
     local = make_pool()
     with pytest.raises(TransferRefused) as info:
         await client.pull(ep.address, transfer_id, token, list(remote_ids), local, [5, 6], timeout_s=5)
@@ -185,6 +228,30 @@ async def test_released_transfer_refused(endpoints, client):
     assert ep.release("t1") is False and ep.release("other") is False
     err, _ = await pull_refused(ep, client)
     assert err.reason == "released"
+
+
+async def test_release_during_a_pull_stops_it(endpoints):
+    class SlowPool(BytearrayPool):  # the decode side takes 50 ms per block, so the pull is still running
+        def segments(self, block_id):
+            time.sleep(0.05)
+            return super().segments(block_id)
+
+    ep = endpoints(make_pool(seed=15), batch_blocks=1)
+    allow(ep, block_ids=range(8))
+    client = TransferClient(window_messages=1)
+    try:
+        task = asyncio.create_task(
+            client.pull(ep.address, "t1", TOKEN, list(range(8)), SlowPool((4096,), 8), list(range(8)), timeout_s=5))
+        while ep.stats()["num_bytes_sent"] == 0:
+            await asyncio.sleep(0.005)
+        assert ep.release("t1")
+        sent_at_release = ep.stats()["num_bytes_sent"]
+        with pytest.raises(TransferRefused) as info:
+            await task
+    finally:
+        client.close()
+    assert info.value.reason == "released"
+    assert ep.stats()["num_bytes_sent"] == sent_at_release < 8 * 4096
 
 
 async def test_expired_transfer_refused(endpoints, client):
@@ -218,6 +285,11 @@ async def test_layout_mismatch_refused_with_clear_message(endpoints, client, loc
 async def test_block_count_mismatch_rejected_before_sending(client):
     with pytest.raises(TransferError, match="one local block per remote block"):
         await client.pull("tcp://127.0.0.1:1", "t1", TOKEN, [0, 1], make_pool(), [0], timeout_s=1)
+
+
+async def test_malformed_address_is_a_transfer_error(client):
+    with pytest.raises(TransferError, match="tcp://host:port"):
+        await client.pull("127.0.0.1:5555", "t1", TOKEN, [0], make_pool(), [0], timeout_s=1)
 
 
 # --------------------------------------------------------------------------------------------- failures
@@ -291,3 +363,27 @@ async def test_stop_is_prompt_idempotent_and_idle_cheap():
     ep.stop()
     assert time.monotonic() - start < 0.3
     ep.stop()
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3], [5, 2, 9], [7, 8, 1, 2, 3]])
+def test_batch_stream_checksums_equal_block_checksums(ids):
+    pool = make_pool((3000, 70_000, 12), seed=30)
+    stream = BatchStream(pool, ids)
+    for _ in stream.walk(stream.nbytes_left // 3):  # odd cut points, across pieces and segments
+        pass
+    for _ in stream.walk(stream.nbytes_left):
+        pass
+    assert stream.checksums() == [block_checksum(pool.segments(b)) for b in ids]
+
+
+def test_subclass_overriding_only_segments_is_not_read_through_spans():
+    class Staged(ArrayBlockPool):
+        def segments(self, block_id):
+            return super().segments(self.num_blocks - 1 - block_id)
+
+    pool = Staged([np.arange(4 * 8, dtype=np.uint8).reshape(4, 8)])
+    views = [view for view, _, _ in batch_pieces(pool, [0, 1])]
+    assert [bytes(v) for v in views] == [pool.block_bytes(0), pool.block_bytes(1)]

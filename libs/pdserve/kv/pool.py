@@ -1,0 +1,188 @@
+"""Block pools (the memory that holds KV blocks, seen as raw byte segments) and the byte stream of a batch.
+
+The transfer code moves bytes, not tensors: a block is one or more contiguous byte segments (one per layer,
+or K and V halves, or the whole block), and both ends of a transfer must agree on the segment sizes and on a
+free-text layout tag (model / dtype / block size). Views handed out are zero-copy: writing into them writes
+into the engine's KV memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import xxhash
+
+
+@runtime_checkable
+class BlockPool(Protocol):
+    """Memory holding KV blocks. A block is one or more contiguous byte segments (e.g. one per layer, or K
+    and V halves).
+
+    Optional: segment_span(segment_index, first_block, num_blocks) -> memoryview, segment k of a run of
+    consecutive blocks as one view (ArrayBlockPool has it), which lets a run move as one large frame.
+    """
+
+    num_blocks: int
+    segment_nbytes: tuple[int, ...]  # size of each segment of one block, same for every block
+    layout_tag: str  # free text both ends compare (model/dtype/block size), e.g. from KVLayout
+
+    def segments(self, block_id: int) -> list[memoryview]:
+        """Writable, contiguous, 1-D uint8 ('B') views of block `block_id`'s segments, in order."""
+        ...
+
+
+def _as_uint8_rows(array, index: int) -> np.ndarray:
+    """View `array` ([num_blocks, ...], C-contiguous) as uint8 [num_blocks, bytes_per_block] without a copy."""
+    if not isinstance(array, np.ndarray) and hasattr(array, "untyped_storage"):  # a torch tensor
+        if array.device.type != "cpu":
+            raise ValueError(
+                f"array {index} lives on {array.device}; ArrayBlockPool needs CPU memory "
+                "(GPU KV goes through a CUDA-aware pool)"
+            )
+        if not array.is_contiguous():
+            raise ValueError(f"array {index} is not contiguous; pass the engine's KV tensor itself, not a slice")
+        import torch  # only reached when torch is installed: the argument is a tensor
+
+        # Through uint8 first: numpy has no bfloat16, and reshape keeps the block axis whatever the dtype.
+        array = array.detach().reshape(array.shape[0], -1).view(torch.uint8).numpy()
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"array {index} is a {type(array).__name__}; pass numpy arrays or CPU torch tensors")
+    if array.ndim < 1 or array.shape[0] == 0:
+        raise ValueError(f"array {index} has shape {array.shape}; the first axis must be the block axis")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"array {index} is not C-contiguous; a copy would not be the engine's KV memory")
+    if not array.flags.writeable:
+        raise ValueError(f"array {index} is read-only; received blocks could not be written into it")
+    return array.reshape(array.shape[0], -1).view(np.uint8)
+
+
+class ArrayBlockPool:
+    """Backed by one or more numpy arrays or CPU torch tensors, each of shape [num_blocks, ...] and
+    C-contiguous; block i's segments are arrays[k][i] for each k."""
+
+    def __init__(self, arrays: Sequence, layout_tag: str = "") -> None:
+        if len(arrays) == 0:
+            raise ValueError("ArrayBlockPool needs at least one array")
+        self._rows = [_as_uint8_rows(a, k) for k, a in enumerate(arrays)]
+        counts = {rows.shape[0] for rows in self._rows}
+        if len(counts) != 1:
+            raise ValueError(f"arrays disagree on the number of blocks (first axis): {sorted(counts)}")
+        self._arrays = list(arrays)  # keep the originals alive: the uint8 views may only borrow them
+        self.num_blocks: int = counts.pop()
+        self.segment_nbytes: tuple[int, ...] = tuple(int(rows.shape[1]) for rows in self._rows)
+        self.layout_tag: str = layout_tag
+
+    @classmethod
+    def zeros(cls, num_blocks: int, block_nbytes: int, layout_tag: str = "") -> ArrayBlockPool:
+        """A pool of one uint8 numpy array: one segment of `block_nbytes` per block."""
+        return cls([np.zeros((num_blocks, block_nbytes), dtype=np.uint8)], layout_tag)
+
+    def segments(self, block_id: int) -> list[memoryview]:
+        if not 0 <= block_id < self.num_blocks:
+            raise IndexError(f"block id {block_id} is outside this pool of {self.num_blocks} blocks")
+        return [memoryview(rows[block_id]) for rows in self._rows]
+
+    def segment_span(self, segment_index: int, first_block: int, num_blocks: int) -> memoryview:
+        """Segment `segment_index` of blocks first_block .. first_block+num_blocks-1 as one contiguous view:
+        rows of one array are adjacent, so a run of consecutive blocks moves as one large zero-copy frame.
+        Optional for pools; the transfer falls back to segments() without it."""
+        if not (0 <= first_block and num_blocks > 0 and first_block + num_blocks <= self.num_blocks):
+            raise IndexError(f"blocks {first_block}..{first_block + num_blocks - 1} are outside the pool of "
+                             f"{self.num_blocks}")
+        return memoryview(self._rows[segment_index][first_block:first_block + num_blocks].reshape(-1))
+
+    def block_bytes(self, block_id: int) -> bytes:
+        """The block's segments concatenated (a copy; for tests and debugging)."""
+        return b"".join(self.segments(block_id))
+
+    @property
+    def block_nbytes(self) -> int:
+        return sum(self.segment_nbytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayBlockPool(num_blocks={self.num_blocks}, segment_nbytes={self.segment_nbytes}, "
+            f"layout_tag={self.layout_tag!r})"
+        )
+
+
+# ---------------------------------------------------------------------------------------- batch streams
+
+
+def block_checksum(segments: Sequence[memoryview]) -> int:
+    """xxh3_64 over a block's segments, as if they were one byte string."""
+    h = xxhash.xxh3_64()
+    for seg in segments:
+        h.update(seg)
+    return h.intdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _spans_agree_with_segments(cls: type) -> bool:
+    """Whether cls has segment_span() from the same class as its segments(): a subclass that overrides only
+    segments() (a staging pool, say) must not be read around through the parent's spans."""
+    def owner(name: str) -> type | None:
+        return next((c for c in cls.__mro__ if name in vars(c)), None)
+    return owner("segment_span") is not None and owner("segment_span") is owner("segments")
+
+
+def batch_pieces(pool: BlockPool, block_ids: Sequence[int]) -> list[tuple[memoryview, int, range]]:
+    """A batch's bytes in wire order, as (view, segment_nbytes, batch positions of the blocks it covers).
+
+    The order is segment-major (segment 0 of every block, then segment 1, ...) so that, where the pool has
+    segment_span(), a run of consecutive block ids is one large view per segment instead of one small view
+    per block and segment. Each end cuts the same stream into its own pieces; only the order must agree.
+    """
+    span = pool.segment_span if _spans_agree_with_segments(type(pool)) else None
+    runs: list[list[int]] = []  # [first block id, count, first batch position]
+    for n, b in enumerate(block_ids):
+        if span is not None and runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1, n])
+    if len(runs) < len(block_ids):
+        return [(span(k, first, count), seg, range(pos, pos + count))
+                for k, seg in enumerate(pool.segment_nbytes) for first, count, pos in runs]
+    per_block = [pool.segments(b) for b in block_ids]
+    return [(segments[k], seg, range(n, n + 1))
+            for k, seg in enumerate(pool.segment_nbytes) for n, segments in enumerate(per_block)]
+
+
+class BatchStream:
+    """One batch of blocks as a byte stream over pool memory, walked front to back.
+
+    The sender walks it to cut messages, the receiver to copy frames into place. Each block's xxh3_64 is fed
+    with each of its segments as soon as the walk has passed it (the caller has sent or written it), so
+    checksumming reads bytes that are still in cache; checksums() equals block_checksum() of each block.
+    """
+
+    def __init__(self, pool: BlockPool, block_ids: Sequence[int]) -> None:
+        self._pieces = batch_pieces(pool, block_ids)
+        self._hashers = [xxhash.xxh3_64() for _ in block_ids]
+        self.num_blocks = len(block_ids)
+        self.nbytes_left = len(block_ids) * sum(pool.segment_nbytes)
+        self._index = self._pos = self._hashed = 0
+
+    def walk(self, nbytes: int) -> Iterator[memoryview]:
+        """Views covering the next `nbytes` of the stream; each is checksummed once the caller asks for the
+        next one (or the walk ends), so write into a view before moving on."""
+        if nbytes > self.nbytes_left:
+            raise ValueError(f"{nbytes} bytes offered, {self.nbytes_left} left in the batch")
+        while nbytes > 0:
+            view, seg, positions = self._pieces[self._index]
+            take = min(view.nbytes - self._pos, nbytes)
+            yield view if take == view.nbytes else view[self._pos:self._pos + take]
+            self._pos += take
+            nbytes -= take
+            self.nbytes_left -= take
+            while self._hashed + seg <= self._pos:
+                self._hashers[positions[self._hashed // seg]].update(view[self._hashed:self._hashed + seg])
+                self._hashed += seg
+            if self._pos == view.nbytes:
+                self._index, self._pos, self._hashed = self._index + 1, 0, 0
+
+    def checksums(self) -> list[int]:
+        assert self.nbytes_left == 0, "checksums of a batch walked only in part"
+        return [h.intdigest() for h in self._hashers]
