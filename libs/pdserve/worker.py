@@ -19,7 +19,7 @@ from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
 from pdserve.engine.factory import create_engine
 from pdserve.membership import HeartbeatPublisher
-from pdserve.protocol import CancelRequest, Heartbeat, KVEvent, StatsRequest, WorkerStats
+from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, StatsRequest, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,20 @@ class WorkerRuntime:
             sent_at=time.time(), started_at=self.started_at,
         )
 
-    def can_admit(self) -> bool:
-        return self.num_in_flight < self.config.max_queue
+    def refusal(self, model: str, deadline: float) -> ErrorReply | None:
+        """Why a new request cannot be taken here (wrong model, too late, full), or None to take it."""
+        if model != self.engine.card.name:
+            return ErrorReply(code="wrong_model", message=f"{self.worker_id} serves {self.engine.card.name}, not {model}")
+        if time.time() >= deadline:
+            return ErrorReply(code="deadline_passed", message="the request's deadline passed before it reached "
+                              f"{self.worker_id}", retryable=False)
+        if self.num_in_flight >= self.config.max_queue:
+            return ErrorReply(code="overloaded", message=f"{self.worker_id} has {self.num_in_flight} requests "
+                              f"(max {self.config.max_queue}, --max-queue)")
+        return None
 
     async def _on_stats(self, _: StatsRequest) -> WorkerStats:
+        await self.engine.refresh_stats()
         stats = {k: v for k, v in self.engine.stats().items() if k in WorkerStats.model_fields}
         return WorkerStats(worker_id=self.worker_id, role=self.config.role,
                            num_requests_served=self.num_requests_served, **stats)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from pdserve import subjects
 from pdserve.config import WorkerConfig
@@ -34,12 +33,11 @@ class DecodeHandlers:
 
     async def on_decode(self, req: DecodeRequest) -> Message:
         rt = self.rt
-        if req.model != rt.engine.card.name:
-            return ErrorReply(code="wrong_model", message=f"{rt.worker_id} serves {rt.engine.card.name}, not {req.model}")
-        if time.time() >= req.deadline:
-            return ErrorReply(code="deadline_passed", message="the request's deadline passed before decode", retryable=False)
-        if not rt.can_admit() or req.request_id in self._tasks:
-            return ErrorReply(code="overloaded", message=f"{rt.worker_id} has {rt.num_in_flight} requests (max {rt.config.max_queue})")
+        refusal = rt.refusal(req.model, req.deadline)
+        if refusal is not None:
+            return refusal
+        if req.request_id in self._tasks:
+            return ErrorReply(code="duplicate", message=f"{rt.worker_id} already decodes {req.request_id}")
         rt.num_in_flight += 1
         self._requests[req.request_id] = req
         self._tasks[req.request_id] = asyncio.create_task(self._run(req), name=f"decode-{req.request_id}")

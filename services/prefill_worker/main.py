@@ -25,12 +25,9 @@ class PrefillHandlers:
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
         rt = self.rt
-        if req.model != rt.engine.card.name:
-            return ErrorReply(code="wrong_model", message=f"{rt.worker_id} serves {rt.engine.card.name}, not {req.model}")
-        if time.time() >= req.deadline:
-            return ErrorReply(code="deadline_passed", message="the request's deadline passed before prefill", retryable=False)
-        if not rt.can_admit():
-            return ErrorReply(code="overloaded", message=f"{rt.worker_id} has {rt.num_in_flight} requests (max {rt.config.max_queue})")
+        refusal = rt.refusal(req.model, req.deadline)
+        if refusal is not None:
+            return refusal
         rt.num_in_flight += 1
         start = time.monotonic()
         try:
