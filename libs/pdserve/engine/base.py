@@ -101,6 +101,9 @@ class Engine(abc.ABC):
     async def abort(self, request_id: str) -> None:
         """Stop whatever runs for request_id and free what it holds."""
 
+    async def refresh_stats(self) -> None:
+        """Bring stats() up to date where counters live in another process (vLLM's EngineCore)."""
+
     @abc.abstractmethod
     def stats(self) -> dict[str, float]:
         """Counters named as in protocol.WorkerStats (num_held_blocks, kv_usage, num_kv_bytes_sent, ...)."""
