@@ -18,6 +18,7 @@ C = TypeVar("C")
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 MOCK_MODEL = "pdserve-mock"
+DEFAULT_VLLM_MODEL = "SmolLM2-135M-Instruct"
 
 
 class ConfigError(ValueError):
@@ -79,10 +80,16 @@ class MockEngineOptions:
 class WorkerConfig(BusOptions, MockEngineOptions):
     role: Literal["prefill", "decode"] = _opt("prefill", "prefill or decode")
     worker_id: str = _opt("", "unique worker id (default: role-host-pid-random)")
-    engine: Literal["mock"] = _opt("mock", "inference engine: mock (vllm comes with the vLLM issue)")
-    model: str = _opt(MOCK_MODEL, "model name served")
+    engine: Literal["mock", "vllm"] = _opt("mock", "inference engine: vllm, or mock (deterministic, for tests)")
+    model: str = _opt("", f"vllm: a local Hugging Face directory or {DEFAULT_VLLM_MODEL} (pulled once); "
+                          f"mock: the name to serve [default: {DEFAULT_VLLM_MODEL} / {MOCK_MODEL}]")
+    served_model_name: str = _opt("", "name clients use in requests (default: the model's directory name)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "vllm: weights and KV dtype")
+    kv_cache_gib: int = _opt(1, "vllm on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_cores: str | None = _opt(None, "vllm on CPU: cores for this engine, e.g. 0 or 2-3 (pdserve up assigns them)")
     max_model_len: int = _opt(4096, "context limit in tokens")
-    block_size: int = _opt(16, "tokens per KV block (must match on every worker)")
+    block_size: int = _opt(32, "tokens per KV block (must match on every worker; vLLM on CPU takes multiples of 32)")
+    enforce_eager: bool = _opt(True, "vllm: skip torch.compile (start in ~30 s instead of minutes on a CPU)")
     num_kv_blocks: int = _opt(2048, "KV blocks the engine owns")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
@@ -93,6 +100,10 @@ class WorkerConfig(BusOptions, MockEngineOptions):
 
     def __post_init__(self) -> None:
         BusOptions.__post_init__(self)
+        if not self.model:
+            object.__setattr__(self, "model", DEFAULT_VLLM_MODEL if self.engine == "vllm" else MOCK_MODEL)
+        if not self.served_model_name:
+            object.__setattr__(self, "served_model_name", os.path.basename(os.path.normpath(self.model)))
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{self.role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
         if not all(c.isalnum() or c in "-_" for c in self.worker_id):

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from pdserve import nats_server
-from pdserve.config import MOCK_MODEL
+from pdserve.config import DEFAULT_VLLM_MODEL, MOCK_MODEL
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=os.environ.get("PDSERVE_NATS"),
@@ -35,11 +35,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port [default 8000]")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers [default 1]")
     parser.add_argument("--decode", type=int, default=1, help="decode workers [default 1]")
-    parser.add_argument("--engine", default="mock", choices=["mock"], help="inference engine [default mock]")
-    parser.add_argument("--model", default=MOCK_MODEL, help=f"model to serve [default {MOCK_MODEL}]")
+    parser.add_argument("--engine", default="mock", choices=["mock", "vllm"], help="inference engine [default mock]")
+    parser.add_argument("--model", default="", help=f"vllm: a local Hugging Face directory [default {DEFAULT_VLLM_MODEL}, "
+                                                    f"pulled once]; mock: the name to serve [default {MOCK_MODEL}]")
     parser.add_argument("--advertise-host", default=None, help="address workers advertise [default: detected]")
-    parser.add_argument("--startup-timeout-s", type=float, default=120.0,
-                        help="how long to wait for every service to come up [default 120]")
+    parser.add_argument("--startup-timeout-s", type=float, default=None,
+                        help="how long to wait for every service to come up [default 60 mock, 600 vllm]")
     parser.add_argument("--log-level", default="INFO", help="log level of every service [default INFO]")
 
 
@@ -76,14 +77,18 @@ class System:
             self.nats = nats_server.start(die_with_parent=True)
             self.nats_url = self.nats.url
         common = ["--nats", self.nats_url, "--log-level", a.log_level]
-        worker = [*common, "--engine", a.engine, "--model", a.model]
+        worker = [*common, "--engine", a.engine]
+        if a.model:
+            worker += ["--model", a.model]
         if a.advertise_host:
             worker += ["--advertise-host", a.advertise_host]
         self._spawn("kv-broker", ["kv-broker", *common])
-        for i in range(a.prefill):
-            self._spawn(f"prefill-worker-{i}", ["prefill-worker", *worker])
-        for i in range(a.decode):
-            self._spawn(f"decode-worker-{i}", ["decode-worker", *worker])
+        cores = sorted(os.sched_getaffinity(0))
+        roles = ["prefill"] * a.prefill + ["decode"] * a.decode
+        for i, role in enumerate(roles):
+            # One engine per core where there are enough cores (vLLM's OpenMP threads otherwise fight).
+            pin = ["--cpu-cores", str(cores[i % len(cores)])] if a.engine == "vllm" else []
+            self._spawn(f"{role}-worker-{i if role == 'prefill' else i - a.prefill}", [f"{role}-worker", *worker, *pin])
         self._spawn("router", ["router", *common, "--host", a.host, "--port", str(a.port)])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -91,8 +96,8 @@ class System:
                                    stdin=subprocess.DEVNULL)
         self.children.append(Child(name, process))
 
-    def wait_healthy(self, stop_requested) -> None:
-        """Return when every service announced itself; raise RuntimeError naming what did not."""
+    def wait_healthy(self, stop_requested) -> dict:
+        """The router's /health once every service announced itself; RuntimeError naming what did not."""
         a = self.args
         host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
         url = f"http://{host}:{a.port}/health"
@@ -111,9 +116,10 @@ class System:
                 missing = ", ".join(
                     f"{want - roles.count(role)} of {want} {role} workers"
                     for role, want in (("prefill", a.prefill), ("decode", a.decode)) if roles.count(role) < want
-                ) or ("the KV broker" if not health.get("kv_brokers") else "")
+                ) or ("the KV broker" if not health.get("kv_brokers") else "") or (
+                    "the router (loading the model's tokenizer)" if health.get("status") != "ok" else "")
                 if not missing:
-                    return
+                    return health
             time.sleep(0.25)
         raise RuntimeError(f"{missing} did not come up within {a.startup_timeout_s:.0f}s "
                            "(raise --startup-timeout-s, or read the services' logs above)")
@@ -162,6 +168,12 @@ def up(args: argparse.Namespace) -> int:
     if not _port_free(args.host, args.port):
         _say(f"port {args.port} on {args.host} is in use (another pdserve or server?); pass --port with a free one")
         return 1
+    if args.startup_timeout_s is None:
+        args.startup_timeout_s = 600.0 if args.engine == "vllm" else 60.0
+    if args.engine == "vllm" and not args.model:
+        from pdserve.models import pull_default_model
+
+        pull_default_model()  # once, here, rather than in every worker at the same time
     if args.prefill < 1 or args.decode < 1:
         _say("--prefill and --decode must be at least 1")
         return 2
@@ -178,9 +190,10 @@ def up(args: argparse.Namespace) -> int:
         system.start()
         _say(f"NATS at {system.nats_url}; starting KV broker, router, {args.prefill} prefill and "
              f"{args.decode} decode worker(s) with engine {args.engine}")
-        system.wait_healthy(lambda: stopping)
+        health = system.wait_healthy(lambda: stopping)
+        models = ", ".join(sorted({w["model"] for w in health["workers"] if w.get("model")}))
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        _say(f"ready: OpenAI API at http://{host}:{args.port}/v1 (model {args.model}); "
+        _say(f"ready: OpenAI API at http://{host}:{args.port}/v1 (model {models}); "
              f"health at http://{host}:{args.port}/health; Ctrl-C stops everything")
         system.watch(lambda: stopping)
         _say("stopping")

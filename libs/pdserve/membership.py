@@ -74,6 +74,7 @@ class Membership:
 
     def __init__(self) -> None:
         self._members: dict[str, Member] = {}
+        self.on_join: list[Callable[[Heartbeat], None]] = []
         self.on_gone: list[Callable[[str], None]] = []
 
     async def start(self, bus: Bus) -> None:
@@ -81,10 +82,13 @@ class Membership:
         await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self._on_goodbye)
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
-        if hb.worker_id not in self._members:
+        joined = hb.worker_id not in self._members
+        self._members[hb.worker_id] = Member(hb, time.monotonic())
+        if joined:
             log.info("%s %s joined (model %s, transfer %s)", hb.role, hb.worker_id,
                      hb.model.name if hb.model else "-", hb.transfer_address)
-        self._members[hb.worker_id] = Member(hb, time.monotonic())
+            for callback in self.on_join:
+                callback(hb)
 
     async def _on_goodbye(self, bye: Goodbye) -> None:
         if self._members.pop(bye.worker_id, None) is not None:

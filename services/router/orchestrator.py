@@ -25,8 +25,8 @@ from pdserve import subjects, tracecontext
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
-from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, KVReady, ModelCard, PrefillRequest,
-                              TokenChunk, Usage)
+from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Heartbeat, KVReady, ModelCard,
+                              PrefillRequest, TokenChunk, Usage)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
 from services.router.backend import (GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
                                      UpstreamTimeout)
@@ -51,6 +51,8 @@ class Orchestrator:
         self.membership = membership
         self.policy = LeastLoadPolicy(membership)
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenizer_loads: dict[str, asyncio.Task] = {}
+        membership.on_join.append(self._on_worker_joined)
 
     # ----------------------------------------------------------------------------- Backend protocol
 
@@ -63,9 +65,27 @@ class Orchestrator:
 
     def tokenizer(self, model: str) -> Tokenizer:
         card = next(c for c in self.models() if c.name == model)
-        if card.tokenizer not in self._tokenizers:
+        if card.tokenizer not in self._tokenizers:  # not loaded in the background yet: load it now
             self._tokenizers[card.tokenizer] = load_tokenizer(card.tokenizer)
         return self._tokenizers[card.tokenizer]
+
+    def _on_worker_joined(self, hb: Heartbeat) -> None:
+        """Load a new model's tokenizer off the event loop (a Hugging Face one takes seconds), before its
+        first request: a blocked loop would also stall heartbeats and make every worker look gone."""
+        name = hb.model.tokenizer if hb.model else None
+        if name is None or name in self._tokenizers or name in self._tokenizer_loads:
+            return
+
+        async def load() -> None:
+            try:
+                self._tokenizers[name] = await asyncio.to_thread(load_tokenizer, name)
+                log.info("tokenizer %s loaded", name)
+            except ValueError as e:
+                log.error("cannot load tokenizer %s: %s", name, e)
+            finally:
+                self._tokenizer_loads.pop(name, None)
+
+        self._tokenizer_loads[name] = asyncio.get_running_loop().create_task(load())
 
     def health(self) -> dict:
         live = self.membership.live()
@@ -76,7 +96,8 @@ class Orchestrator:
                    for hb in live if hb.role != "broker"]
         brokers = [hb.worker_id for hb in live if hb.role == "broker"]
         roles = {w["role"] for w in workers}
-        ok = self.bus.connected and {"prefill", "decode"} <= roles
+        tokenizers_ready = all(hb.model.tokenizer in self._tokenizers for hb in live if hb.model)
+        ok = self.bus.connected and {"prefill", "decode"} <= roles and tokenizers_ready
         return {"status": "ok" if ok else "degraded", "router_id": self.config.router_id,
                 "nats_connected": self.bus.connected, "workers": workers, "kv_brokers": brokers}
 

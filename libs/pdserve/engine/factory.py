@@ -9,7 +9,7 @@ from pdserve.protocol import KVLayout, ModelCard
 
 def mock_card(config: WorkerConfig) -> ModelCard:
     return ModelCard(
-        name=config.model,
+        name=config.served_model_name,
         tokenizer="byte",
         max_model_len=config.max_model_len,
         kv_layout=KVLayout(
@@ -29,4 +29,15 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str) 
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
         )
-    raise ValueError(f"unknown engine {config.engine!r}; use --engine mock")
+    if config.engine == "vllm":
+        from pdserve.engine.vllm_engine import VllmEngine
+        from pdserve.models import resolve_model
+
+        return VllmEngine(
+            worker_id=config.worker_id, model_path=resolve_model(config.model),
+            served_model_name=config.served_model_name, max_model_len=config.max_model_len,
+            block_size=config.block_size, dtype=config.dtype, advertise_host=advertise_host, bind_host=bind_host,
+            kv_lease_s=config.kv_lease_s, kv_pull_timeout_s=config.kv_pull_timeout_s,
+            kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
+        )
+    raise ValueError(f"unknown engine {config.engine!r}; use --engine vllm or --engine mock")

@@ -1,0 +1,248 @@
+"""The vLLM engine: vLLM V1's AsyncLLM in the worker process, KV moved by pdserve's own connector.
+
+The KV cache lives in vLLM's EngineCore process (a child of the worker); so do our connector and its
+transfer endpoint (pdserve.kv.vllm_connector). The worker talks to them through vLLM's collective_rpc and
+our worker extension (pdserve.kv.vllm_worker_ext): the endpoint's address, releases, load reports, counters.
+
+Prefill runs the prompt with max_tokens=1 and kv_transfer_params {"do_remote_decode": True}: the connector
+holds the blocks under a lease and returns where they are. Decode runs prompt + the first token with
+{"do_remote_prefill": True, "pdserve": <KVTransferParams>}: the connector pulls the prompt's KV into freshly
+allocated blocks before the request is scheduled, or lets vLLM recompute it if the pull fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.protocol import FinishReason, KVLayout, KVTransferParams, ModelCard, SamplingParams
+
+log = logging.getLogger(__name__)
+
+CONNECTOR_NAME = "PdserveConnector"
+CONNECTOR_MODULE = "pdserve.kv.vllm_connector"
+WORKER_EXTENSION = "pdserve.kv.vllm_worker_ext.PdserveWorkerExtension"
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_STATS_REFRESH_S = 0.5
+
+
+class VllmEngine(Engine):
+    def __init__(
+        self, *, worker_id: str, model_path: Path, served_model_name: str, max_model_len: int, block_size: int,
+        dtype: str, advertise_host: str, bind_host: str, kv_lease_s: float, kv_pull_timeout_s: float,
+        kv_cache_gib: int, cpu_cores: str | None, enforce_eager: bool,
+    ):
+        self.worker_id = worker_id
+        self._model_path = model_path
+        self._served_model_name = served_model_name
+        self._max_model_len = max_model_len
+        self._block_size = block_size
+        self._dtype = dtype
+        self._advertise_host = advertise_host
+        self._bind_host = bind_host
+        self._kv_lease_s = kv_lease_s
+        self._kv_pull_timeout_s = kv_pull_timeout_s
+        self._kv_cache_gib = kv_cache_gib
+        self._cpu_cores = cpu_cores
+        self._enforce_eager = enforce_eager
+        # The connector publishes its counters here: reading a file costs vLLM nothing, while every
+        # collective_rpc makes vLLM's worker busy-poll for about a second.
+        self._stats_path = os.path.join(tempfile.gettempdir(), f"pdserve-{worker_id}-kv-stats.json")
+        self._llm: Any = None
+        self._address: str | None = None
+        self._stats: dict[str, float] = {}
+        self._running: set[str] = set()
+        self._num_local_prefills = 0
+        self._refresher: asyncio.Task | None = None
+        self.card = self._make_card()
+
+    def _make_card(self) -> ModelCard:
+        from transformers import AutoConfig  # vLLM depends on transformers
+
+        hf = AutoConfig.from_pretrained(self._model_path)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        layout = KVLayout(num_layers=hf.num_hidden_layers, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+                          head_dim=head_dim, dtype=self._dtype, dtype_bytes=_DTYPE_BYTES[self._dtype], block_size=self._block_size)
+        return ModelCard(name=self._served_model_name, tokenizer=str(self._model_path), max_model_len=self._max_model_len,
+                         kv_layout=layout)
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        # vLLM reads these when it starts its EngineCore process: pin OMP threads to our cores, size the KV cache.
+        if self._cpu_cores:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_cores
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._kv_cache_gib))
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self._model_path), served_model_name=self._served_model_name, dtype=self._dtype,
+            max_model_len=self._max_model_len, block_size=self._block_size, enable_prefix_caching=False,
+            seed=0, disable_log_stats=True, worker_extension_cls=WORKER_EXTENSION,
+            enforce_eager=self._enforce_eager,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
+                kv_load_failure_policy="recompute",
+                kv_connector_extra_config={
+                    "worker_id": self.worker_id, "model_name": self._served_model_name,
+                    "advertise_host": self._advertise_host, "bind_host": self._bind_host,
+                    "lease_s": self._kv_lease_s, "pull_timeout_s": self._kv_pull_timeout_s,
+                    "stats_path": self._stats_path,
+                },
+            ),
+        )
+        log.info("starting vLLM on %s (%s, max_model_len %d, cores %s)", self._model_path, self._dtype,
+                 self._max_model_len, self._cpu_cores or "auto")
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._address = await self._rpc("pdserve_transfer_address")
+        await self.refresh_stats()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="vllm-stats")
+
+    async def stop(self) -> None:
+        if self._refresher:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._stats_path)
+
+    @property
+    def transfer_address(self) -> str | None:
+        return self._address
+
+    # ------------------------------------------------------------------------------------ prefill
+
+    async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
+                      lease_s: float) -> PrefillResult:
+        params = self._sampling(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        final = None
+        self._running.add(request_id)
+        try:
+            async for output in self._llm.generate(self._prompt(prompt_token_ids), params, request_id):
+                final = output
+        finally:
+            self._running.discard(request_id)
+        assert final is not None and final.outputs, f"request {request_id}: vLLM returned no output"
+        completion = final.outputs[0]
+        finish: FinishReason | None = None
+        if completion.finish_reason == "stop":  # EOS or a stop string as the very first token
+            finish = "stop"
+        elif sampling.max_tokens == 1:
+            finish = "length"
+        kv = (final.kv_transfer_params or {}).get("pdserve")
+        transfer = KVTransferParams.model_validate(kv) if kv else None
+        if finish is not None and transfer is not None:
+            await self.release_kv(request_id)  # nobody will pull it
+            transfer = None
+        return PrefillResult(completion.token_ids[0], completion.text, finish, transfer,
+                             num_cached_tokens=final.num_cached_tokens or 0)
+
+    async def release_kv(self, request_id: str) -> bool:
+        return bool(await self._rpc("pdserve_release", request_id))
+
+    # ------------------------------------------------------------------------------------- decode
+
+    async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
+                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None
+                       ) -> AsyncIterator[TokenOutput]:
+        if kv_transfer_params is not None and first_token_id is not None:
+            # Continue after the first token: its own KV is computed here, the prompt's is pulled.
+            prompt = (*prompt_token_ids, first_token_id)
+            max_tokens = sampling.max_tokens - 1
+            kv = {"do_remote_prefill": True, "pdserve": kv_transfer_params.model_dump(mode="json")}
+        else:
+            self._num_local_prefills += 1
+            prompt, max_tokens, kv = prompt_token_ids, sampling.max_tokens, None
+        params = self._sampling(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
+        finished = False
+        reported = kv is None
+        self._running.add(request_id)
+        try:
+            async for output in self._llm.generate(self._prompt(prompt), params, request_id):
+                if not reported:
+                    reported = True
+                    await self._report_load(request_id)
+                completion = output.outputs[0]
+                finish = _finish_reason(completion.finish_reason) if output.finished else None
+                finished = output.finished
+                yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
+        finally:
+            self._running.discard(request_id)
+            if not finished and self._llm is not None:
+                await self._llm.abort(request_id)
+
+    async def _report_load(self, request_id: str) -> None:
+        report = await self._rpc("pdserve_load_report", request_id)
+        if report is None:
+            log.warning("request %s: the connector has no load report", request_id)
+            return
+        if self.on_kv_loaded:
+            self.on_kv_loaded(request_id, KVLoadReport(
+                num_blocks=report["num_blocks"], num_bytes=report["num_bytes"], transfer_ms=report["transfer_ms"],
+                recomputed=report["recomputed"], error=report.get("error")))
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running:
+            await self._llm.abort(request_id)
+        await self.release_kv(request_id)  # blocks held for a puller, if any
+
+    # ------------------------------------------------------------------------------------- counters
+
+    async def refresh_stats(self) -> None:
+        """Exact counters now (an RPC: for explicit stats requests, not for timers)."""
+        self._set_stats(await self._rpc("pdserve_stats"))
+
+    async def _refresh_forever(self) -> None:
+        from pdserve.kv.vllm_connector import read_published_stats
+
+        while True:
+            await asyncio.sleep(_STATS_REFRESH_S)
+            published = read_published_stats(self._stats_path)
+            if published is not None:
+                self._set_stats(published)
+
+    def _set_stats(self, stats: dict) -> None:
+        total = stats.get("num_total_blocks") or 0
+        held = stats.get("num_held_blocks", 0)
+        self._stats = {**stats, "num_local_prefills": self._num_local_prefills,
+                       "kv_usage": held / total if total else 0.0, "num_free_blocks": max(0, total - held)}
+
+    def stats(self) -> dict[str, float]:
+        return {**self._stats, "num_running": len(self._running)}
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        return (await self._llm.collective_rpc(method, args=args))[0]
+
+    @staticmethod
+    def _prompt(token_ids: tuple[int, ...]) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=list(token_ids))
+
+    @staticmethod
+    def _sampling(sampling: SamplingParams, *, max_tokens: int, kv_transfer_params: dict | None) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+        return VllmSamplingParams(
+            max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+            stop=list(sampling.stop) or None, output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+        )
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    return reason if reason in ("stop", "length", "abort") else "stop"  # type: ignore[return-value]
