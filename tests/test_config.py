@@ -37,7 +37,7 @@ def test_worker_from_env():
     (cfg.RouterConfig, {"prefill_timeout_s": "0"}, ["--prefill-timeout-s", "> 0"]),
     (cfg.WorkerConfig, {"engine": "tensorrt"}, ["--engine", "mock"]),
     (cfg.WorkerConfig, {"worker_id": "a.b"}, ["--worker-id", "letters"]),
-    (cfg.WorkerConfig, {"num_kv_blocks": "2", "max_model_len": "4096"}, ["--num-kv-blocks", "at least 256"]),
+    (cfg.WorkerConfig, {"num_kv_blocks": "2", "max_model_len": "4096"}, ["--num-kv-blocks", "at least 128"]),
     (cfg.BrokerConfig, {"log_level": "LOUD"}, ["--log-level", "DEBUG"]),
 ])
 def test_errors_name_the_setting_and_the_fix(cls, values, names):

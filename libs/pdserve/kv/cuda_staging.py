@@ -60,6 +60,17 @@ class CudaStagingPool:
             raise IndexError(f"block {block_id} is not staged in host memory; stage it before a transfer")
         return self._host.segments(slot)
 
+    def row_of(self, block_id: int) -> int:
+        """The staging slot of a staged block: a transfer's blocks take consecutive slots, so the transport
+        moves each segment of a run of slots as one frame (segment_span) however scattered the block ids."""
+        slot = self._slot.get(block_id)
+        if slot is None:
+            raise IndexError(f"block {block_id} is not staged in host memory; stage it before a transfer")
+        return slot
+
+    def segment_span(self, segment_index: int, first_slot: int, num_slots: int) -> memoryview:
+        return self._host.segment_span(segment_index, first_slot, num_slots)
+
     # ---- staging
 
     def stage_out(self, block_ids: Sequence[int]) -> None:

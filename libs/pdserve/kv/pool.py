@@ -20,8 +20,10 @@ class BlockPool(Protocol):
     """Memory holding KV blocks. A block is one or more contiguous byte segments (e.g. one per layer, or K
     and V halves).
 
-    Optional: segment_span(segment_index, first_block, num_blocks) -> memoryview, segment k of a run of
-    consecutive blocks as one view (ArrayBlockPool has it), which lets a run move as one large frame.
+    Optional: segment_span(segment_index, first_row, num_rows) -> memoryview, segment k of a run of
+    consecutive rows of the pool's memory as one view (ArrayBlockPool has it), which lets a run move as one
+    large frame; and row_of(block_id) -> int, the row that holds a block where that is not the block id
+    itself (a staging pool: vLLM's scattered block ids sit in consecutive staging slots).
     """
 
     num_blocks: int
@@ -136,12 +138,14 @@ def batch_pieces(pool: BlockPool, block_ids: Sequence[int]) -> list[tuple[memory
     per block and segment. Each end cuts the same stream into its own pieces; only the order must agree.
     """
     span = pool.segment_span if _spans_agree_with_segments(type(pool)) else None
-    runs: list[list[int]] = []  # [first block id, count, first batch position]
+    row_of = getattr(pool, "row_of", None) or (lambda b: b)
+    runs: list[list[int]] = []  # [first row, count, first batch position]
     for n, b in enumerate(block_ids):
-        if span is not None and runs and runs[-1][0] + runs[-1][1] == b:
+        row = row_of(b)
+        if span is not None and runs and runs[-1][0] + runs[-1][1] == row:
             runs[-1][1] += 1
         else:
-            runs.append([b, 1, n])
+            runs.append([row, 1, n])
     if len(runs) < len(block_ids):
         return [(span(k, first, count), seg, range(pos, pos + count))
                 for k, seg in enumerate(pool.segment_nbytes) for first, count, pos in runs]
