@@ -2,7 +2,7 @@
 
 Both serve the same model (the default SmolLM2-135M-Instruct, fp32, 32-token blocks, eager) on the same
 machine, one after the other: `pdserve up --engine vllm` (prefill pinned to one core, decode to another)
-and `python -m vllm.entrypoints.openai.api_server` (both cores). For each, N streamed completions of the same
+and `python -m vllm.entrypoints.openai.api_server` (both cores, or --plain-cores). For each, N streamed completions of the same
 prompts (greedy): time to first token, decode tokens per second after the first token, end to end; for
 pdserve also the KV transfer time per request from the decode worker's counters. Prints medians and the
 ratios pdserve / plain vLLM.
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=400, help="roughly: words in each prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--plain-cores", default="0-1",
+                        help="cores of the plain vLLM server (pdserve pins prefill and decode to one core each)")
     args = parser.parse_args()
     model_dir = pull_default_model(quiet=True)
     words = "the quick brown fox jumps over a lazy dog while rivers flow to the sea".split()
@@ -131,7 +133,7 @@ def main() -> None:
     recomputes = after.num_recomputes - before.num_recomputes
 
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": args.plain_cores}
     plain = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name",
          DEFAULT_MODEL, "--dtype", "float32", "--block-size", "32", "--enforce-eager", "--max-model-len", "4096",
@@ -144,7 +146,8 @@ def main() -> None:
     finally:
         stop(plain)
 
-    print(f"{args.requests} requests one at a time, ~{args.prompt_tokens}-word prompts, {args.max_tokens} tokens, greedy")
+    print(f"{args.requests} requests one at a time, ~{args.prompt_tokens}-word prompts, {args.max_tokens} tokens, greedy; "
+          f"plain vLLM on cores {args.plain_cores}, pdserve prefill and decode on one core each")
     print(f"{'metric (median)':24} {'pdserve 1P1D':>14} {'plain vLLM':>12} {'ratio':>8}")
     for key in ("ttft_ms", "decode_tok_s", "e2e_ms"):
         a, b = statistics.median(r[key] for r in pd), statistics.median(r[key] for r in single)
