@@ -96,8 +96,8 @@ class Service:
 
 
 class PdserveUp(Service):
-    def __init__(self, tmp_path, port: int, *args: str, name: str = "up"):
-        super().__init__(["up", "--engine", "mock", "--port", str(port), *args], str(tmp_path / f"{name}.log"))
+    def __init__(self, tmp_path, port: int, *args: str, name: str = "up", env: dict | None = None):
+        super().__init__(["up", "--engine", "mock", "--port", str(port), *args], str(tmp_path / f"{name}.log"), env)
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
 

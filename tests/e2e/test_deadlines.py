@@ -35,13 +35,7 @@ DEADLINES = {
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deadlines")
-    old = {k: os.environ.get(k) for k in DEADLINES}
-    os.environ.update(DEADLINES)
-    try:
-        up = PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2")
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    up = PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2", env=DEADLINES)
     try:
         up.wait_ready(2, 2)
         yield up

