@@ -116,6 +116,7 @@ class Heartbeat(Message):
     role: Role
     model: ModelCard | None = None
     transfer_address: str | None = None
+    metrics_address: str | None = Field(default=None, description="Prometheus endpoint, http://host:port/metrics")
     num_queued: int = 0
     num_running: int = 0
     kv_usage: float = 0.0

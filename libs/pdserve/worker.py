@@ -19,6 +19,7 @@ from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
 from pdserve.engine.factory import create_engine
 from pdserve.membership import HeartbeatPublisher
+from pdserve.metrics import WorkerMetrics
 from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, StatsRequest, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class WorkerRuntime:
         self.started_at = time.time()
         self._stack = contextlib.AsyncExitStack()
         self._heartbeats: HeartbeatPublisher
+        self.metrics: WorkerMetrics
+        self.metrics_address: str | None = None
         self._pending: set[asyncio.Task] = set()
         self.cancel_hooks: list[Callable[[str], None]] = []  # role handlers stop their own tasks
 
@@ -49,11 +52,16 @@ class WorkerRuntime:
             self.engine.on_kv_event = self._on_kv_event
             await self.engine.start()
             self._stack.push_async_callback(self.engine.stop)
+            self.metrics = WorkerMetrics(self._metric_values, {"worker_id": self.worker_id, "role": cfg.role})
+            port = self.metrics.serve(cfg.bind_host or advertise_host)
+            self._stack.callback(self.metrics.stop)
+            self.metrics_address = f"{netaddr.http_url(advertise_host, port)}/metrics"
             await self.bus.serve(subjects.worker_stats(self.worker_id), StatsRequest, self._on_stats)
             await self.bus.subscribe(subjects.CANCEL, CancelRequest, self._on_cancel)
             self._heartbeats = HeartbeatPublisher(self.bus, self.heartbeat, cfg.heartbeat_interval_s)
-            log.info("%s worker %s: model %s, engine %s, KV transfer endpoint %s", cfg.role, self.worker_id,
-                     self.engine.card.name, cfg.engine, self.engine.transfer_address)
+            log.info("%s worker %s: model %s, engine %s, KV transfer endpoint %s, metrics %s", cfg.role,
+                     self.worker_id, self.engine.card.name, cfg.engine, self.engine.transfer_address,
+                     self.metrics_address)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -75,11 +83,16 @@ class WorkerRuntime:
         task.add_done_callback(self._pending.discard)
         return task
 
+    def _metric_values(self) -> dict:
+        stats = self.engine.stats()
+        return {**stats, "num_requests_served": self.num_requests_served,
+                "num_queued": max(0, self.num_in_flight - int(stats["num_running"]))}
+
     def heartbeat(self) -> Heartbeat:
         stats = self.engine.stats()
         return Heartbeat(
             worker_id=self.worker_id, role=self.config.role, model=self.engine.card,
-            transfer_address=self.engine.transfer_address,
+            transfer_address=self.engine.transfer_address, metrics_address=self.metrics_address,
             num_queued=max(0, self.num_in_flight - int(stats["num_running"])), num_running=int(stats["num_running"]),
             kv_usage=stats["kv_usage"], num_held_blocks=int(stats["num_held_blocks"]),
             num_requests_served=self.num_requests_served, interval_s=self.config.heartbeat_interval_s,

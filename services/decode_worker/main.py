@@ -89,6 +89,7 @@ class DecodeHandlers:
                               transfer_ms=report.transfer_ms, error=report.error)
         self.rt.spawn(self.rt.bus.publish(subjects.KV_TRANSFER_DONE, done, request_id=request_id))
         if not report.recomputed:
+            self.rt.metrics.kv_transfer_seconds.observe(report.transfer_ms / 1000)
             log.info("request %s: pulled %d KV blocks (%d bytes) from %s in %.2f ms", request_id, report.num_blocks,
                      report.num_bytes, params.worker_id, report.transfer_ms)
 

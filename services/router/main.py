@@ -11,12 +11,15 @@ import asyncio
 import logging
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from pdserve import netaddr
 from pdserve.bus import Bus
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
+from pdserve.metrics import RouterMetrics
 from services.router.api import create_app
+from services.router.metrics_http import count_responses, metrics_endpoint
 from services.router.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -28,9 +31,12 @@ async def serve(config: RouterConfig) -> None:
     try:
         membership = Membership()
         await membership.start(bus)
-        orchestrator = Orchestrator(config, bus, membership)
+        registry = CollectorRegistry()
+        orchestrator = Orchestrator(config, bus, membership, RouterMetrics(registry))
         app = create_app(orchestrator, request_timeout_s=config.request_timeout_s)
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+        app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
+        counted = count_responses(app, orchestrator.metrics)
+        server = uvicorn.Server(uvicorn.Config(counted, host=config.host, port=config.port, log_config=None,
                                                access_log=False, timeout_graceful_shutdown=10))
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():

@@ -28,7 +28,8 @@ from pdserve.membership import Membership
 from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Heartbeat, KVReady, ModelCard,
                               PrefillRequest, TokenChunk, Usage)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
-from services.router.backend import (GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
+from pdserve.metrics import RequestTimer, RouterMetrics
+from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
                                      UpstreamTimeout)
 from services.router.policy import LeastLoadPolicy
 
@@ -45,10 +46,11 @@ class _DecodeFailed(Exception):
 
 
 class Orchestrator:
-    def __init__(self, config: RouterConfig, bus: Bus, membership: Membership):
+    def __init__(self, config: RouterConfig, bus: Bus, membership: Membership, metrics: RouterMetrics):
         self.config = config
         self.bus = bus
         self.membership = membership
+        self.metrics = metrics
         self.policy = LeastLoadPolicy(membership)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
@@ -92,7 +94,7 @@ class Orchestrator:
         workers = [{"worker_id": hb.worker_id, "role": hb.role, "model": hb.model.name if hb.model else None,
                     "num_requests_served": hb.num_requests_served, "num_queued": hb.num_queued,
                     "num_running": hb.num_running, "kv_usage": hb.kv_usage,
-                    "transfer_address": hb.transfer_address}
+                    "transfer_address": hb.transfer_address, "metrics_address": hb.metrics_address}
                    for hb in live if hb.role != "broker"]
         brokers = [hb.worker_id for hb in live if hb.role == "broker"]
         roles = {w["role"] for w in workers}
@@ -102,9 +104,23 @@ class Orchestrator:
                 "nats_connected": self.bus.connected, "workers": workers, "kv_brokers": brokers}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        with tracecontext.use(request.traceparent or tracecontext.new_traceparent()):
-            async for delta in self._generate(request):
-                yield delta
+        timer = RequestTimer(self.metrics)
+        outcome = "cancelled"  # unless it ends otherwise: the client went away
+        try:
+            with tracecontext.use(request.traceparent or tracecontext.new_traceparent()):
+                async for delta in self._generate(request):
+                    timer.on_tokens(len(delta.token_ids))
+                    if delta.finish_reason is not None:
+                        outcome = "ok" if delta.finish_reason in ("stop", "length") else delta.finish_reason
+                    yield delta
+        except BackendError as e:
+            outcome = e.code
+            raise
+        except Exception:
+            outcome = "internal_error"
+            raise
+        finally:
+            timer.finish(outcome)
 
     # ------------------------------------------------------------------------------------ internals
 
@@ -153,6 +169,7 @@ class Orchestrator:
             except (BusTimeout, NoResponders, BusError) as e:
                 log.warning("request %s: prefill worker %s failed (%s); trying elsewhere", req.request_id,
                             worker.worker_id, e)
+                self.metrics.retries.labels(role="prefill").inc()
                 await self._cancel(req.request_id, worker.worker_id)
             finally:
                 self.policy.release(worker.worker_id)
@@ -160,6 +177,7 @@ class Orchestrator:
                 raise UpstreamTimeout(f"request {req.request_id} ran out of time during prefill")
         log.warning("request %s: no prefill worker answered (tried %s); decode will prefill locally",
                     req.request_id, ", ".join(tried) or "none")
+        self.metrics.local_prefills.inc()
         return None
 
     async def _decode(self, req: GenerateRequest, ready: KVReady | None) -> AsyncIterator[GenerateDelta]:
@@ -180,6 +198,7 @@ class Orchestrator:
                 last_error = e
                 if not e.retryable:
                     break
+                self.metrics.retries.labels(role="decode").inc()
             finally:
                 self.policy.release(worker.worker_id)
         if last_error is None:

@@ -1,0 +1,135 @@
+"""Prometheus metrics: names follow Prometheus conventions (`pdserve_` prefix, base units, `_total`).
+
+The router records per-request latencies as requests stream (RouterMetrics). A worker's counters already
+live in its engine (engine.stats(), the same numbers WorkerStats reports), so a collector reads them at
+scrape time instead of keeping a second copy (WorkerCollector); only per-transfer durations are recorded
+as they happen. Each process has its own registry, served on the router's /metrics and on a port-0 HTTP
+server per worker that the worker advertises in its heartbeats.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Latency buckets in seconds: from sub-millisecond control-plane hops to minutes-long CPU generations.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter("pdserve_requests", "Requests by how they ended", ["outcome"], registry=registry)
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
+                              registry=registry)
+        self.tpot = Histogram("pdserve_time_per_output_token_seconds", "Mean time per output token after the first, per request",
+                              buckets=_TOKEN_BUCKETS, registry=registry)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds", "Time between two streamed chunks",
+                             buckets=_TOKEN_BUCKETS, registry=registry)
+        self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "Whole request, first byte in to last token out",
+                             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.retries = Counter("pdserve_worker_retries", "Requests moved to another worker after a failure", ["role"],
+                               registry=registry)
+        self.local_prefills = Counter("pdserve_local_prefills", "Requests whose decode worker prefilled itself",
+                                      registry=registry)
+        self.http_responses = Counter("pdserve_http_responses", "HTTP responses by status code", ["code"],
+                                      registry=registry)
+
+
+class RequestTimer:
+    """Feeds one request's deltas into RouterMetrics: TTFT, inter-token gaps, TPOT and end to end."""
+
+    def __init__(self, metrics: RouterMetrics):
+        self._m = metrics
+        self._start = self._last = time.perf_counter()
+        self._first: float | None = None
+        self._num_tokens = 0
+
+    def on_tokens(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+            self._m.ttft.observe(now - self._start)
+        else:
+            self._m.itl.observe(now - self._last)
+        self._last = now
+        self._num_tokens += num_tokens
+
+    def finish(self, outcome: str) -> None:
+        now = time.perf_counter()
+        self._m.requests.labels(outcome=outcome).inc()
+        self._m.e2e.observe(now - self._start)
+        if self._first is not None and self._num_tokens > 1:
+            self._m.tpot.observe((self._last - self._first) / (self._num_tokens - 1))
+
+
+class WorkerCollector(Collector):
+    """Reads a worker's counters at scrape time; `stats()` returns the WorkerStats field names."""
+
+    _COUNTERS = {
+        "num_requests_served": ("pdserve_worker_requests_served", "Requests this worker finished", None),
+        "num_kv_blocks_sent": ("pdserve_kv_transfer_blocks", "KV blocks moved", "sent"),
+        "num_kv_blocks_received": ("pdserve_kv_transfer_blocks", "KV blocks moved", "received"),
+        "num_kv_bytes_sent": ("pdserve_kv_transfer_bytes", "KV bytes moved", "sent"),
+        "num_kv_bytes_received": ("pdserve_kv_transfer_bytes", "KV bytes moved", "received"),
+        "num_recomputes": ("pdserve_kv_recomputes", "Prefills recomputed locally after a failed KV load", None),
+        "num_transfers_refused": ("pdserve_kv_transfers_refused", "KV pulls refused (token, released, unknown)", None),
+        "num_local_prefills": ("pdserve_worker_local_prefills", "Requests this decode worker prefilled itself", None),
+        "num_cached_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", None),
+    }
+    _GAUGES = {
+        "num_queued": ("pdserve_worker_queue_depth", "Requests admitted and waiting"),
+        "num_running": ("pdserve_worker_running_requests", "Requests running in the engine"),
+        "kv_usage": ("pdserve_kv_cache_usage_ratio", "Share of the KV cache in use (0..1)"),
+        "num_held_blocks": ("pdserve_kv_held_blocks", "KV blocks held (running requests and transfers)"),
+    }
+
+    def __init__(self, stats: Callable[[], dict], labels: dict[str, str]):
+        self._stats = stats
+        self._labels = labels
+
+    def collect(self) -> Iterable:
+        stats = self._stats()
+        names, values = list(self._labels), list(self._labels.values())
+        families: dict[str, CounterMetricFamily] = {}
+        for key, (name, doc, direction) in self._COUNTERS.items():
+            if key not in stats:
+                continue
+            extra = ["direction"] if direction else []
+            family = families.get(name) or families.setdefault(
+                name, CounterMetricFamily(name, doc, labels=names + extra))
+            family.add_metric(values + ([direction] if direction else []), float(stats[key]))
+        yield from families.values()
+        for key, (name, doc) in self._GAUGES.items():
+            if key in stats:
+                gauge = GaugeMetricFamily(name, doc, labels=names)
+                gauge.add_metric(values, float(stats[key]))
+                yield gauge
+
+
+class WorkerMetrics:
+    """A worker's registry: its engine's counters plus per-transfer durations; serve() exposes them."""
+
+    def __init__(self, stats: Callable[[], dict], labels: dict[str, str]):
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkerCollector(stats, labels))
+        self.kv_transfer_seconds = Histogram("pdserve_kv_transfer_duration_seconds", "One request's KV pull",
+                                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self._server = None
+
+    def serve(self, host: str) -> int:
+        """Serve /metrics on a free port of host (port 0: never a fixed port); returns the port."""
+        self._server, _ = start_http_server(0, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
