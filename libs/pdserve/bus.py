@@ -109,8 +109,10 @@ class Bus:
                 last_error = e
                 await nc.close()
                 await asyncio.sleep(0.25)
+        where = servers if isinstance(servers, str) else ", ".join(servers)
+        cause = "no connection" if isinstance(last_error, asyncio.TimeoutError) else repr(last_error)
         raise BusError(
-            f"{name}: cannot reach NATS at {servers} within {connect_timeout_s:.0f}s ({last_error!r}); "
+            f"{name}: cannot reach NATS at {where} within {connect_timeout_s:.0f}s ({cause}); "
             "start nats-server or pass the right --nats URL"
         )
 

@@ -6,6 +6,7 @@
     pdserve decode-worker --nats URL
     pdserve kv-broker --nats URL
     pdserve model pull | path
+    pdserve status [--json] [--watch]      pdserve doctor
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     for role in ("prefill", "decode"):
         cfg.add_arguments(sub.add_parser(f"{role}-worker", help=f"a {role} worker"), cfg.WorkerConfig, skip=("role",))
     cfg.add_arguments(sub.add_parser("kv-broker", help="the KV block index and handover book"), cfg.BrokerConfig)
+    from pdserve import doctor, status
     from pdserve.models import add_model_arguments
 
     add_model_arguments(sub.add_parser("model", help="fetch the default model (pull) or show where it is (path)"))
+    status.add_arguments(sub.add_parser("status", help="live table of workers and brokers, from NATS heartbeats"))
+    doctor.add_arguments(sub.add_parser("doctor", help="pre-flight checks that name the fix"))
     return parser
 
 
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve.models import model_command
 
             return model_command(args)
+        if command in ("status", "doctor"):
+            from pdserve import doctor, status
+
+            return (status if command == "status" else doctor).run(args)
         if command == "router":
             from services.router.main import serve
 
