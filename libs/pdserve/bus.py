@@ -80,8 +80,12 @@ class Bus:
         connected = False
 
         async def on_error(e: Exception) -> None:
-            if connected:  # before that, the connect loop below reports the last error
+            # Before `connected`, the connect loop reports the last error; while reconnecting, every failed
+            # attempt (two a second) would repeat the disconnect warning, so those go to DEBUG.
+            if connected and nc.is_connected:
                 log.warning("%s: NATS error: %s", name, e)
+            else:
+                log.debug("%s: NATS error: %s", name, e)
 
         deadline = time.monotonic() + connect_timeout_s
         last_error: Exception | None = None
@@ -124,11 +128,16 @@ class Bus:
         """Drain: finish handlers in flight, flush what is published, then close."""
         if self._nc.is_closed:
             return
-        try:
-            await asyncio.wait_for(self._nc.drain(), timeout=5)
-        except (asyncio.TimeoutError, nats.errors.Error) as e:
-            log.warning("%s: NATS drain did not finish (%s); closing", self.name, e)
-            await self._nc.close()
+        if self._nc.is_connected:
+            try:
+                await asyncio.wait_for(self._nc.drain(), timeout=5)
+                return
+            except (asyncio.TimeoutError, nats.errors.Error, OSError) as e:
+                log.warning("%s: NATS drain did not finish (%s); closing", self.name, e)
+        try:  # NATS is gone (or the drain failed): nothing can be flushed, just stop reconnecting
+            await asyncio.wait_for(self._nc.close(), timeout=5)
+        except (asyncio.TimeoutError, nats.errors.Error, OSError) as e:
+            log.warning("%s: NATS connection closed uncleanly: %s", self.name, e)
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         await self._nc.flush(timeout=timeout_s)
