@@ -1,20 +1,25 @@
 """W3C trace context (`traceparent`) of the request being handled, carried across processes.
 
-The router takes the client's `traceparent` or starts a new trace; the bus puts the current one in NATS
-headers and sets it again on receipt, so every process handling a request sees the same trace id. Spans
-(OpenTelemetry) build on this in the observability issue.
+The context lives in OpenTelemetry's context (a contextvar), so the current span, if any, is what travels:
+the bus injects the current span's `traceparent` into outgoing NATS headers and makes the sender's context
+current on receipt, so a span a handler starts is a child of the span that sent the message. The router
+takes the client's `traceparent` or starts a new trace. With tracing off (no exporter configured) spans are
+non-recording but still carry their parent's context, so every process still sees the same trace id.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import re
 import secrets
 from typing import Iterator, Mapping
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
+_propagator = TraceContextTextMapPropagator()
 
 
 def new_traceparent() -> str:
@@ -31,18 +36,39 @@ def trace_id(traceparent: str) -> str:
 
 
 def current() -> str | None:
-    return _current.get()
+    """The `traceparent` of the current span (or of the context received with the message), or None."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    value = carrier.get("traceparent")
+    return value if valid(value) else None
 
 
-@contextlib.contextmanager
-def use(headers_or_value: Mapping[str, str] | str | None) -> Iterator[None]:
-    """Make a traceparent (or the one in NATS headers) current for the block."""
+def context_of(headers_or_value: Mapping[str, str] | str | None) -> otel_context.Context:
+    """An OpenTelemetry context whose parent is that traceparent; an empty one if it is missing or malformed."""
     if isinstance(headers_or_value, Mapping):
         value = headers_or_value.get("traceparent")
     else:
         value = headers_or_value
-    token = _current.set(value if valid(value) else None)
+    if not valid(value):
+        return otel_context.Context()
+    return _propagator.extract({"traceparent": value})
+
+
+@contextlib.contextmanager
+def use(headers_or_value: Mapping[str, str] | str | None) -> Iterator[None]:
+    """Make a traceparent (or the one in NATS headers) current for the block; none if it is missing."""
+    token = otel_context.attach(context_of(headers_or_value))
     try:
         yield
     finally:
-        _current.reset(token)
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def continue_or_start(traceparent: str | None) -> Iterator[None]:
+    """Keep the current trace (a span is open); else continue `traceparent`, else start a new trace."""
+    if trace.get_current_span().get_span_context().is_valid:
+        yield
+        return
+    with use(traceparent if valid(traceparent) else new_traceparent()):
+        yield

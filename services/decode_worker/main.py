@@ -1,7 +1,7 @@
 """Decode worker: pulls a request's KV from its prefill worker, decodes, streams token chunks.
 
-Life: config -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve decode requests on
-this worker's own subject -> heartbeats -> wait for SIGTERM -> goodbye, drain.
+Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve decode
+requests on this worker's own subject -> heartbeats -> wait for SIGTERM -> goodbye, drain -> flush spans.
 A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
 stream subject with sequence numbers, the last one with finish_reason and usage.
 """
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from pdserve import subjects
+from pdserve import subjects, tracing
 from pdserve.config import WorkerConfig
 from pdserve.engine.base import KVLoadReport
 from pdserve.engine.mock import EngineFull
 from pdserve.protocol import (DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone, Message,
                               TokenChunk, Usage)
 from pdserve.service import shutdown_event
+from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,31 @@ class DecodeHandlers:
         return DecodeAccepted(request_id=req.request_id, worker_id=rt.worker_id)
 
     async def _run(self, req: DecodeRequest) -> None:
+        # Started from on_decode, this task carries the router's "decode request" context: the span is its child.
+        params = req.kv_transfer_params
+        attributes = {"request_id": req.request_id, "worker_id": self.rt.worker_id,
+                      "num_prompt_tokens": len(req.prompt_token_ids),
+                      "prefill_worker_id": params.worker_id if params else "",
+                      "num_blocks": len(params.block_ids) if params else 0}
+        with tracing.span("decode", kind=SpanKind.SERVER, attributes=attributes) as span:
+            await self._decode(req, span)
+
+    async def _decode(self, req: DecodeRequest, span: tracing.Span) -> None:
+        """KV load and generation; ttft_ms: to this worker's first output; tpot_ms: mean time per token after it."""
         rt = self.rt
         seq = 0
         num_tokens = 1 if req.first_token_id is not None else 0
+        started = time.monotonic()
+        first_at = last_at = 0.0
+        num_first = num_generated = 0
         try:
             async for out in rt.engine.generate(req.request_id, req.prompt_token_ids, req.sampling,
                                                 req.first_token_id, req.kv_transfer_params):
+                last_at = time.monotonic()
+                if num_generated == 0:
+                    first_at, num_first = last_at, len(out.token_ids)
+                    span.set_attribute("ttft_ms", (first_at - started) * 1000)
+                num_generated += len(out.token_ids)
                 num_tokens += len(out.token_ids)
                 usage = None
                 if out.finish_reason is not None:
@@ -59,13 +80,19 @@ class DecodeHandlers:
                 await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
                 seq += 1
             rt.num_requests_served += 1
+            span.set_attributes({"num_tokens": num_tokens, "num_chunks": seq})
+            if num_generated > num_first:
+                span.set_attribute("tpot_ms", (last_at - first_at) * 1000 / (num_generated - num_first))
         except asyncio.CancelledError:
             log.info("request %s: cancelled after %d chunks", req.request_id, seq)
             raise
         except EngineFull as e:
+            tracing.record_error(span, str(e))
             await self._fail(req, seq, f"{rt.worker_id}: {e}")
         except Exception as e:
             log.exception("request %s: decode failed", req.request_id)
+            span.record_exception(e)
+            tracing.record_error(span, f"{type(e).__name__}: {e}")
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
         finally:
             rt.num_in_flight -= 1
@@ -88,6 +115,14 @@ class DecodeHandlers:
                               ok=not report.recomputed, num_blocks=report.num_blocks, num_bytes=report.num_bytes,
                               transfer_ms=report.transfer_ms, error=report.error)
         self.rt.spawn(self.rt.bus.publish(subjects.KV_TRANSFER_DONE, done, request_id=request_id))
+        if not report.recomputed and not self.rt.engine.traces_kv_transfers:
+            # The pull ran inside the engine (vLLM's own process): record it from the report, just ended.
+            attributes = {"request_id": request_id, "prefill_worker_id": params.worker_id,
+                          **tracing.transfer_attributes(report.num_blocks, report.num_bytes, report.transfer_ms / 1000)}
+            tracing.record_span("kv pull", kind=SpanKind.CLIENT, seconds=report.transfer_ms / 1000,
+                                attributes=attributes)
+        if report.recomputed:
+            tracing.current_span().set_attributes({"kv_recomputed": True, "kv_error": report.error or ""})
         if not report.recomputed:
             self.rt.metrics.kv_transfer_seconds.observe(report.transfer_ms / 1000)
             log.info("request %s: pulled %d KV blocks (%d bytes) from %s in %.2f ms", request_id, report.num_blocks,
@@ -107,8 +142,12 @@ class DecodeHandlers:
 
 async def serve(config: WorkerConfig) -> None:
     stop = shutdown_event()
-    async with WorkerRuntime(config) as rt:
-        handlers = DecodeHandlers(rt)
-        await rt.bus.serve(subjects.decode_request(rt.worker_id), DecodeRequest, handlers.on_decode)
-        await rt.announce()
-        await stop.wait()
+    setup_tracing("decode-worker")
+    try:
+        async with WorkerRuntime(config) as rt:
+            handlers = DecodeHandlers(rt)
+            await rt.bus.serve(subjects.decode_request(rt.worker_id), DecodeRequest, handlers.on_decode)
+            await rt.announce()
+            await stop.wait()
+    finally:
+        shutdown_tracing()

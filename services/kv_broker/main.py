@@ -1,8 +1,9 @@
 """KV broker: the global view of cached KV blocks and the book of KV handovers.
 
-Life: config -> NATS -> follow worker membership (a worker that leaves drops out of the index) -> record
-KV stored/removed events, KV-ready events and transfer completions -> answer lookups (queue group, so
-several brokers can share the load) -> heartbeat as role "broker" -> SIGTERM -> goodbye, drain.
+Life: config -> tracing -> NATS -> follow worker membership (a worker that leaves drops out of the index) ->
+record KV stored/removed events, KV-ready events and transfer completions -> answer lookups (queue group, so
+several brokers can share the load; one span each) -> heartbeat as role "broker" -> SIGTERM -> goodbye, drain ->
+flush spans.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import asyncio
 import logging
 import time
 
-from pdserve import subjects
+from pdserve import subjects, tracing
 from pdserve.bus import Bus
 from pdserve.config import BrokerConfig
 from pdserve.membership import HeartbeatPublisher, Membership
 from pdserve.protocol import Heartbeat, KVEvent, KVLookup, KVLookupReply, KVReady, KVTransferDone
 from pdserve.service import shutdown_event
+from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from services.kv_broker.index import BlockIndex
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,14 @@ class Broker:
                         done.decode_worker_id, done.error)
 
     async def on_lookup(self, req: KVLookup) -> KVLookupReply:
-        self.membership.prune()
-        return KVLookupReply(num_matched_blocks=self.index.lookup(req.model, req.block_hashes))
+        with tracing.span("kv lookup", kind=SpanKind.SERVER,
+                          attributes={"worker_id": self.config.broker_id, "model": req.model,
+                                      "num_block_hashes": len(req.block_hashes)}) as span:
+            self.membership.prune()
+            num_matched = self.index.lookup(req.model, req.block_hashes)
+            span.set_attributes({"num_workers_matched": sum(1 for n in num_matched.values() if n),
+                                 "max_num_matched_blocks": max(num_matched.values(), default=0)})
+            return KVLookupReply(num_matched_blocks=num_matched)
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(worker_id=self.config.broker_id, role="broker", num_requests_served=self.num_kv_ready,
@@ -62,6 +70,14 @@ class Broker:
 
 
 async def serve(config: BrokerConfig) -> None:
+    setup_tracing("kv-broker")
+    try:
+        await _serve(config)
+    finally:
+        shutdown_tracing()
+
+
+async def _serve(config: BrokerConfig) -> None:
     stop = shutdown_event()
     broker = Broker(config)
     bus = await Bus.connect(config.nats_servers, config.broker_id, connect_timeout_s=config.connect_timeout_s,

@@ -1,7 +1,8 @@
 """Prefill worker: runs prompts to their first token and serves the KV it produced.
 
-Life: config -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve prefill requests
-and KV releases on this worker's own subjects -> heartbeats -> wait for SIGTERM -> goodbye, drain.
+Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve prefill
+requests and KV releases on this worker's own subjects -> heartbeats -> wait for SIGTERM -> goodbye, drain ->
+flush spans.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve import subjects
+from pdserve import subjects, tracing
 from pdserve.engine.mock import EngineFull
 from pdserve.protocol import ErrorReply, KVReady, KVRelease, Message, PrefillRequest
 from pdserve.service import shutdown_event
+from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
 from pdserve.config import WorkerConfig
 
@@ -24,6 +26,16 @@ class PrefillHandlers:
         self.rt = rt
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
+        # The bus made the router's "prefill request" span current: this span is its child.
+        with tracing.span("prefill", kind=SpanKind.SERVER,
+                          attributes={"request_id": req.request_id, "worker_id": self.rt.worker_id,
+                                      "num_prompt_tokens": len(req.prompt_token_ids)}) as span:
+            reply = await self._prefill(req, span)
+            if isinstance(reply, ErrorReply):
+                tracing.record_error(span, f"{reply.code}: {reply.message}")
+            return reply
+
+    async def _prefill(self, req: PrefillRequest, span: tracing.Span) -> Message:
         rt = self.rt
         refusal = rt.refusal(req.model, req.deadline)
         if refusal is not None:
@@ -44,9 +56,13 @@ class PrefillHandlers:
             kv_transfer_params=result.kv_transfer_params, num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=result.num_cached_tokens, prefill_ms=prefill_ms,
         )
+        num_blocks = len(result.kv_transfer_params.block_ids) if result.kv_transfer_params else 0
+        span.set_attributes({"num_cached_tokens": result.num_cached_tokens, "num_blocks": num_blocks,
+                             "prefill_ms": prefill_ms})
+        if result.queue_ms is not None:
+            span.set_attributes({"queue_wait_ms": result.queue_ms, "prefill_compute_ms": prefill_ms - result.queue_ms})
         log.info("request %s: prefilled %d tokens in %.1f ms, %d blocks held for decode", req.request_id,
-                 len(req.prompt_token_ids), prefill_ms,
-                 len(result.kv_transfer_params.block_ids) if result.kv_transfer_params else 0)
+                 len(req.prompt_token_ids), prefill_ms, num_blocks)
         rt.spawn(rt.bus.publish(subjects.KV_READY, ready, request_id=req.request_id))
         return ready
 
@@ -58,9 +74,13 @@ class PrefillHandlers:
 
 async def serve(config: WorkerConfig) -> None:
     stop = shutdown_event()
-    async with WorkerRuntime(config) as rt:
-        handlers = PrefillHandlers(rt)
-        await rt.bus.serve(subjects.prefill_request(rt.worker_id), PrefillRequest, handlers.on_prefill)
-        await rt.bus.subscribe(subjects.kv_release(rt.worker_id), KVRelease, handlers.on_release)
-        await rt.announce()
-        await stop.wait()
+    setup_tracing("prefill-worker")
+    try:
+        async with WorkerRuntime(config) as rt:
+            handlers = PrefillHandlers(rt)
+            await rt.bus.serve(subjects.prefill_request(rt.worker_id), PrefillRequest, handlers.on_prefill)
+            await rt.bus.subscribe(subjects.kv_release(rt.worker_id), KVRelease, handlers.on_release)
+            await rt.announce()
+            await stop.wait()
+    finally:
+        shutdown_tracing()

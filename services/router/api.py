@@ -29,6 +29,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdserve import tracing
 from pdserve.protocol import ModelCard, SamplingParams, Usage
 from pdserve.tokenizer import Tokenizer
 from services.router.backend import (Backend, BackendError, GenerateDelta, GenerateRequest, NoWorkerError,
@@ -288,9 +289,10 @@ class _RequestLog:
         self._written = True
         logger.info(
             "request_id=%s model=%s num_prompt_tokens=%d max_tokens=%d stream=%s status=%d duration_ms=%.1f "
-            "finish_reason=%s num_completion_tokens=%d error=%s",
+            "finish_reason=%s num_completion_tokens=%d error=%s trace_id=%s",
             self.request_id, self.model, self.num_prompt_tokens, self.max_tokens, self.stream, status,
             (time.perf_counter() - self._started) * 1000, finish_reason, num_completion_tokens, error,
+            tracing.trace_id_hex() or "-",
         )
 
 

@@ -1,14 +1,16 @@
 """Router: the OpenAI HTTP API in front of the prefill and decode workers.
 
-Life: config -> NATS -> membership view (heartbeats) -> orchestrator -> FastAPI app under uvicorn on
---host/--port (the only fixed port besides NATS'; 0 picks a free one) -> SIGTERM (uvicorn stops taking
-requests, in-flight ones finish) -> drain NATS.
+Life: config -> tracing (when an OTLP endpoint is set) -> NATS -> membership view (heartbeats) ->
+orchestrator -> FastAPI app under uvicorn on --host/--port (the only fixed port besides NATS'; 0 picks a
+free one) -> SIGTERM (uvicorn stops taking requests, in-flight ones finish) -> drain NATS -> flush spans.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Iterator
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -18,14 +20,35 @@ from pdserve.bus import Bus
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
 from pdserve.metrics import RouterMetrics
+from pdserve.service import shutdown_event
+from pdserve.tracing import setup_tracing, shutdown_tracing
 from services.router.api import create_app
 from services.router.metrics_http import count_responses, metrics_endpoint
 from services.router.orchestrator import Orchestrator
+from services.router.trace_http import trace_requests
 
 log = logging.getLogger(__name__)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: after a graceful stop it re-raises SIGTERM, which would end
+    the process before NATS is drained. SIGTERM / SIGINT set our shutdown event instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(config: RouterConfig) -> None:
+    tracing_on = setup_tracing("router")
+    try:
+        await _serve(config, tracing_on)
+    finally:
+        shutdown_tracing()  # after the last request's spans ended
+
+
+async def _serve(config: RouterConfig, tracing_on: bool) -> None:
+    stop = shutdown_event()
     bus = await Bus.connect(config.nats_servers, config.router_id, connect_timeout_s=config.connect_timeout_s,
                             user=config.nats_user, password=config.nats_password, token=config.nats_token)
     try:
@@ -35,9 +58,10 @@ async def serve(config: RouterConfig) -> None:
         orchestrator = Orchestrator(config, bus, membership, RouterMetrics(registry))
         app = create_app(orchestrator, request_timeout_s=config.request_timeout_s)
         app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
-        counted = count_responses(app, orchestrator.metrics)
-        server = uvicorn.Server(uvicorn.Config(counted, host=config.host, port=config.port, log_config=None,
-                                               access_log=False, timeout_graceful_shutdown=10))
+        traced = trace_requests(app) if tracing_on else app  # off: the client's traceparent still travels
+        counted = count_responses(traced, orchestrator.metrics)
+        server = _Server(uvicorn.Config(counted, host=config.host, port=config.port, log_config=None,
+                                        access_log=False, timeout_graceful_shutdown=10))
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
@@ -47,6 +71,10 @@ async def serve(config: RouterConfig) -> None:
             log.info("router %s: OpenAI API on http://%s:%d/v1", config.router_id, host, port)
             if not netaddr.is_loopback(config.host):
                 log.warning("router listens on %s, reachable from other machines", config.host)
-        await serving  # returns on SIGTERM / SIGINT (uvicorn's own handlers)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True  # stop taking requests; uvicorn lets those in flight finish
+        await serving
+        stopping.cancel()
     finally:
         await bus.close()

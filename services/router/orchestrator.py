@@ -17,11 +17,12 @@ Algorithm of `generate()`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator
 
-from pdserve import subjects, tracecontext
+from pdserve import subjects, tracecontext, tracing
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
@@ -31,6 +32,7 @@ from pdserve.tokenizer import Tokenizer, load_tokenizer
 from pdserve.metrics import RequestTimer, RouterMetrics
 from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
                                      UpstreamTimeout)
+from pdserve.tracing import Span, SpanKind
 from services.router.policy import LeastLoadPolicy
 
 log = logging.getLogger(__name__)
@@ -107,12 +109,15 @@ class Orchestrator:
         timer = RequestTimer(self.metrics)
         outcome = "cancelled"  # unless it ends otherwise: the client went away
         try:
-            with tracecontext.use(request.traceparent or tracecontext.new_traceparent()):
-                async for delta in self._generate(request):
-                    timer.on_tokens(len(delta.token_ids))
-                    if delta.finish_reason is not None:
-                        outcome = "ok" if delta.finish_reason in ("stop", "length") else delta.finish_reason
-                    yield delta
+            # The HTTP server span is current when served over HTTP; otherwise continue the client's trace.
+            with tracecontext.continue_or_start(request.traceparent):
+                # aclosing: inner generators end in this task (and its trace context), not later in a GC hook
+                async with contextlib.aclosing(self._generate(request)) as deltas:
+                    async for delta in deltas:
+                        timer.on_tokens(len(delta.token_ids))
+                        if delta.finish_reason is not None:
+                            outcome = "ok" if delta.finish_reason in ("stop", "length") else delta.finish_reason
+                        yield delta
         except BackendError as e:
             outcome = e.code
             raise
@@ -125,24 +130,29 @@ class Orchestrator:
     # ------------------------------------------------------------------------------------ internals
 
     async def _generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        for role in ("prefill", "decode"):
-            if not self.membership.live(role, req.model):
-                raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
-                                    f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
-        ready = await self._prefill(req)
-        if ready is not None:
-            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=1) if ready.finish_reason else None
-            yield GenerateDelta(ready.first_text, (ready.first_token_id,), ready.finish_reason, usage)
-            if ready.finish_reason is not None:
-                return
-        finished = False
-        try:
-            async for delta in self._decode(req, ready):
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished and ready is not None and ready.kv_transfer_params is not None:
-                await self._cancel(req.request_id, ready.worker_id)  # free the KV prefill still holds
+        attributes = {"request_id": req.request_id, "model": req.model, "num_prompt_tokens": len(req.prompt_token_ids)}
+        with tracing.span("route", attributes=attributes) as route:
+            started = time.monotonic()
+            for role in ("prefill", "decode"):
+                if not self.membership.live(role, req.model):
+                    raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
+                                        f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
+            ready = await self._prefill(req)
+            if ready is not None:
+                route.set_attributes({"prefill_worker_id": ready.worker_id, "ttft_ms": (time.monotonic() - started) * 1000})
+                usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=1) if ready.finish_reason else None
+                yield GenerateDelta(ready.first_text, (ready.first_token_id,), ready.finish_reason, usage)
+                if ready.finish_reason is not None:
+                    return
+            finished = False
+            try:
+                async with contextlib.aclosing(self._decode(req, ready, route)) as deltas:
+                    async for delta in deltas:
+                        finished = delta.finish_reason is not None
+                        yield delta
+            finally:
+                if not finished and ready is not None and ready.kv_transfer_params is not None:
+                    await self._cancel(req.request_id, ready.worker_id)  # free the KV prefill still holds
 
     async def _prefill(self, req: GenerateRequest) -> KVReady | None:
         """KV-ready from some prefill worker, or None when all tries failed (decode then prefills locally)."""
@@ -156,23 +166,31 @@ class Orchestrator:
             msg = PrefillRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                                  sampling=req.sampling, deadline=time.time() + timeout_s)
             self.policy.acquire(worker.worker_id)
-            try:
-                ready = await self.bus.request(subjects.prefill_request(worker.worker_id), msg, KVReady,
-                                               timeout_s=timeout_s, request_id=req.request_id)
-                log.info("request %s: prefill on %s: %d prompt tokens in %.1f ms", req.request_id, worker.worker_id,
-                         ready.num_prompt_tokens, ready.prefill_ms)
-                return ready
-            except RemoteError as e:
-                log.warning("request %s: prefill worker %s refused: %s", req.request_id, worker.worker_id, e)
-                if not e.reply.retryable:
-                    raise UpstreamError(f"prefill worker {worker.worker_id}: {e.reply.message}") from e
-            except (BusTimeout, NoResponders, BusError) as e:
-                log.warning("request %s: prefill worker %s failed (%s); trying elsewhere", req.request_id,
-                            worker.worker_id, e)
-                self.metrics.retries.labels(role="prefill").inc()
-                await self._cancel(req.request_id, worker.worker_id)
-            finally:
-                self.policy.release(worker.worker_id)
+            with tracing.span("prefill request", kind=SpanKind.CLIENT,
+                              attributes={"request_id": req.request_id, "worker_id": worker.worker_id}) as span:
+                try:
+                    ready = await self.bus.request(subjects.prefill_request(worker.worker_id), msg, KVReady,
+                                                   timeout_s=timeout_s, request_id=req.request_id)
+                    params = ready.kv_transfer_params
+                    span.set_attributes({"num_prompt_tokens": ready.num_prompt_tokens, "prefill_ms": ready.prefill_ms,
+                                         "num_cached_tokens": ready.num_cached_tokens,
+                                         "num_blocks": len(params.block_ids) if params else 0})
+                    log.info("request %s: prefill on %s: %d prompt tokens in %.1f ms", req.request_id, worker.worker_id,
+                             ready.num_prompt_tokens, ready.prefill_ms)
+                    return ready
+                except RemoteError as e:
+                    tracing.record_error(span, str(e))
+                    log.warning("request %s: prefill worker %s refused: %s", req.request_id, worker.worker_id, e)
+                    if not e.reply.retryable:
+                        raise UpstreamError(f"prefill worker {worker.worker_id}: {e.reply.message}") from e
+                except (BusTimeout, NoResponders, BusError) as e:
+                    tracing.record_error(span, str(e))
+                    log.warning("request %s: prefill worker %s failed (%s); trying elsewhere", req.request_id,
+                                worker.worker_id, e)
+                    self.metrics.retries.labels(role="prefill").inc()
+                    await self._cancel(req.request_id, worker.worker_id)
+                finally:
+                    self.policy.release(worker.worker_id)
             if self._remaining(req) <= 0:
                 raise UpstreamTimeout(f"request {req.request_id} ran out of time during prefill")
         log.warning("request %s: no prefill worker answered (tried %s); decode will prefill locally",
@@ -180,7 +198,8 @@ class Orchestrator:
         self.metrics.local_prefills.inc()
         return None
 
-    async def _decode(self, req: GenerateRequest, ready: KVReady | None) -> AsyncIterator[GenerateDelta]:
+    async def _decode(self, req: GenerateRequest, ready: KVReady | None, route: Span
+                      ) -> AsyncIterator[GenerateDelta]:
         tried: list[str] = []
         last_error: _DecodeFailed | None = None
         for _ in range(self.config.max_attempts):
@@ -188,10 +207,12 @@ class Orchestrator:
             if worker is None:
                 break
             tried.append(worker.worker_id)
+            route.set_attribute("decode_worker_id", worker.worker_id)
             self.policy.acquire(worker.worker_id)
             try:
-                async for delta in self._decode_on(req, ready, worker.worker_id):
-                    yield delta
+                async with contextlib.aclosing(self._decode_on(req, ready, worker.worker_id)) as deltas:
+                    async for delta in deltas:
+                        yield delta
                 return
             except _DecodeFailed as e:
                 log.warning("request %s: decode on %s failed: %s", req.request_id, worker.worker_id, e)
@@ -208,6 +229,18 @@ class Orchestrator:
 
     async def _decode_on(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
                          ) -> AsyncIterator[GenerateDelta]:
+        """One decode attempt on worker_id, under a client span that lasts until its last chunk."""
+        with tracing.span("decode request", kind=SpanKind.CLIENT,
+                          attributes={"request_id": req.request_id, "worker_id": worker_id}) as span:
+            num_tokens = 0
+            async with contextlib.aclosing(self._decode_stream(req, ready, worker_id)) as deltas:
+                async for delta in deltas:
+                    num_tokens += len(delta.token_ids)
+                    span.set_attribute("num_streamed_tokens", num_tokens)
+                    yield delta
+
+    async def _decode_stream(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
+                             ) -> AsyncIterator[GenerateDelta]:
         stream_subject = subjects.token_stream(self.config.router_id, f"{req.request_id}.{worker_id}")
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 

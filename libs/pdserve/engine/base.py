@@ -22,6 +22,7 @@ class PrefillResult:
     finish_reason: FinishReason | None  # set when the first token already ends the request
     kv_transfer_params: KVTransferParams | None  # None when nothing is held (request finished)
     num_cached_tokens: int = 0
+    queue_ms: float | None = None  # time waiting for compute, where the engine knows it (the rest is compute)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Engine(abc.ABC):
     blocks are stored or freed, for the broker's index."""
 
     card: ModelCard
+    traces_kv_transfers = False  # True: the engine makes the KV transfer spans itself (both ends in-process)
     on_kv_loaded: KVLoadedCallback | None = None
     on_kv_event: KVEventCallback | None = None
 

@@ -19,12 +19,14 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
 from pdserve.kv.hashing import block_hashes
 from pdserve.kv.pool import ArrayBlockPool
-from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError
+from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
+from pdserve.tracing import SpanKind
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class _Held:
 
 
 class MockEngine(Engine):
+    traces_kv_transfers = True  # endpoint and client live here: "kv serve" and "kv pull" spans come from this engine
+
     def __init__(
         self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,
         ms_per_decode_step: float, advertise_host: str, bind_host: str, kv_pull_timeout_s: float,
@@ -55,7 +59,8 @@ class MockEngine(Engine):
         self._pool = ArrayBlockPool.zeros(num_kv_blocks, self._layout.bytes_per_block, layout_tag=layout_tag(card))
         self._free = list(range(num_kv_blocks))
         self._held: dict[str, _Held] = {}
-        self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host)
+        self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host,
+                                          on_pull=self._on_pull)
         self._client = TransferClient()
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()
@@ -82,8 +87,10 @@ class MockEngine(Engine):
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                       lease_s: float) -> PrefillResult:
         held = self._allocate(request_id, prompt_token_ids)
+        queued_at = time.monotonic()
         try:
             async with self._prefill_lock:
+                queue_ms = (time.monotonic() - queued_at) * 1000
                 await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
                 self._write_prompt_kv(prompt_token_ids, held.block_ids)
         except BaseException:
@@ -93,7 +100,7 @@ class MockEngine(Engine):
         token, text = stream.next()
         if stream.finish_reason is not None:  # one token was the whole answer: nothing to hand over
             self._free_request(request_id)
-            return PrefillResult(token, text, stream.finish_reason, None)
+            return PrefillResult(token, text, stream.finish_reason, None, queue_ms=queue_ms)
         held.transfer_id = uuid.uuid4().hex
         token_secret = secrets.token_urlsafe(16)
         expires_at = time.time() + lease_s
@@ -104,7 +111,7 @@ class MockEngine(Engine):
             token=token_secret, block_ids=tuple(held.block_ids), num_tokens=len(prompt_token_ids),
             kv_layout=self._layout, lease_expires_at=expires_at,
         )
-        return PrefillResult(token, text, None, params)
+        return PrefillResult(token, text, None, params, queue_ms=queue_ms)
 
     def _lease_expired(self, request_id: str) -> None:
         if request_id in self._held:
@@ -152,9 +159,7 @@ class MockEngine(Engine):
             error = f"prefill holds {len(params.block_ids)} blocks for the prompt, decode needs {len(block_ids)}"
         else:
             try:
-                result = await self._client.pull(
-                    params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
-                    timeout_s=self._kv_pull_timeout_s)
+                result = await self._pull(request_id, params, block_ids)
                 if not self._kv_matches(prompt_token_ids, block_ids):
                     error = "received KV differs from what prefill computed for this prompt"
                 else:
@@ -171,6 +176,28 @@ class MockEngine(Engine):
         self._counters["num_recomputes"] += 1
         await self._compute_prefill(prompt_token_ids, block_ids)
         self._report_load(request_id, KVLoadReport(0, 0, 0.0, recomputed=True, error=error))
+
+    async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int]) -> TransferResult:
+        """The pull under a "kv pull" span, whose traceparent rides in the pull so the endpoint's span is its child."""
+        attributes = {"request_id": request_id, "worker_id": self.worker_id, "prefill_worker_id": params.worker_id,
+                      "transfer_id": params.transfer_id, "num_blocks": len(block_ids)}
+        with tracing.span("kv pull", kind=SpanKind.CLIENT, attributes=attributes) as span:
+            result = await self._client.pull(
+                params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
+                timeout_s=self._kv_pull_timeout_s, traceparent=tracecontext.current())
+            span.set_attributes(tracing.transfer_attributes(result.num_blocks, result.num_bytes, result.seconds))
+            return result
+
+    def _on_pull(self, transfer_id: str, traceparent: str | None, num_blocks: int, num_bytes: int,
+                 seconds: float) -> None:
+        """On the endpoint's thread, after a pull was served: the "kv serve" span, child of the puller's span."""
+        if not tracing.enabled():
+            return
+        request_id = next((r for r, h in list(self._held.items()) if h.transfer_id == transfer_id), "")
+        attributes = {"request_id": request_id, "worker_id": self.worker_id, "transfer_id": transfer_id,
+                      **tracing.transfer_attributes(num_blocks, num_bytes, seconds)}
+        tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=seconds,
+                            context=tracecontext.context_of(traceparent), attributes=attributes)
 
     def _report_load(self, request_id: str, report: KVLoadReport) -> None:
         if self.on_kv_loaded:
