@@ -36,6 +36,10 @@ class RouterMetrics:
                                registry=registry)
         self.local_prefills = Counter("pdserve_local_prefills", "Requests whose decode worker prefilled itself",
                                       registry=registry)
+        # Their ratio is the prefix-cache hit rate of the prefills this router sent.
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens sent to prefill workers", registry=registry)
+        self.cached_prompt_tokens = Counter("pdserve_prompt_cached_tokens",
+                                            "Prompt tokens prefill found in its prefix cache", registry=registry)
         self.http_responses = Counter("pdserve_http_responses", "HTTP responses by status code", ["code"],
                                       registry=registry)
 

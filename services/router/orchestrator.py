@@ -177,6 +177,8 @@ class Orchestrator:
                                          "num_blocks": len(params.block_ids) if params else 0})
                     log.info("request %s: prefill on %s: %d prompt tokens in %.1f ms", req.request_id, worker.worker_id,
                              ready.num_prompt_tokens, ready.prefill_ms)
+                    self.metrics.prompt_tokens.inc(ready.num_prompt_tokens)
+                    self.metrics.cached_prompt_tokens.inc(ready.num_cached_tokens)
                     return ready
                 except RemoteError as e:
                     tracing.record_error(span, str(e))
