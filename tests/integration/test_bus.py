@@ -14,6 +14,24 @@ async def connect(url: str, name: str) -> Bus:
     return await Bus.connect(url, name, connect_timeout_s=5)
 
 
+async def until_served(raw, subject: str, timeout_s: float = 5.0) -> None:
+    """Wait until `subject` has a responder as seen from the raw client's own connection.
+
+    Once seen (on a loaded 2-core CI run) a first request from a second connection right after the serving
+    connection's SUB + PING/PONG got "no responders"; what this test is about starts after that.
+    """
+    import nats.errors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await raw.request(subject, b"{}", timeout=1)
+            return
+        except nats.errors.NoRespondersError:
+            assert time.monotonic() < deadline, f"no responder on {subject} within {timeout_s}s"
+            await asyncio.sleep(0.05)
+
+
 async def test_request_reply_is_typed(nats):
     server, client = await connect(nats.url, "server"), await connect(nats.url, "client")
     try:
@@ -81,6 +99,7 @@ async def test_malformed_messages_are_dropped_and_the_service_goes_on(nats):
     try:
         await server.subscribe("t.cancel", CancelRequest, on_cancel)
         await server.serve("t.stats", StatsRequest, on_stats)
+        await until_served(raw, "t.stats")
         for junk in (b"", b"\xff\xfe", b"[]", b'{"type": "cancel"}', b'{"type":"cancel","schema_version":1,"request_id":5}',
                      b'{"type":"heartbeat","schema_version":1}', b"x" * 100_000):
             await raw.publish("t.cancel", junk)
