@@ -15,6 +15,8 @@ def test_wildcards_cover_the_per_worker_subjects():
     assert subjects.heartbeat("decode", "w").startswith(subjects.HEARTBEAT_ALL.rstrip(">"))
     assert subjects.goodbye("decode", "w").startswith(subjects.GOODBYE_ALL.rstrip(">"))
     assert subjects.kv_events("w").startswith(subjects.KV_EVENTS_ALL.rstrip(">"))
+    assert subjects.token_stream("r1", "req").startswith(subjects.token_streams("r1").rstrip(">"))
+    assert not subjects.token_stream("r2", "req").startswith(subjects.token_streams("r1").rstrip(">"))
 
 
 def test_fixed_subjects_are_distinct():

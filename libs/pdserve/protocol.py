@@ -226,6 +226,7 @@ class TokenChunk(Message):
 
     type: Literal["token_chunk"] = "token_chunk"
     request_id: str
+    worker_id: str = Field(default="", description="the decode worker that sent it (one stream per attempt)")
     seq: int = Field(ge=0)
     token_ids: tuple[int, ...] = ()
     text: str = ""

@@ -45,6 +45,11 @@ def token_stream(router_id: str, request_id: str) -> str:
     return f"{PREFIX}.stream.{router_id}.{request_id}"
 
 
+def token_streams(router_id: str) -> str:
+    """Every token stream of one router (it subscribes once, at start)."""
+    return f"{PREFIX}.stream.{router_id}.>"
+
+
 CANCEL = f"{PREFIX}.request.cancel"
 
 # KV broker.

@@ -75,7 +75,7 @@ class DecodeHandlers:
                 usage = None
                 if out.finish_reason is not None:
                     usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens)
-                chunk = TokenChunk(request_id=req.request_id, seq=seq, token_ids=out.token_ids, text=out.text,
+                chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, seq=seq, token_ids=out.token_ids, text=out.text,
                                    finish_reason=out.finish_reason, usage=usage)
                 await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
                 seq += 1
@@ -102,7 +102,8 @@ class DecodeHandlers:
                 self._send_release(req, ok=False)
 
     async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
-        chunk = TokenChunk(request_id=req.request_id, seq=seq, finish_reason="error", error=error)
+        chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, seq=seq, finish_reason="error",
+                           error=error)
         await self.rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
 
     def _on_kv_loaded(self, request_id: str, report: KVLoadReport) -> None:

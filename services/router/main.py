@@ -56,6 +56,7 @@ async def _serve(config: RouterConfig, tracing_on: bool) -> None:
         await membership.start(bus)
         registry = CollectorRegistry()
         orchestrator = Orchestrator(config, bus, membership, RouterMetrics(registry))
+        await orchestrator.start()
         app = create_app(orchestrator, request_timeout_s=config.request_timeout_s)
         app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
         traced = trace_requests(app) if tracing_on else app  # off: the client's traceparent still travels

@@ -6,7 +6,8 @@ Algorithm of `generate()`:
    prefill worker (up to max_attempts). If every try failed, the decode worker prefills locally.
 2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
    (max_tokens=1, a stop string) we are done.
-3. Decode: subscribe to this request's stream subject, then ask the least-loaded decode worker D to decode
+3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the least-loaded
+   decode worker D to decode
    with P's KV location. Read chunks in order (sequence numbers) with an idle deadline. If D fails, is
    gone or stalls before its first chunk, cancel on D and try another decode worker (it pulls the same KV,
    or recomputes it); after chunks were streamed, end with a clear error.
@@ -56,6 +57,7 @@ class Orchestrator:
         self.policy = LeastLoadPolicy(membership)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
+        self._streams: dict[tuple[str, str], asyncio.Queue[TokenChunk]] = {}  # (request_id, worker_id)
         membership.on_join.append(self._on_worker_joined)
 
     # ----------------------------------------------------------------------------- Backend protocol
@@ -243,13 +245,10 @@ class Orchestrator:
 
     async def _decode_stream(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
                              ) -> AsyncIterator[GenerateDelta]:
-        stream_subject = subjects.token_stream(self.config.router_id, f"{req.request_id}.{worker_id}")
+        stream_subject = subjects.token_stream(self.config.router_id, req.request_id)
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
-
-        async def on_chunk(chunk: TokenChunk) -> None:
-            chunks.put_nowait(chunk)
-
-        sub = await self.bus.subscribe(stream_subject, TokenChunk, on_chunk)
+        stream_key = (req.request_id, worker_id)  # a late chunk of an earlier attempt finds no queue
+        self._streams[stream_key] = chunks
         finished = False
         num_chunks = 0
         try:
@@ -284,9 +283,21 @@ class Orchestrator:
                 if finished:
                     return
         finally:
-            await self.bus.unsubscribe(sub)
+            self._streams.pop(stream_key, None)
             if not finished:  # failed, stalled, or the client went away: stop the work and free its KV
                 await self._cancel(req.request_id, worker_id)
+
+    async def start(self) -> None:
+        """One subscription for every token stream of this router, made once: a per-request subscription
+        would cost a round trip to NATS per request and could race the decode worker's first chunk."""
+        await self.bus.subscribe(subjects.token_streams(self.config.router_id), TokenChunk, self._on_chunk)
+
+    async def _on_chunk(self, chunk: TokenChunk) -> None:
+        queue = self._streams.get((chunk.request_id, chunk.worker_id))
+        if queue is None:
+            log.debug("request %s: dropped a chunk from %s (request over or moved)", chunk.request_id, chunk.worker_id)
+            return
+        queue.put_nowait(chunk)
 
     async def _cancel(self, request_id: str, worker_id: str) -> None:
         try:
