@@ -84,18 +84,19 @@ class WorkerRuntime:
         return task
 
     def _metric_values(self) -> dict:
+        """The engine's counters plus this worker's own: what heartbeats and /metrics both report."""
         stats = self.engine.stats()
         return {**stats, "num_requests_served": self.num_requests_served,
                 "num_queued": max(0, self.num_in_flight - int(stats["num_running"]))}
 
     def heartbeat(self) -> Heartbeat:
-        stats = self.engine.stats()
+        values = self._metric_values()
         return Heartbeat(
             worker_id=self.worker_id, role=self.config.role, model=self.engine.card,
             transfer_address=self.engine.transfer_address, metrics_address=self.metrics_address,
-            num_queued=max(0, self.num_in_flight - int(stats["num_running"])), num_running=int(stats["num_running"]),
-            kv_usage=stats["kv_usage"], num_held_blocks=int(stats["num_held_blocks"]),
-            num_requests_served=self.num_requests_served, interval_s=self.config.heartbeat_interval_s,
+            num_queued=values["num_queued"], num_running=int(values["num_running"]),
+            kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
+            num_requests_served=values["num_requests_served"], interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )
 
