@@ -140,7 +140,8 @@ class Bus:
             log.warning("%s: NATS connection closed uncleanly: %s", self.name, e)
 
     async def flush(self, timeout_s: float = 5.0) -> None:
-        await self._nc.flush(timeout=timeout_s)
+        """Return once NATS has everything published or subscribed so far."""
+        await self._sync_with_server(timeout_s)
 
     # ------------------------------------------------------------------------------------- publish
 
@@ -233,9 +234,23 @@ class Bus:
     async def _subscribe(self, subject: str, queue: str, on_msg: Callable[[Msg], Awaitable[None]]) -> Subscription:
         sub = await self._nc.subscribe(subject, queue=queue, cb=on_msg)
         self._subs.append(sub)
-        # Make the server know the subscription before anyone is told to send to it.
-        await self._nc.flush(timeout=5)
+        await self._sync_with_server()
         return sub
+
+    async def _sync_with_server(self, timeout_s: float = 5.0) -> None:
+        """Return once the server has processed everything sent so far (a SUB above all).
+
+        nats-py (2.16) writes a flush's PING straight to the socket while a SUB still waits in its pending
+        buffer for the flusher task, so the PONG can come back before the server knows the subscription: a
+        request from another connection then gets "no responders" (measured: 8 in 2000 on an idle loopback).
+        Waiting for the buffer to drain first puts the PING behind the SUB on the wire.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._nc.pending_data_size > 0:
+            if time.monotonic() > deadline:
+                raise BusError(f"{self.name}: NATS send buffer did not drain within {timeout_s:.0f}s; is NATS reachable?")
+            await asyncio.sleep(0.0005)
+        await self._nc.flush(timeout=max(0.5, deadline - time.monotonic()))
 
     def _decode(self, raw: Msg, cls: type[M]) -> M | None:
         try:
