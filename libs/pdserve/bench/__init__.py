@@ -1,0 +1,1 @@
+"""`pdserve bench`: a load generator for any OpenAI-compatible endpoint."""
