@@ -1,31 +1,46 @@
-"""KV transfer throughput: TransferEndpoint/TransferClient vs a raw TCP socket vs memcpy, side by side.
+"""KV transfer throughput: TransferEndpoint/TransferClient vs Mooncake's transfer engine (TCP) vs a raw TCP
+socket vs memcpy, side by side.
 
-The prefill side (a pool of random bytes, one TransferEndpoint per --batch-blocks value, and a raw TCP
-sender) runs in a child process, as it would in production; the decode side pulls into its own pool here.
-Each repetition runs every variant once, interleaved, so machine noise hits them alike.
+The prefill side (a pool of random bytes, one TransferEndpoint per --batch-blocks value, a Mooncake transfer
+engine and a raw TCP sender) runs in a child process, as it would in production; the decode side pulls into
+its own pool here. Each repetition runs every variant once, interleaved, so machine noise hits them alike.
+Every variant's bytes are checked (xxh3 of the whole destination pool, then zeroed) on the first and the last
+repetition: a fast wrong transfer does not count.
 
   raw        : one persistent TCP connection; the sender sendall()s the pool's arrays in chunks of
                --raw-chunk-kib (1 MiB: the fastest on loopback, measured), the receiver recv_into()s them
                straight into the destination pool's memory. No framing, checksum or connection set-up:
                the ceiling for any transport over this link.
-  batch=N    : a full pull() per repetition, timed around `await pull()` (token check, credit-based
+  pdserve/batch=N: a full pull() per repetition, timed around `await pull()` (token check, credit-based
                messages, xxh3 per block on both sides, one copy into place on the decode side).
+  mooncake   : Mooncake's TransferEngine, TCP protocol, P2P handshake; one batch_transfer_sync_read per
+               repetition with one entry per segment array (benchmarks/mooncake_tcp.py says how it is
+               driven). No integrity check of its own. Reported as unavailable, with the reason, where it
+               cannot run (e.g. the system lacks libibverbs.so.1, which the wheel links).
   memcpy/xxh3: in this process, for reference.
 CPU columns: core-milliseconds per GB moved on each side (all threads of each process), medians; cpu/raw:
 both sides' CPU per repetition over raw's. On a machine whose cores are all busy during the transfer (this
 benchmark on 2 cores), throughput/raw tends to raw_cpu/cpu, so cpu/raw is the noise-robust figure.
 
-Usage: python benchmarks/transfer.py [--quick] [--payload-mib 64] [--reps 9] [--batch-blocks 8 32]
+GB/s are 1e9 bytes per second: best = payload / fastest repetition, median = payload / median time; p10/p90
+over the repetitions' GB/s. med/mc and cpu/mc: each variant over Mooncake. --out FILE.json writes all figures.
+
+Usage: python benchmarks/transfer.py [--quick] [--payload-mib 64] [--reps 9] [--batch-blocks 8 32] [--out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import multiprocessing as mp
 import os
+import platform
+import shlex
 import socket
 import statistics
+import sys
 import threading
 import time
 
@@ -33,6 +48,9 @@ import numpy as np
 import xxhash
 
 from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint
+
+import mooncake_tcp  # benchmarks/ is not a package: it is on sys.path as this script's folder
+from mooncake_tcp import MooncakeReader, MooncakeSource, MooncakeUnavailable
 
 TOKEN = "bench-token"
 BLOCK_TOKENS = 16
@@ -92,6 +110,7 @@ def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
         ep.start()
         ep.allow("bench", TOKEN, range(num_blocks), time.time() + 3600)
         endpoints.append(ep)
+    mooncake, mooncake_peer = MooncakeSource.start(pool)  # keep `mooncake` referenced: it serves the reads
     listener = socket.create_server(("127.0.0.1", 0))
 
     def raw_sender() -> None:
@@ -102,11 +121,12 @@ def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
                     peer.sendall(chunk)
 
     threading.Thread(target=raw_sender, daemon=True).start()
-    conn.send(([ep.address for ep in endpoints], listener.getsockname()[1], pool_digest(pool)))
+    conn.send(([ep.address for ep in endpoints], listener.getsockname()[1], mooncake_peer, pool_digest(pool)))
     while conn.recv() == "cpu":  # the decode side asks for our CPU time around each repetition
         conn.send(time.process_time())
     for ep in endpoints:
         ep.stop()
+    del mooncake
 
 
 # ---------------------------------------------------------------------------------------- decode side
@@ -123,21 +143,26 @@ def raw_receive(sock: socket.socket, pool: ArrayBlockPool, chunk_nbytes: int) ->
             got += n
 
 
-async def bench_layout(layout: str, args) -> list[dict]:
+async def bench_layout(layout: str, args) -> dict:
+    """One layout, every variant: the layout's entry of the --out JSON (see summarize_layout)."""
     num_segments, segment_nbytes = LAYOUTS[layout]
     block_nbytes = num_segments * segment_nbytes
     num_blocks = max(1, (args.payload_mib << 20) // block_nbytes)
-    payload = num_blocks * block_nbytes
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=serve_prefill, args=(child, layout, num_blocks, args), daemon=True)
     proc.start()
-    addresses, raw_port, digest = parent.recv()
+    addresses, raw_port, mooncake_peer, digest = parent.recv()
     local = make_pool(layout, num_blocks, random=False)
     client = TransferClient(io_threads=args.io_threads, window_messages=args.window,
                             tune_malloc=not args.no_tune_malloc)
     raw = socket.create_connection(("127.0.0.1", raw_port))
     ids = list(range(num_blocks))
+    mooncake, mooncake_reason = None, None
+    try:
+        mooncake = MooncakeReader(mooncake_peer, local)
+    except MooncakeUnavailable as e:
+        mooncake_reason = str(e)
 
     def peer_cpu() -> float:
         parent.send("cpu")
@@ -152,42 +177,92 @@ async def bench_layout(layout: str, args) -> list[dict]:
         if rep >= args.warmup:
             samples[name].append((elapsed, cpu, peer))
 
+    def delivered() -> bool:
+        """Whether the destination pool holds the source's bytes; zeroes it so that the next check means
+        something."""
+        ok = pool_digest(local) == digest
+        for array in local._arrays:
+            array[:] = 0
+        return ok
+
     def pull(address):
         return lambda: client.pull(address, "bench", TOKEN, ids, local, ids, timeout_s=60)
+
+    async def mooncake_run():
+        mooncake.read(ids, ids)
 
     async def raw_run():
         raw_receive(raw, local, args.raw_chunk_kib << 10)
 
-    samples: dict[str, list[tuple[float, float, float]]] = {f"batch={b}": [] for b in args.batch_blocks}
+    samples: dict[str, list[tuple[float, float, float]]] = {f"pdserve/batch={b}": [] for b in args.batch_blocks}
+    samples["mooncake"] = []
     samples["raw"] = []
+    num_rounds = args.warmup + args.reps
     try:
-        for rep in range(args.warmup + args.reps):
+        for rep in range(num_rounds):
+            checked = rep in (0, num_rounds - 1)
             for b, address in zip(args.batch_blocks, addresses):
-                await measure(f"batch={b}", pull(address), rep)
-                if rep == 0:
-                    assert pool_digest(local) == digest, "transport delivered wrong bytes"
-                    local._arrays[0][:] = 0  # so that the next variant's check means something
+                await measure(f"pdserve/batch={b}", pull(address), rep)
+                if checked and not delivered():
+                    raise RuntimeError(f"pdserve (batch={b}) delivered wrong bytes")
+            if mooncake is not None:
+                try:
+                    await measure("mooncake", mooncake_run, rep)
+                    if checked and not delivered():
+                        raise MooncakeUnavailable("delivered wrong bytes (destination pool digest differs)")
+                except MooncakeUnavailable as e:
+                    mooncake.close()
+                    mooncake, mooncake_reason = None, str(e)
             await measure("raw", raw_run, rep)
+            if checked and not delivered():
+                raise RuntimeError("the raw socket delivered wrong bytes")
     finally:
+        if mooncake is not None:
+            mooncake.close()
         raw.close()
         client.close()
         parent.send("stop")
         proc.join(timeout=10)
+    if mooncake_reason is not None:
+        del samples["mooncake"]
+    result = summarize_layout(samples, num_blocks * block_nbytes, mooncake_reason)
+    return dict(block_nbytes=block_nbytes, num_segments=num_segments, num_blocks=num_blocks,
+                payload_bytes=num_blocks * block_nbytes, **result)
+
+
+def summarize_layout(samples: dict[str, list[tuple[float, float, float]]], payload: int,
+                     mooncake_reason: str | None) -> dict:
+    """{"variants": {name: figures}, "pdserve_over_mooncake": {name: ratios} or None} from (seconds, recv CPU
+    seconds, send CPU seconds) per measured repetition."""
     gb = payload / 1e9
-    raw_times = [s[0] for s in samples["raw"]]
-    raw_best, raw_median = gb / min(raw_times), gb / statistics.median(raw_times)
-    raw_cpu = statistics.median(s[1] + s[2] for s in samples["raw"])
-    rows = []
+    variants: dict[str, dict] = {}
     for name, ss in samples.items():
         times = [s[0] for s in ss]
-        best, median = gb / min(times), gb / statistics.median(times)
-        rows.append(dict(layout=layout, variant=name, block_nbytes=block_nbytes, num_segments=num_segments,
-                         num_blocks=num_blocks, best=best, median=median,
-                         ratio_best=best / raw_best, ratio_median=median / raw_median,
-                         cpu_recv=statistics.median(s[1] for s in ss) / gb * 1e3,
-                         cpu_send=statistics.median(s[2] for s in ss) / gb * 1e3,
-                         cpu_ratio=statistics.median(s[1] + s[2] for s in ss) / raw_cpu))
-    return rows
+        gbps = [gb / t for t in times]
+        p10, p90 = (None, None)
+        if len(gbps) >= 2:
+            deciles = statistics.quantiles(gbps, n=10, method="inclusive")
+            p10, p90 = deciles[0], deciles[-1]
+        variants[name] = dict(available=True, num_samples=len(ss), best_gbps=max(gbps),
+                              median_gbps=gb / statistics.median(times), p10_gbps=p10, p90_gbps=p90,
+                              cpu_recv_ms_per_gb=statistics.median(s[1] for s in ss) / gb * 1e3,
+                              cpu_send_ms_per_gb=statistics.median(s[2] for s in ss) / gb * 1e3,
+                              cpu_ms_per_gb=statistics.median(s[1] + s[2] for s in ss) / gb * 1e3)
+    raw, mc = variants["raw"], variants.get("mooncake")
+    for v in variants.values():
+        v.update(ratio_best_to_raw=v["best_gbps"] / raw["best_gbps"],
+                 ratio_median_to_raw=v["median_gbps"] / raw["median_gbps"],
+                 cpu_ratio_to_raw=v["cpu_ms_per_gb"] / raw["cpu_ms_per_gb"],
+                 ratio_median_to_mooncake=v["median_gbps"] / mc["median_gbps"] if mc else None,
+                 cpu_ratio_to_mooncake=v["cpu_ms_per_gb"] / mc["cpu_ms_per_gb"] if mc else None)
+    pdserve_over_mooncake = None
+    if mc is None:
+        variants["mooncake"] = dict(available=False, reason=mooncake_reason)
+    else:
+        pdserve_over_mooncake = {name: dict(median_gbps=v["ratio_median_to_mooncake"],
+                                            cpu_per_gb=v["cpu_ratio_to_mooncake"])
+                                 for name, v in variants.items() if name.startswith("pdserve/")}
+    return dict(variants=variants, pdserve_over_mooncake=pdserve_over_mooncake)
 
 
 def reference(payload: int, reps: int) -> tuple[float, float]:
@@ -205,6 +280,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def print_layout(layout: str, result: dict) -> None:
+    for name, v in result["variants"].items():
+        head = (f"{layout:<19} {name:<16} {result['block_nbytes']:>8} {result['num_segments']:>3} "
+                f"{result['num_blocks']:>6}")
+        if not v["available"]:
+            print(f"{head} unavailable: {v['reason']}")
+            continue
+        to_mc = (f"{v['ratio_median_to_mooncake']:>6.2f} {v['cpu_ratio_to_mooncake']:>6.2f}"
+                 if v["ratio_median_to_mooncake"] is not None else f"{'-':>6} {'-':>6}")
+        print(f"{head} {v['best_gbps']:>9.2f} {v['median_gbps']:>8.2f} {v['ratio_best_to_raw']:>8.2f} "
+              f"{v['ratio_median_to_raw']:>7.2f} {v['cpu_recv_ms_per_gb']:>8.0f} {v['cpu_send_ms_per_gb']:>8.0f} "
+              f"{v['cpu_ratio_to_raw']:>7.2f} {to_mc}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payload-mib", type=int, default=64)
@@ -217,6 +306,7 @@ def main() -> None:
     parser.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's malloc defaults on both sides")
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 4 MiB, 2 reps, 2 layouts")
+    parser.add_argument("--out", metavar="FILE.json", help="also write every figure, settings and machine as JSON")
     args = parser.parse_args()
     args.batch_blocks = list(dict.fromkeys(args.batch_blocks))
     if args.quick:
@@ -225,18 +315,43 @@ def main() -> None:
 
     print(f"# {os.cpu_count()} CPUs; payload {args.payload_mib} MiB; {args.reps} reps after {args.warmup} warm-up; "
           f"window {args.window} messages; zmq io_threads {args.io_threads}; raw chunks {args.raw_chunk_kib} KiB; "
-          f"malloc {'glibc defaults' if args.no_tune_malloc else 'tuned'}")
+          f"malloc {'glibc defaults' if args.no_tune_malloc else 'tuned'}; "
+          f"mooncake {mooncake_tcp.version() or 'not installed'} ({mooncake_tcp.PROTOCOL}, {mooncake_tcp.API})")
     copy_gbps, hash_gbps = reference(args.payload_mib << 20, max(args.reps, 3))
     print(f"# reference in-process: memcpy {copy_gbps:.2f} GB/s, xxh3_64 {hash_gbps:.2f} GB/s")
-    header = (f"{'layout':<19} {'variant':<8} {'block B':>8} {'seg':>3} {'blocks':>6} {'best GB/s':>9} "
-              f"{'med GB/s':>8} {'best/raw':>8} {'med/raw':>7} {'cpu recv':>8} {'cpu send':>8} {'cpu/raw':>7}")
+    header = (f"{'layout':<19} {'variant':<16} {'block B':>8} {'seg':>3} {'blocks':>6} {'best GB/s':>9} "
+              f"{'med GB/s':>8} {'best/raw':>8} {'med/raw':>7} {'cpu recv':>8} {'cpu send':>8} {'cpu/raw':>7} "
+              f"{'med/mc':>6} {'cpu/mc':>6}")
     print(header)
     print("-" * len(header))
+    layouts = {}
     for layout in args.layouts:
-        for r in asyncio.run(bench_layout(layout, args)):
-            print(f"{r['layout']:<19} {r['variant']:<8} {r['block_nbytes']:>8} {r['num_segments']:>3} "
-                  f"{r['num_blocks']:>6} {r['best']:>9.2f} {r['median']:>8.2f} {r['ratio_best']:>8.2f} "
-                  f"{r['ratio_median']:>7.2f} {r['cpu_recv']:>8.0f} {r['cpu_send']:>8.0f} {r['cpu_ratio']:>7.2f}")
+        layouts[layout] = asyncio.run(bench_layout(layout, args))
+        print_layout(layout, layouts[layout])
+    if args.out:
+        report = dict(
+            benchmark="kv-transfer",
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command=shlex.join(sys.orig_argv),
+            machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
+                         load_average_1m=os.getloadavg()[0]),
+            settings=dict(payload_mib=args.payload_mib, reps=args.reps, warmup=args.warmup,
+                          batch_blocks=args.batch_blocks, window=args.window, io_threads=args.io_threads,
+                          raw_chunk_kib=args.raw_chunk_kib, tune_malloc=not args.no_tune_malloc,
+                          layouts=args.layouts),
+            units=dict(gbps="1e9 bytes per second", cpu_ms_per_gb="core-milliseconds (both sides unless recv/send) "
+                       "per 1e9 bytes moved", ratio_median_to_raw="median_gbps / raw's median_gbps",
+                       pdserve_over_mooncake="pdserve variant's median_gbps (cpu_ms_per_gb) over Mooncake's"),
+            mooncake=dict(version=mooncake_tcp.version(), protocol=mooncake_tcp.PROTOCOL, metadata="P2PHANDSHAKE",
+                          api=mooncake_tcp.API, note=mooncake_tcp.NOTE,
+                          env={k: v for k, v in os.environ.items() if k.startswith("MC_")}),
+            reference=dict(memcpy_gbps=copy_gbps, xxh3_gbps=hash_gbps),
+            layouts=layouts,
+        )
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"# figures written to {args.out}")
 
 
 if __name__ == "__main__":
