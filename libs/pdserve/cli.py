@@ -7,6 +7,7 @@
     pdserve kv-broker --nats URL
     pdserve model pull | path
     pdserve status [--json] [--watch]      pdserve doctor
+    pdserve bench [--endpoint URL] [--concurrency N | --rate R] [--out FILE.json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     add_model_arguments(sub.add_parser("model", help="fetch the default model (pull) or show where it is (path)"))
     status.add_arguments(sub.add_parser("status", help="live table of workers and brokers, from NATS heartbeats"))
     doctor.add_arguments(sub.add_parser("doctor", help="pre-flight checks that name the fix"))
+    from pdserve.bench import cli as bench_cli
+
+    bench_cli.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (TTFT, goodput)"))
     return parser
 
 
@@ -54,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve import doctor, status
 
             return (status if command == "status" else doctor).run(args)
+        if command == "bench":
+            from pdserve.bench import cli as bench_cli
+
+            return bench_cli.run(args)
         if command == "router":
             from services.router.main import serve
 
