@@ -9,7 +9,9 @@ The W3C `traceparent` of the current request rides in a NATS header both ways (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -20,11 +22,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from pdserve import subjects, tracecontext
+from pdserve.config import BusOptions
 from pdserve.protocol import ErrorReply, InvalidMessage, Message, decode, encode
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+_AUTH_VIOLATION = "Authorization Violation"  # the server's -ERR for missing or wrong credentials
 R = TypeVar("R", bound=Message)
 
 
@@ -67,8 +71,13 @@ class Bus:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> "Bus":
-        """Connect, retrying until connect_timeout_s (services may start before NATS); reconnect forever after."""
+        """Connect, retrying until connect_timeout_s (services may start before NATS); reconnect forever after.
+
+        Credentials the server refuses end the wait at once (retrying cannot fix them), with a BusError that
+        names the flags to set; so does every other failure, once connect_timeout_s has passed.
+        """
 
         async def on_disconnect() -> None:
             if not nc.is_closed and not nc.is_draining:
@@ -78,46 +87,89 @@ class Bus:
             log.warning("%s: reconnected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else "?")
 
         connected = False
+        refused = asyncio.Event()
+        reported: list[Exception] = []  # errors nats-py reported while it retried by itself
 
         async def on_error(e: Exception) -> None:
             # Before `connected`, the connect loop reports the last error; while reconnecting, every failed
             # attempt (two a second) would repeat the disconnect warning, so those go to DEBUG.
+            if not connected:
+                reported[:] = [e]
+                if _AUTH_VIOLATION in str(e):
+                    refused.set()
             if connected and nc.is_connected:
                 log.warning("%s: NATS error: %s", name, e)
             else:
                 log.debug("%s: NATS error: %s", name, e)
 
+        where = servers if isinstance(servers, str) else ", ".join(servers)
         deadline = time.monotonic() + connect_timeout_s
-        last_error: Exception | None = None
+        last_error: BaseException | None = None
         while time.monotonic() < deadline:
             nc = NATSClient()
+            # nats-py keeps retrying a first connection by itself; bound it by our deadline.
+            connecting = asyncio.create_task(nc.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=max(1, min(5, int(deadline - time.monotonic()))),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+                user=user,
+                password=password,
+                token=token,
+                tls=tls,
+            ))
+            refusal = asyncio.create_task(refused.wait())
             try:
-                # nats-py keeps retrying a first connection by itself; bound it by our deadline.
-                await asyncio.wait_for(nc.connect(
-                    servers=servers,
-                    name=name,
-                    connect_timeout=max(1, min(5, int(deadline - time.monotonic()))),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect,
-                    error_cb=on_error,
-                    user=user,
-                    password=password,
-                    token=token,
-                ), timeout=max(0.5, deadline - time.monotonic()))
-                connected = True
-                return cls(nc, name)
-            except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
-                last_error = e
-                await nc.close()
-                await asyncio.sleep(0.25)
-        where = servers if isinstance(servers, str) else ", ".join(servers)
-        cause = "no connection" if isinstance(last_error, asyncio.TimeoutError) else repr(last_error)
+                await asyncio.wait({connecting, refusal}, timeout=max(0.5, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                refusal.cancel()
+            if connecting.done():
+                last_error = connecting.exception()
+                if last_error is None:
+                    connected = True
+                    return cls(nc, name)
+                if not isinstance(last_error, (OSError, nats.errors.Error, asyncio.TimeoutError)):
+                    raise last_error
+            else:
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError, nats.errors.Error):
+                    await connecting
+                last_error = reported[0] if reported else asyncio.TimeoutError()
+            await nc.close()
+            if refused.is_set():
+                given = "the credentials given were refused" if (user or token) else "it requires credentials"
+                raise BusError(
+                    f"{name}: NATS at {where} refused the connection (Authorization Violation): {given}; pass "
+                    "--nats-user and --nats-password (PDSERVE_NATS_USER / PDSERVE_NATS_PASSWORD) or --nats-token "
+                    "(PDSERVE_NATS_TOKEN) as the server is configured"
+                )
+            await asyncio.sleep(0.25)
+        if isinstance(last_error, ssl.SSLError):
+            raise BusError(
+                f"{name}: TLS with NATS at {where} failed ({last_error}); pass --nats-tls-ca (PDSERVE_NATS_TLS_CA) "
+                "with the CA that signed the server's certificate, and --nats-tls-cert/--nats-tls-key if the server "
+                "verifies clients"
+            )
+        cause = "no connection" if last_error is None or isinstance(last_error, asyncio.TimeoutError) else repr(last_error)
         raise BusError(
             f"{name}: cannot reach NATS at {where} within {connect_timeout_s:.0f}s ({cause}); "
             "start nats-server or pass the right --nats URL"
+        )
+
+    @classmethod
+    async def connect_with(cls, options: BusOptions, name: str, *, connect_timeout_s: float | None = None) -> "Bus":
+        """Connect as a service's BusOptions say: servers, credentials, TLS, start-up timeout."""
+        return await cls.connect(
+            options.nats_servers, name,
+            connect_timeout_s=options.connect_timeout_s if connect_timeout_s is None else connect_timeout_s,
+            user=options.nats_user, password=options.nats_password, token=options.nats_token,
+            tls=tls_context(options),
         )
 
     @property
@@ -264,6 +316,20 @@ class Bus:
             await raw.respond(encode(reply))
         except nats.errors.Error as e:
             log.warning("%s: could not reply on %s: %s", self.name, raw.subject, e)
+
+
+def tls_context(options: BusOptions) -> ssl.SSLContext | None:
+    """The TLS context for NATS, or None for a plain connection.
+
+    --nats-tls-ca verifies the server against that CA (instead of the system's); --nats-tls-cert/--nats-tls-key
+    present a client certificate. A tls:// URL alone uses the system's CAs.
+    """
+    if not options.nats_tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=options.nats_tls_ca)
+    if options.nats_tls_cert and options.nats_tls_key:
+        context.load_cert_chain(options.nats_tls_cert, options.nats_tls_key)
+    return context
 
 
 def _headers(request_id: str | None) -> dict[str, str] | None:

@@ -25,8 +25,9 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag / variable and the fix."""
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _opt(default: Any, help: str, *, secret: bool = False, **kw: Any) -> Any:
+    """A config field; secret ones stay out of repr() (and so out of logs and tracebacks)."""
+    return field(default=default, repr=not secret, metadata={"help": help, **kw})
 
 
 def _flag(name: str) -> str:
@@ -45,8 +46,11 @@ def _fail(name: str, problem: str, fix: str) -> None:
 class BusOptions:
     nats: str = _opt(DEFAULT_NATS, "NATS server URL(s), comma-separated")
     nats_user: str | None = _opt(None, "NATS user name")
-    nats_password: str | None = _opt(None, "NATS password")
-    nats_token: str | None = _opt(None, "NATS auth token")
+    nats_password: str | None = _opt(None, "NATS password (prefer the env variable: flags show in `ps`)", secret=True)
+    nats_token: str | None = _opt(None, "NATS auth token (prefer the env variable: flags show in `ps`)", secret=True)
+    nats_tls_ca: str | None = _opt(None, "CA certificate (PEM) that signed the NATS server's certificate; turns TLS on")
+    nats_tls_cert: str | None = _opt(None, "client certificate (PEM) for NATS servers that verify clients; with --nats-tls-key")
+    nats_tls_key: str | None = _opt(None, "private key (PEM) of --nats-tls-cert")
     connect_timeout_s: float = _opt(15.0, "how long to wait for NATS at start-up")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -54,6 +58,15 @@ class BusOptions:
         for url in self.nats_servers:
             if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
                 _fail("nats", f"{url!r} is not a NATS URL", "use nats://HOST:PORT (the default is " + DEFAULT_NATS + ")")
+        if self.nats_password and not self.nats_user:
+            _fail("nats_password", "a password without a user name", "also give --nats-user / PDSERVE_NATS_USER")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            _fail("nats_tls_cert", "a client certificate and its key go together",
+                  "give both --nats-tls-cert and --nats-tls-key (or neither)")
+        for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                _fail(name, f"{path!r} is not a readable file", "give the path of a PEM file")
         if self.connect_timeout_s <= 0:
             _fail("connect_timeout_s", "must be > 0", "give a number of seconds such as 15")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -62,6 +75,10 @@ class BusOptions:
     @property
     def nats_servers(self) -> list[str]:
         return [s.strip() for s in self.nats.split(",") if s.strip()]
+
+    @property
+    def nats_tls(self) -> bool:
+        return bool(self.nats_tls_ca or self.nats_tls_cert) or any(u.startswith(("tls://", "wss://")) for u in self.nats_servers)
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,15 @@ class RouterConfig(BusOptions):
     request_timeout_s: float = _opt(600.0, "deadline for a whole request")
     max_attempts: int = _opt(3, "workers tried per role before giving up on a request")
     kv_lookup_timeout_s: float = _opt(0.2, "deadline for the KV broker's lookup answer")
+    max_inflight: int = _opt(512, "requests the router serves at once; more get 429 with Retry-After at once")
+    early_refusal: bool = _opt(True, "answer 429 at once when the request's deadline cannot be met: every prefill "
+                               "worker's load (queued + running) times the mean prefill time the router observed "
+                               "already exceeds --request-timeout-s")
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body; a larger one gets 413 before parsing")
+    api_keys_file: str | None = _opt(None, "file of API keys clients must send as `Authorization: Bearer KEY` "
+                                     "(one per line, # comments); with PDSERVE_API_KEYS, keys of both count")
+    api_keys: str | None = _opt(None, "API keys, comma-separated (environment only, never a flag)", secret=True,
+                                env_only=True)
 
     def __post_init__(self) -> None:
         BusOptions.__post_init__(self)
@@ -142,6 +168,42 @@ class RouterConfig(BusOptions):
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.max_attempts < 1:
             _fail("max_attempts", "must be >= 1", "give a positive whole number")
+        for name in ("max_inflight", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                _fail(name, "must be > 0", "give a positive whole number")
+        if self.api_keys_file:
+            try:
+                if not read_api_keys(self.api_keys_file):
+                    _fail("api_keys_file", f"{self.api_keys_file!r} holds no key (only blank or # lines)",
+                          "put one API key per line")
+            except OSError as e:
+                _fail("api_keys_file", f"cannot read {self.api_keys_file!r} ({e.strerror})",
+                      "give a readable file with one API key per line")
+        if self.api_keys is not None and not _split_keys(self.api_keys):
+            _fail("api_keys", "set but empty", "give comma-separated keys, or unset PDSERVE_API_KEYS")
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        """Every key a client may send (file and environment); empty: the API is open."""
+        keys = _split_keys(self.api_keys or "")
+        if self.api_keys_file:
+            keys |= read_api_keys(self.api_keys_file)
+        return frozenset(keys)
+
+
+def read_api_keys(path: str) -> set[str]:
+    """One key per line; blank lines and lines starting with # are skipped, so is a trailing ` # note`."""
+    keys = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.add(line.split()[0])
+    return keys
+
+
+def _split_keys(value: str) -> set[str]:
+    return {k.strip() for k in value.split(",") if k.strip()}
 
 
 @dataclass(frozen=True)
@@ -162,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
     """One flag per config field; defaults stay None so that env vars and defaults apply in build()."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("env_only"):
             continue
         kind = _base_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}; default {f.default}]"

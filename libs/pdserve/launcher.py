@@ -26,7 +26,10 @@ import urllib.request
 from dataclasses import dataclass
 
 from pdserve import nats_server
-from pdserve.config import DEFAULT_VLLM_MODEL, MOCK_MODEL
+from pdserve.config import DEFAULT_VLLM_MODEL, MOCK_MODEL, read_api_keys
+
+# Handed to every service through its environment, not its command line (which `ps` shows to everyone).
+_NATS_SECURITY = ("nats_user", "nats_password", "nats_token", "nats_tls_ca", "nats_tls_cert", "nats_tls_key")
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=os.environ.get("PDSERVE_NATS"),
@@ -42,6 +45,18 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=None,
                         help="how long to wait for every service to come up [default 60 mock, 600 vllm]")
     parser.add_argument("--log-level", default="INFO", help="log level of every service [default INFO]")
+    security = parser.add_argument_group("security (see README: Security and overload)")
+    security.add_argument("--api-keys-file", default=os.environ.get("PDSERVE_API_KEYS_FILE"),
+                          help="router: clients must send `Authorization: Bearer KEY` with a key of this file (one per "
+                               "line, # comments) [env PDSERVE_API_KEYS_FILE; PDSERVE_API_KEYS=k1,k2 also works]")
+    for name, what in (("user", "user name"), ("password", "password"), ("token", "auth token")):
+        security.add_argument(f"--nats-{name}", default=os.environ.get(f"PDSERVE_NATS_{name.upper()}"),
+                              help=f"NATS {what} for every service (and for the NATS server `pdserve up` starts) "
+                                   f"[env PDSERVE_NATS_{name.upper()}]")
+    for name, what in (("ca", "CA certificate of the NATS server"), ("cert", "client certificate"),
+                       ("key", "client certificate's key")):
+        security.add_argument(f"--nats-tls-{name}", default=os.environ.get(f"PDSERVE_NATS_TLS_{name.upper()}"),
+                              help=f"TLS to an external --nats: {what} (PEM) [env PDSERVE_NATS_TLS_{name.upper()}]")
 
 
 @dataclass
@@ -70,11 +85,18 @@ class System:
         self.children: list[Child] = []
         self.nats: nats_server.NatsServer | None = None
         self.nats_url: str = args.nats or ""
+        self.env = {**os.environ}
+        for name in _NATS_SECURITY:
+            if getattr(args, name, None):
+                self.env[f"PDSERVE_{name.upper()}"] = getattr(args, name)
 
     def start(self) -> None:
         a = self.args
         if not self.nats_url:
-            self.nats = nats_server.start(die_with_parent=True)
+            # Our own NATS asks for the same credentials the services are given.
+            auth = nats_server.ServerAuth(user=a.nats_user, password=a.nats_password, token=a.nats_token) \
+                if a.nats_user or a.nats_token else None
+            self.nats = nats_server.start(die_with_parent=True, auth=auth)
             self.nats_url = self.nats.url
         common = ["--nats", self.nats_url, "--log-level", a.log_level]
         worker = [*common, "--engine", a.engine]
@@ -89,11 +111,12 @@ class System:
             # One engine per core where there are enough cores (vLLM's OpenMP threads otherwise fight).
             pin = ["--cpu-cores", str(cores[i % len(cores)])] if a.engine == "vllm" else []
             self._spawn(f"{role}-worker-{i if role == 'prefill' else i - a.prefill}", [f"{role}-worker", *worker, *pin])
-        self._spawn("router", ["router", *common, "--host", a.host, "--port", str(a.port)])
+        keys = ["--api-keys-file", a.api_keys_file] if a.api_keys_file else []
+        self._spawn("router", ["router", *common, "--host", a.host, "--port", str(a.port), *keys])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *argv], preexec_fn=nats_server.set_parent_death_signal,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, env=self.env)
         self.children.append(Child(name, process))
 
     def wait_healthy(self, stop_requested) -> dict:
@@ -164,6 +187,22 @@ def _get_json(url: str) -> dict | None:
         return None
 
 
+def _security_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the security options, before anything starts."""
+    if args.api_keys_file:
+        try:
+            if not read_api_keys(args.api_keys_file):
+                return f"--api-keys-file {args.api_keys_file}: no key in it; put one API key per line"
+        except OSError as e:
+            return f"--api-keys-file {args.api_keys_file}: cannot read it ({e.strerror})"
+    if args.nats_password and not args.nats_user:
+        return "--nats-password needs --nats-user"
+    if not args.nats and (args.nats_tls_ca or args.nats_tls_cert or args.nats_tls_key):
+        return ("--nats-tls-* are for an external NATS with TLS (--nats URL); the NATS server pdserve up starts "
+                "listens on 127.0.0.1 without TLS")
+    return None
+
+
 def up(args: argparse.Namespace) -> int:
     if not _port_free(args.host, args.port):
         _say(f"port {args.port} on {args.host} is in use (another pdserve or server?); pass --port with a free one")
@@ -176,6 +215,10 @@ def up(args: argparse.Namespace) -> int:
         pull_default_model()  # once, here, rather than in every worker at the same time
     if args.prefill < 1 or args.decode < 1:
         _say("--prefill and --decode must be at least 1")
+        return 2
+    problem = _security_problem(args)
+    if problem:
+        _say(problem)
         return 2
     stopping = False
 

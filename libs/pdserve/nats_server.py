@@ -67,13 +67,42 @@ class NatsServer:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class ServerAuth:
+    """What clients must present: a user and password, or a token; and/or TLS (the server's certificate and
+    key; with tls_ca, clients must present a certificate that CA signed)."""
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    def config_text(self) -> str:
+        """nats-server configuration (its own format; JSON strings are valid quoted strings in it)."""
+        q = orjson.dumps
+        lines = []
+        if self.user is not None:
+            lines.append(f"authorization {{ user: {q(self.user).decode()}, password: {q(self.password or '').decode()} }}")
+        elif self.token is not None:
+            lines.append(f"authorization {{ token: {q(self.token).decode()} }}")
+        if self.tls_cert and self.tls_key:
+            verify = f", ca_file: {q(self.tls_ca).decode()}, verify: true" if self.tls_ca else ""
+            lines.append(f"tls {{ cert_file: {q(self.tls_cert).decode()}, key_file: {q(self.tls_key).decode()}{verify} }}")
+        return "\n".join(lines) + "\n"
+
+
 def start(
     *, host: str = "127.0.0.1", port: int | None = None, store_dir: str | None = None,
     timeout_s: float = 10.0, log_file: str | None = None, die_with_parent: bool = False,
+    auth: ServerAuth | None = None,
 ) -> NatsServer:
     """Start nats-server with JetStream; port None lets the server pick a free one.
 
     die_with_parent: the server gets SIGTERM when this process dies, however it dies (Linux).
+    auth: credentials and TLS clients must use; written to a config file only this user can read (never on
+    the command line, which `ps` shows).
     """
     own_store = store_dir is None
     store_dir = store_dir or tempfile.mkdtemp(prefix="pdserve-nats-")
@@ -83,6 +112,12 @@ def start(
         os.unlink(stale)
     cmd = [find_binary(), "-a", host, "-p", str(port if port is not None else -1), "-js",
            "-sd", os.path.join(store_dir, "js"), "--ports_file_dir", ports_dir]
+    if auth is not None:
+        conf = os.path.join(store_dir, "server.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(auth.config_text())
+        cmd += ["-c", conf]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     try:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

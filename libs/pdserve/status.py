@@ -77,14 +77,13 @@ class HeartbeatCollector:
 
 
 def bus_options(nats: str | None) -> cfg.BusOptions:
-    """--nats, else PDSERVE_NATS, else the default; user/password/token from PDSERVE_NATS_* as services do."""
+    """--nats, else PDSERVE_NATS, else the default; credentials and TLS from PDSERVE_NATS_* as services do."""
     return cfg.build(cfg.BusOptions, {"nats": nats})
 
 
 async def connect(options: cfg.BusOptions, name: str, timeout_s: float) -> Bus:
     """Bus.connect bounded by timeout_s; raises BusError whose message names the fix."""
-    return await Bus.connect(options.nats_servers, name, connect_timeout_s=timeout_s, user=options.nats_user,
-                             password=options.nats_password, token=options.nats_token)
+    return await Bus.connect_with(options, name, connect_timeout_s=timeout_s)
 
 
 async def collect(bus: Bus, listen_s: float) -> list[Seen]:

@@ -80,8 +80,7 @@ async def serve(config: BrokerConfig) -> None:
 async def _serve(config: BrokerConfig) -> None:
     stop = shutdown_event()
     broker = Broker(config)
-    bus = await Bus.connect(config.nats_servers, config.broker_id, connect_timeout_s=config.connect_timeout_s,
-                            user=config.nats_user, password=config.nats_password, token=config.nats_token)
+    bus = await Bus.connect_with(config, config.broker_id)
     heartbeats = HeartbeatPublisher(bus, broker.heartbeat, config.heartbeat_interval_s)
     try:
         await broker.membership.start(bus)

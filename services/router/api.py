@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import anyio
 import orjson
@@ -34,9 +34,10 @@ from pdserve.protocol import ModelCard, SamplingParams, Usage
 from pdserve.tokenizer import Tokenizer
 from services.router.backend import (Backend, BackendError, GenerateDelta, GenerateRequest, NoWorkerError,
                                      UpstreamError, UpstreamTimeout)
+from services.router.auth import ApiKeys
 from services.router.errors import (REQUEST_ID_HEADER, APIError, ContextLengthExceeded, InvalidRequest,
-                                    ModelNotFound, PayloadTooLarge, error_payload, install_error_handlers,
-                                    internal_error_message, response_for)
+                                    ModelNotFound, PayloadTooLarge, TooManyRequests, Unauthorized, error_payload,
+                                    install_error_handlers, internal_error_message, response_for)
 from services.router.openai_types import SEVERAL_PROMPTS, ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ DEFAULT_MAX_TOKENS = 256
 DEADLINE_GRACE_S = 2.0
 # Closing the backend's generator sends cancels to workers; bounded so a stuck close cannot pin a task.
 CLOSE_TIMEOUT_S = 5.0
+# Retry-After of a 429 for the in-flight cap: at the cap, requests end all the time (512 requests of 30 s
+# each free a slot every 60 ms), so a second is plenty; clients back off further on repeated 429s.
+INFLIGHT_RETRY_AFTER_S = 1.0
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -64,34 +68,46 @@ def create_app(
     served_model_names: Mapping[str, str] | None = None,
     request_timeout_s: float = 600.0,
     max_body_bytes: int = 4 * 1024 * 1024,
+    max_inflight: int = 512,
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The router's FastAPI app over `backend`.
 
     served_model_names: extra public model names, alias -> backend model name (ModelCard.name), like vLLM's
     --served-model-name; the backend's own names stay valid. request_timeout_s: each request's deadline.
-    max_body_bytes: a larger request body gets 413 before any parsing.
+    max_body_bytes: a larger request body gets 413 before any parsing. max_inflight: completions served at
+    once; one more gets 429 with Retry-After at once (the bounded queue in front of the workers' own).
+    api_keys: when given, /v1 paths need `Authorization: Bearer <key>` (401 otherwise).
     """
-    assert request_timeout_s > 0 and max_body_bytes > 0
+    assert request_timeout_s > 0 and max_body_bytes > 0 and max_inflight > 0
     models = _Models(backend, dict(served_model_names or {}))
+    inflight = _InflightLimit(max_inflight)
     app = FastAPI(title="pdserve router", description="OpenAI-compatible API of pdserve", version="0.1.0")
     install_error_handlers(app)
-    app.add_middleware(_RequestContext, max_body_bytes=max_body_bytes)
+    app.add_middleware(_RequestContext, max_body_bytes=max_body_bytes, api_keys=api_keys)
 
     def serve(request: Request, body: ChatCompletionRequest | CompletionRequest, fmt: _Format) -> Response:
         request_id = _request_id_of(request)
         log = _RequestLog(request_id, body.model, bool(body.stream))
+        if not inflight.acquire():
+            busy = TooManyRequests(f"The server is serving its limit of {inflight.limit} requests at once; retry "
+                                   "after the time in the Retry-After header.", retry_after_s=INFLIGHT_RETRY_AFTER_S)
+            log.done(busy.status, error=busy.message)
+            return response_for(busy)
         try:
             generate_request = _build_request(request, request_id, body, fmt, models, backend, request_timeout_s)
         except (APIError, BackendError) as e:
+            inflight.release()
             log.done(e.status, error=e.message)
             return response_for(e)
         except Exception:
+            inflight.release()
             logger.exception("request_id=%s unexpected error while preparing the request", request_id)
             log.done(500, error="internal_error")
             return response_for(_InternalError(internal_error_message(request_id)))
         log.num_prompt_tokens = len(generate_request.prompt_token_ids)
         log.max_tokens = generate_request.sampling.max_tokens
-        return _Generation(backend, generate_request, body, fmt, log, request_timeout_s)
+        return _Generation(backend, generate_request, body, fmt, log, request_timeout_s, on_end=inflight.release)
 
     @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -301,6 +317,24 @@ class _InternalError(APIError):
     code = "internal_error"
 
 
+class _InflightLimit:
+    """Counts the completions being served; acquire() is False at the limit (no waiting: the caller answers 429)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+    def acquire(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def release(self) -> None:
+        assert self.count > 0, "released more requests than were admitted"
+        self.count -= 1
+
+
 class _ClientGone(Exception):
     """The client disconnected; nothing more can be sent."""
 
@@ -317,10 +351,11 @@ class _Generation(Response):
     """
 
     def __init__(self, backend: Backend, req: GenerateRequest, body: ChatCompletionRequest | CompletionRequest,
-                 fmt: _Format, log: _RequestLog, request_timeout_s: float):
+                 fmt: _Format, log: _RequestLog, request_timeout_s: float, on_end: Callable[[], None]):
         super().__init__(status_code=200)
         self.backend, self.req, self.body, self.fmt, self.log = backend, req, body, fmt, log
         self.request_timeout_s = request_timeout_s
+        self._on_end: Callable[[], None] | None = on_end  # called once, when the request is over
         self.created = int(time.time())
         self._working = True  # the watcher only cancels while this is set
         self._disconnected = False
@@ -351,8 +386,16 @@ class _Generation(Response):
         finally:
             self._working = False
             watcher.cancel()
-            if gen is not None:
-                await _aclose(gen, self.req.request_id)
+            try:
+                if gen is not None:
+                    await _aclose(gen, self.req.request_id)
+            finally:
+                self._end()
+
+    def _end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
 
     async def _watch(self, receive: Receive, task: asyncio.Task) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -508,15 +551,17 @@ def _new_request_id(path: str) -> str:
 
 
 class _RequestContext:
-    """ASGI middleware: names the request, enforces the body limit, stamps X-Request-Id on the response.
+    """ASGI middleware: names the request, checks its API key, enforces the body limit, stamps X-Request-Id.
 
-    The body is read here in full (it is at most max_body_bytes) so an oversize one is refused before
-    FastAPI parses anything, whether or not it declared a Content-Length; it is then replayed to the app.
+    The key is checked before the body is read, so a client without one cannot make the router buffer
+    anything. The body is read here in full (it is at most max_body_bytes) so an oversize one is refused
+    before FastAPI parses anything, whether or not it declared a Content-Length; it is then replayed to the app.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_keys: ApiKeys | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.api_keys = api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -533,6 +578,11 @@ class _RequestContext:
                 message = {**message, "headers": [*message.get("headers", ()), stamp]}
             await send(message)
 
+        refusal = self._check_key(scope)
+        if refusal is not None:
+            logger.info("request_id=%s status=401 path=%s error=%s", request_id, scope["path"], refusal.message)
+            await response_for(refusal)(scope, receive, send_stamped)
+            return
         body = await self._read_body(scope, receive)
         if body is None:
             return  # the client left before it finished sending
@@ -550,6 +600,18 @@ class _RequestContext:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send_stamped)
+
+    def _check_key(self, scope: Scope) -> Unauthorized | None:
+        if self.api_keys is None or not self.api_keys.protects(scope["path"]):
+            return None
+        authorization = Headers(scope=scope).get("authorization")
+        if self.api_keys.allows(authorization):
+            return None
+        if not authorization:
+            return Unauthorized("You didn't provide an API key. You need to provide your API key in an "
+                                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        return Unauthorized("Incorrect API key provided. Use one of the keys this server was started with "
+                            "(--api-keys-file / PDSERVE_API_KEYS).")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | PayloadTooLarge | None:
         too_large = PayloadTooLarge(f"Request body is larger than the limit of {self.max_body_bytes} bytes.")

@@ -9,6 +9,7 @@ and anything unexpected (a 500 that names the request id but never shows a trace
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
 import orjson
@@ -29,6 +30,7 @@ class APIError(Exception):
 
     status = 400
     code: str | None = None
+    retry_after_s: float | None = None  # sent as Retry-After (whole seconds, at least 1)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -56,6 +58,24 @@ class PayloadTooLarge(APIError):
     code = "payload_too_large"
 
 
+class Unauthorized(APIError):
+    """A /v1 request without one of the router's API keys (as OpenAI answers a wrong key)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class TooManyRequests(APIError):
+    """The router already serves its --max-inflight requests: come back shortly (429 + Retry-After)."""
+
+    status = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def error_type(status: int) -> str:
     if status == 429:
         return "rate_limit_error"
@@ -78,17 +98,20 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def backend_error_headers(exc: BackendError) -> dict[str, str] | None:
-    # An orchestrator that sheds load may attach `retry_after_s` to its 429/503 errors.
+def retry_after_headers(exc: APIError | BackendError) -> dict[str, str] | None:
+    # Errors that shed load (429, some 503s) carry `retry_after_s`: when trying again may succeed.
     retry_after = getattr(exc, "retry_after_s", None)
-    return {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
 
 
 def response_for(exc: APIError | BackendError) -> Response:
     """The JSON error response for an error raised while serving a request."""
     if isinstance(exc, BackendError):
-        return error_response(exc.status, exc.message, code=exc.code, headers=backend_error_headers(exc))
-    return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, code=exc.code, headers=retry_after_headers(exc))
+    headers = retry_after_headers(exc) or {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers or None)
 
 
 def internal_error_message(request_id: str | None) -> str:

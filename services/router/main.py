@@ -23,6 +23,7 @@ from pdserve.metrics import RouterMetrics
 from pdserve.service import shutdown_event
 from pdserve.tracing import setup_tracing, shutdown_tracing
 from services.router.api import create_app
+from services.router.auth import ApiKeys
 from services.router.metrics_http import count_responses, metrics_endpoint
 from services.router.orchestrator import Orchestrator
 from services.router.trace_http import trace_requests
@@ -49,15 +50,16 @@ async def serve(config: RouterConfig) -> None:
 
 async def _serve(config: RouterConfig, tracing_on: bool) -> None:
     stop = shutdown_event()
-    bus = await Bus.connect(config.nats_servers, config.router_id, connect_timeout_s=config.connect_timeout_s,
-                            user=config.nats_user, password=config.nats_password, token=config.nats_token)
+    bus = await Bus.connect_with(config, config.router_id)
     try:
         membership = Membership()
         await membership.start(bus)
         registry = CollectorRegistry()
         orchestrator = Orchestrator(config, bus, membership, RouterMetrics(registry))
         await orchestrator.start()
-        app = create_app(orchestrator, request_timeout_s=config.request_timeout_s)
+        keys = config.api_key_set
+        app = create_app(orchestrator, request_timeout_s=config.request_timeout_s, max_body_bytes=config.max_body_bytes,
+                         max_inflight=config.max_inflight, api_keys=ApiKeys(keys) if keys else None)
         app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
         traced = trace_requests(app) if tracing_on else app  # off: the client's traceparent still travels
         counted = count_responses(traced, orchestrator.metrics)
@@ -70,8 +72,15 @@ async def _serve(config: RouterConfig, tracing_on: bool) -> None:
             port = server.servers[0].sockets[0].getsockname()[1]
             host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
             log.info("router %s: OpenAI API on http://%s:%d/v1", config.router_id, host, port)
+            if keys:
+                log.info("router %s: /v1 requires one of %d API key(s) (Authorization: Bearer)", config.router_id,
+                         len(keys))
             if not netaddr.is_loopback(config.host):
-                log.warning("router listens on %s, reachable from other machines", config.host)
+                if keys:
+                    log.info("router listens on %s, reachable from other machines", config.host)
+                else:
+                    log.warning("router listens on %s, reachable from other machines, without API keys: anyone who "
+                                "reaches it can use it; set --api-keys-file or PDSERVE_API_KEYS", config.host)
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True  # stop taking requests; uvicorn lets those in flight finish
