@@ -55,6 +55,7 @@ class PrefillHandlers:
             first_text=result.first_text, finish_reason=result.finish_reason,
             kv_transfer_params=result.kv_transfer_params, num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=result.num_cached_tokens, prefill_ms=prefill_ms,
+            queue_ms=result.queue_ms or 0.0,  # the router's prefill service time is prefill_ms - queue_ms
         )
         num_blocks = len(result.kv_transfer_params.block_ids) if result.kv_transfer_params else 0
         span.set_attributes({"num_cached_tokens": result.num_cached_tokens, "num_blocks": num_blocks,

@@ -47,6 +47,17 @@ class NoWorkerError(BackendError):
     code = "no_worker"
 
 
+class Overloaded(BackendError):
+    """Every worker that could take the request is full, or its deadline cannot be met (429 + Retry-After)."""
+
+    status = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamTimeout(BackendError):
     """A worker did not answer within its deadline and no other could take over (504)."""
 

@@ -1,6 +1,9 @@
 """One request's journey: prefill on P, first token to the client, decode on D, chunks to the client.
 
 Algorithm of `generate()`:
+0. Early refusal: if the least-loaded prefill worker's queue (load x mean prefill time, see
+   LeastLoadPolicy.prefill_wait_s) is already longer than the time the request has left, answer 429 at
+   once instead of letting it wait for a deadline it cannot meet.
 1. Prefill: choose the least-loaded prefill worker P and ask it (NATS request, deadline
    prefill_timeout_s). On a timeout, a vanished worker or a retryable error, cancel on P and try another
    prefill worker (up to max_attempts). If every try failed, the decode worker prefills locally.
@@ -10,7 +13,8 @@ Algorithm of `generate()`:
    decode worker D to decode
    with P's KV location. Read chunks in order (sequence numbers) with an idle deadline. If D fails, is
    gone or stalls before its first chunk, cancel on D and try another decode worker (it pulls the same KV,
-   or recomputes it); after chunks were streamed, end with a clear error.
+   or recomputes it); after chunks were streamed, end with a clear error. If every decode worker tried
+   refused because it is full, the answer is 429 with Retry-After (overload is not a failure).
 4. However the request ends (done, error, client gone), a cancel goes to whichever worker still works on it,
    so nothing stays allocated.
 """
@@ -31,21 +35,28 @@ from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Hear
                               PrefillRequest, TokenChunk, Usage)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
 from pdserve.metrics import RequestTimer, RouterMetrics
-from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError,
-                                     UpstreamTimeout)
+from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, Overloaded,
+                                     UpstreamError, UpstreamTimeout)
 from pdserve.tracing import Span, SpanKind
 from services.router.policy import LeastLoadPolicy
 
 log = logging.getLogger(__name__)
 
+# ErrorReply codes of a worker that is full (queue bound, KV memory): try another, else 429.
+OVERLOAD_CODES = frozenset({"overloaded", "kv_full"})
+# Retry-After when every worker is full: a decode worker frees a slot as soon as any of its requests ends.
+WORKERS_FULL_RETRY_AFTER_S = 1.0
+
 
 class _DecodeFailed(Exception):
-    """A decode attempt failed; `retryable` when nothing was streamed from it yet."""
+    """A decode attempt failed; `retryable` when nothing was streamed from it yet; `overloaded` when the
+    worker refused because it is full."""
 
-    def __init__(self, message: str, *, retryable: bool, timeout: bool = False):
+    def __init__(self, message: str, *, retryable: bool, timeout: bool = False, overloaded: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.timeout = timeout
+        self.overloaded = overloaded
 
 
 class Orchestrator:
@@ -139,6 +150,7 @@ class Orchestrator:
                 if not self.membership.live(role, req.model):
                     raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
                                         f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
+            self._refuse_if_late(req)
             ready = await self._prefill(req)
             if ready is not None:
                 route.set_attributes({"prefill_worker_id": ready.worker_id, "ttft_ms": (time.monotonic() - started) * 1000})
@@ -181,6 +193,7 @@ class Orchestrator:
                              ready.num_prompt_tokens, ready.prefill_ms)
                     self.metrics.prompt_tokens.inc(ready.num_prompt_tokens)
                     self.metrics.cached_prompt_tokens.inc(ready.num_cached_tokens)
+                    self.policy.prefill_time.observe((ready.prefill_ms - ready.queue_ms) / 1000)
                     return ready
                 except RemoteError as e:
                     tracing.record_error(span, str(e))
@@ -206,6 +219,7 @@ class Orchestrator:
                       ) -> AsyncIterator[GenerateDelta]:
         tried: list[str] = []
         last_error: _DecodeFailed | None = None
+        num_full = 0  # attempts refused because the worker was full
         for _ in range(self.config.max_attempts):
             worker = self.policy.choose("decode", req.model, exclude=tried)
             if worker is None:
@@ -221,6 +235,7 @@ class Orchestrator:
             except _DecodeFailed as e:
                 log.warning("request %s: decode on %s failed: %s", req.request_id, worker.worker_id, e)
                 last_error = e
+                num_full += e.overloaded
                 if not e.retryable:
                     break
                 self.metrics.retries.labels(role="decode").inc()
@@ -228,6 +243,9 @@ class Orchestrator:
                 self.policy.release(worker.worker_id)
         if last_error is None:
             raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
+        if num_full == len(tried):
+            raise Overloaded(f"Every decode worker is full ({len(tried)} tried); retry after the time in the "
+                             "Retry-After header.", retry_after_s=WORKERS_FULL_RETRY_AFTER_S)
         error_cls = UpstreamTimeout if last_error.timeout else UpstreamError
         raise error_cls(f"decode failed after {len(tried)} attempt(s): {last_error}")
 
@@ -263,7 +281,8 @@ class Orchestrator:
                 await self.bus.request(subjects.decode_request(worker_id), msg, DecodeAccepted, timeout_s=timeout_s,
                                        request_id=req.request_id)
             except RemoteError as e:
-                raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable) from e
+                raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable,
+                                    overloaded=e.reply.code in OVERLOAD_CODES) from e
             except BusError as e:
                 raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout)) from e
             while True:
@@ -305,6 +324,19 @@ class Orchestrator:
                                    request_id=request_id)
         except Exception as e:  # NATS down: leases and deadlines free the rest
             log.warning("request %s: cancel to %s not sent: %s", request_id, worker_id, e)
+
+    def _refuse_if_late(self, req: GenerateRequest) -> None:
+        """Overloaded (429) when the prefill queue alone outlasts the request's deadline (config.early_refusal)."""
+        if not self.config.early_refusal:
+            return
+        wait_s = self.policy.prefill_wait_s(req.model)
+        left_s = self._remaining(req)
+        if wait_s is not None and wait_s > left_s:
+            log.warning("request %s: refused at once: prefill queue ~%.1fs, %.1fs left until its deadline",
+                        req.request_id, wait_s, left_s)
+            raise Overloaded(f"The prefill queue is about {wait_s:.1f}s long, more than the {left_s:.1f}s this "
+                             "request may take; retry after the time in the Retry-After header.",
+                             retry_after_s=wait_s - left_s)
 
     @staticmethod
     def _remaining(req: GenerateRequest) -> float:
