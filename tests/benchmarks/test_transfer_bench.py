@@ -26,9 +26,9 @@ def strict_json(text: str) -> dict:
 
 def mooncake_engine_imports() -> bool:
     """`import mooncake` alone succeeds without the engine's shared libraries: probe mooncake.engine, in a
-    process with the benchmark's environment."""
-    probe = subprocess.run([sys.executable, "-c", "import mooncake.engine"], cwd=REPO, capture_output=True,
-                           timeout=60)
+    process with the benchmark's environment, after the same preload of the libraries `make` fetched."""
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import mooncake_tcp; mooncake_tcp.preload_fetched_libs(); import mooncake.engine"
+    probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     return probe.returncode == 0
 
 
