@@ -138,12 +138,19 @@ class StatsRequest(Message):
 
 
 class WorkerStats(Message):
-    """A worker's counters; the test-visible face of its engine and transport."""
+    """A worker's counters; the test-visible face of its engine and transport.
+
+    The leak accounting surface: after every request ended, num_held_blocks returns to 0 and kv_usage to
+    its idle level. num_held_blocks counts the KV blocks pdserve holds: the mock engine's allocated blocks
+    (running requests and transfers), or on vLLM the blocks its connector keeps for KV transfers (vLLM owns
+    its running requests' blocks; kv_usage and num_free_blocks are its block pool's, so they include them).
+    """
 
     type: Literal["worker_stats"] = "worker_stats"
     worker_id: str
     role: Role
     num_requests_served: int = 0
+    num_queued: int = 0
     num_running: int = 0
     num_held_blocks: int = 0
     num_free_blocks: int = 0

@@ -44,8 +44,7 @@ class WorkerRuntime:
     async def __aenter__(self) -> "WorkerRuntime":
         cfg = self.config
         try:
-            self.bus = await Bus.connect(cfg.nats_servers, self.worker_id, connect_timeout_s=cfg.connect_timeout_s,
-                                         user=cfg.nats_user, password=cfg.nats_password, token=cfg.nats_token)
+            self.bus = await Bus.connect_with(cfg, self.worker_id)
             self._stack.push_async_callback(self.bus.close)
             advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
             self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host)
@@ -114,9 +113,8 @@ class WorkerRuntime:
 
     async def _on_stats(self, _: StatsRequest) -> WorkerStats:
         await self.engine.refresh_stats()
-        stats = {k: v for k, v in self.engine.stats().items() if k in WorkerStats.model_fields}
-        return WorkerStats(worker_id=self.worker_id, role=self.config.role,
-                           num_requests_served=self.num_requests_served, **stats)
+        stats = {k: v for k, v in self._metric_values().items() if k in WorkerStats.model_fields}
+        return WorkerStats(worker_id=self.worker_id, role=self.config.role, **stats)
 
     async def _on_cancel(self, msg: CancelRequest) -> None:
         if msg.worker_id not in (None, self.worker_id):

@@ -114,8 +114,11 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._stats_path)
+        from pdserve.kv.vllm_connector import pool_stats_path
+
+        for path in (self._stats_path, pool_stats_path(self._stats_path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     @property
     def transfer_address(self) -> str | None:
@@ -213,10 +216,18 @@ class VllmEngine(Engine):
                 self._set_stats(published)
 
     def _set_stats(self, stats: dict) -> None:
+        """The connector's worker-side counters (num_held_blocks: blocks held for KV transfers) plus the block
+        pool's usage the scheduler side publishes (kv_usage, num_free_blocks: running requests included).
+        Until the pool was published once, usage is estimated from the held blocks alone."""
+        from pdserve.kv.vllm_connector import pool_stats_path, read_published_stats
+
         total = stats.get("num_total_blocks") or 0
         held = stats.get("num_held_blocks", 0)
-        self._stats = {**stats, "num_local_prefills": self._num_local_prefills,
-                       "kv_usage": held / total if total else 0.0, "num_free_blocks": max(0, total - held)}
+        usage = {"kv_usage": held / total if total else 0.0, "num_free_blocks": max(0, total - held)}
+        pool = read_published_stats(pool_stats_path(self._stats_path))
+        if pool is not None:
+            usage = {"kv_usage": float(pool["kv_usage"]), "num_free_blocks": int(pool["num_free_blocks"])}
+        self._stats = {**stats, "num_local_prefills": self._num_local_prefills, **usage}
 
     def stats(self) -> dict[str, float]:
         return {**self._stats, "num_running": len(self._running)}

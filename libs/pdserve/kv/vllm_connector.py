@@ -33,7 +33,8 @@ the prefill: the request is reported as finished and failed receiving, its block
 
 kv_connector_extra_config: worker_id, model_name (both go into the params / layout tag), advertise_host,
 bind_host, lease_s, pull_timeout_s; optional hold_blocks ("refcount" | "delay_free") and stats_path (the
-worker side then publishes its counters there as JSON every 0.5 s, see read_published_stats).
+worker side then publishes its counters there as JSON every 0.5 s, see read_published_stats, and the
+scheduler side the block pool's usage at pool_stats_path(stats_path), see PoolUsagePublisher).
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ class PdserveConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     # ---- scheduler side (vLLM calls these in the EngineCore process)
 
@@ -235,7 +238,7 @@ class PdserveConnector(KVConnectorBase_V1):
         return self._scheduler
 
     def bind_gpu_block_pool(self, gpu_block_pool: "VllmBlockPool") -> None:
-        self.scheduler.block_pool = gpu_block_pool
+        self.scheduler.bind_block_pool(gpu_block_pool)
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         self.scheduler.set_handshake(metadata)
@@ -288,6 +291,19 @@ class _SchedulerSide:
         self._loading: set[str] = set()  # loads started and not yet reported finished
         self._held: dict[str, _SchedulerHold] = {}  # refcount mode: blocks we hold a reference on
         self._meta = PdserveConnectorMetadata()
+        self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
+        self._usage: PoolUsagePublisher | None = None
+
+    def bind_block_pool(self, block_pool: "VllmBlockPool") -> None:
+        self.block_pool = block_pool
+        if self.stats_path and self._usage is None:
+            self._usage = PoolUsagePublisher(block_pool, pool_stats_path(self.stats_path))
+            self._usage.start()
+
+    def shutdown(self) -> None:
+        if self._usage is not None:
+            self._usage.stop()
+            self._usage = None
 
     def set_handshake(self, metadata: dict) -> None:
         addresses = {m.address for m in metadata.values() if isinstance(m, PdserveHandshake)}
@@ -717,13 +733,71 @@ class _WorkerSide:
                 snapshot = self._snapshot()
                 if snapshot == last:
                     continue
-                tmp = f"{self.stats_path}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(orjson.dumps({**snapshot, "published_at": time.time()}))
-                os.replace(tmp, self.stats_path)
+                _write_json(self.stats_path, {**snapshot, "published_at": time.time()})
                 last = snapshot
             except Exception:  # a full disk must not take the engine down; retried next round
                 logger.exception("kv connector: could not publish stats to %s", self.stats_path)
+
+
+class PoolUsagePublisher:
+    """KV usage of the whole engine, as vLLM's scheduler sees its block pool (running and waiting requests'
+    blocks and the blocks held for transfers alike), published for the pdserve worker at `path` as
+    {"num_free_blocks", "kv_usage", "published_at"} every _STATS_PUBLISH_S when it changed.
+
+    The worker side only knows the blocks held for transfers (num_held_blocks); the pool lives with the
+    scheduler, in the EngineCore process. Reading the free count from this thread is a read of one int
+    that vLLM's engine thread updates: a snapshot, never a torn value.
+    """
+
+    def __init__(self, block_pool: Any, path: str):
+        self.block_pool = block_pool
+        self.path = path
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: dict | None = None
+
+    def snapshot(self) -> dict:
+        usable = self.block_pool.num_gpu_blocks - 1  # vLLM's null block is neither free nor usable
+        free = self.block_pool.get_num_free_blocks()
+        return {"num_free_blocks": free, "kv_usage": 1.0 - free / usable if usable > 0 else 0.0}
+
+    def publish(self) -> None:
+        snapshot = self.snapshot()
+        if snapshot != self._last:
+            _write_json(self.path, {**snapshot, "published_at": time.time()})
+            self._last = snapshot
+
+    def start(self) -> None:
+        self.publish()
+        self._thread = threading.Thread(target=self._run, name="pdserve-kv-usage", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(_STATS_PUBLISH_S):
+            try:
+                self.publish()
+            except Exception:  # a full disk must not take the engine down; retried next round
+                logger.exception("kv connector: could not publish KV usage to %s", self.path)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def pool_stats_path(stats_path: str) -> str:
+    """Where the scheduler side publishes the block pool's usage, next to the worker side's counters."""
+    return f"{stats_path}.pool"
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Atomically replaced, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(value))
+    os.replace(tmp, path)
 
 
 def read_published_stats(path: str) -> dict | None:
