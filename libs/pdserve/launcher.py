@@ -2,7 +2,9 @@
 
 Algorithm:
 1. Check the router's port is free (the one fixed port besides NATS'), else stop with the fix.
-2. Start nats-server on a free port (or use --nats URL).
+2. Start nats-server on a free port (or use --nats URL); with --nats-user/--nats-token it asks for them.
+   NATS credentials and TLS files reach every service through its environment (PDSERVE_NATS_*), never its
+   command line; --api-keys-file goes to the router.
 3. Start the KV broker, the router and N prefill + M decode workers as child processes; each child dies
    with this process (PR_SET_PDEATHSIG) so none is ever left behind, even after a kill -9 of `pdserve up`.
 4. Poll the router's /health until every worker and the broker have announced themselves; on timeout, or

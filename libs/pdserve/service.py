@@ -32,8 +32,14 @@ def shutdown_event() -> asyncio.Event:
 
 
 def run(main: Callable[[], Awaitable[None]]) -> int:
+    """Runs a service to its end; exit status 1, with one line that names the fix, when NATS cannot be used."""
+    from pdserve.bus import BusError
+
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except BusError as e:  # unreachable, wrong credentials, TLS: the message says what to change
+        log.error("%s", e)
+        return 1
     return 0
