@@ -7,6 +7,7 @@ receiver's monotonic clock so clock skew does not matter) is gone; a clean shutd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,10 +77,30 @@ class Membership:
         self._members: dict[str, Member] = {}
         self.on_join: list[Callable[[Heartbeat], None]] = []
         self.on_gone: list[Callable[[str], None]] = []
+        self._pruner: asyncio.Task | None = None
 
-    async def start(self, bus: Bus) -> None:
+    async def start(self, bus: Bus, *, prune_interval_s: float = 0.5) -> None:
+        """Follow heartbeats and goodbyes; check for silent members every prune_interval_s, so that on_gone
+        fires within about one interval of the last missed heartbeat even when nobody asks for the view
+        (a request streaming from a worker that was killed -9 learns of it that way)."""
         await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, self._on_heartbeat)
         await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self._on_goodbye)
+        self._pruner = asyncio.create_task(self._prune_every(prune_interval_s), name="membership-prune")
+
+    async def stop(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+            self._pruner = None
+
+    async def _prune_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.prune()
+            except Exception:  # a failing on_gone callback must not stop the watch
+                log.exception("membership: prune failed")
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
         joined = hb.worker_id not in self._members

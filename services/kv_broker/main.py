@@ -93,4 +93,5 @@ async def _serve(config: BrokerConfig) -> None:
         await stop.wait()
     finally:
         await heartbeats.stop()
+        await broker.membership.stop()
         await bus.close()

@@ -51,8 +51,8 @@ async def serve(config: RouterConfig) -> None:
 async def _serve(config: RouterConfig, tracing_on: bool) -> None:
     stop = shutdown_event()
     bus = await Bus.connect_with(config, config.router_id)
+    membership = Membership()
     try:
-        membership = Membership()
         await membership.start(bus)
         registry = CollectorRegistry()
         orchestrator = Orchestrator(config, bus, membership, RouterMetrics(registry))
@@ -87,4 +87,5 @@ async def _serve(config: RouterConfig, tracing_on: bool) -> None:
         await serving
         stopping.cancel()
     finally:
+        await membership.stop()
         await bus.close()
