@@ -36,6 +36,8 @@ class RouterMetrics:
                                registry=registry)
         self.local_prefills = Counter("pdserve_local_prefills", "Requests whose decode worker prefilled itself",
                                       registry=registry)
+        self.resumes = Counter("pdserve_decode_resumes", "Streams continued on another decode worker after tokens "
+                               "were streamed (it prefilled prompt + those tokens)", registry=registry)
         # Their ratio is the prefix-cache hit rate of the prefills this router sent.
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens sent to prefill workers", registry=registry)
         self.cached_prompt_tokens = Counter("pdserve_prompt_cached_tokens",

@@ -98,6 +98,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 class Usage(BaseModel):
@@ -220,6 +221,10 @@ class DecodeRequest(Message):
     kv_transfer_params: KVTransferParams | None = None
     stream_subject: str
     deadline: float
+    resume_token_ids: tuple[int, ...] = Field(
+        default=(), description="tokens an earlier decode worker streamed before it failed: prefill prompt + "
+        "them locally and continue after them (first_token_id and kv_transfer_params are then None)"
+    )
 
 
 class DecodeAccepted(Message):

@@ -49,7 +49,7 @@ class DecodeHandlers:
         # Started from on_decode, this task carries the router's "decode request" context: the span is its child.
         params = req.kv_transfer_params
         attributes = {"request_id": req.request_id, "worker_id": self.rt.worker_id,
-                      "num_prompt_tokens": len(req.prompt_token_ids),
+                      "num_prompt_tokens": len(req.prompt_token_ids), "num_resumed_tokens": len(req.resume_token_ids),
                       "prefill_worker_id": params.worker_id if params else "",
                       "num_blocks": len(params.block_ids) if params else 0}
         with tracing.span("decode", kind=SpanKind.SERVER, attributes=attributes) as span:
@@ -59,13 +59,13 @@ class DecodeHandlers:
         """KV load and generation; ttft_ms: to this worker's first output; tpot_ms: mean time per token after it."""
         rt = self.rt
         seq = 0
-        num_tokens = 1 if req.first_token_id is not None else 0
+        num_tokens = len(req.resume_token_ids) + (1 if req.first_token_id is not None else 0)
         started = time.monotonic()
         first_at = last_at = 0.0
         num_first = num_generated = 0
         try:
             async for out in rt.engine.generate(req.request_id, req.prompt_token_ids, req.sampling,
-                                                req.first_token_id, req.kv_transfer_params):
+                                                req.first_token_id, req.kv_transfer_params, req.resume_token_ids):
                 last_at = time.monotonic()
                 if num_generated == 0:
                     first_at, num_first = last_at, len(out.token_ids)

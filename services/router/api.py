@@ -227,6 +227,7 @@ def _build_request(request: Request, request_id: str, body: ChatCompletionReques
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=body.stop_strings(),
+        ignore_eos=bool(body.ignore_eos),
     )
     traceparent = request.headers.get("traceparent")
     return GenerateRequest(

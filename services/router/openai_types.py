@@ -90,6 +90,8 @@ class _SamplingFields(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    ignore_eos: StrictBool | None = Field(default=False, description="vLLM's extension: generate max_tokens "
+                                          "tokens even past the end-of-sequence token (benchmarks use it)")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -10,10 +10,11 @@ Algorithm of `generate()`:
 2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
    (max_tokens=1, a stop string) we are done.
 3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the least-loaded
-   decode worker D to decode
-   with P's KV location. Read chunks in order (sequence numbers) with an idle deadline. If D fails, is
-   gone or stalls before its first chunk, cancel on D and try another decode worker (it pulls the same KV,
-   or recomputes it); after chunks were streamed, end with a clear error. If every decode worker tried
+   decode worker D to decode with P's KV location. Read chunks in order (sequence numbers) with an idle
+   deadline. If D fails, stalls, or is gone (missed heartbeats), cancel on D and try another decode worker
+   (up to max_attempts): before D streamed anything it pulls the same KV (or recomputes it); after, it
+   resumes: it prefills prompt + every token the client already has and continues from there, so the client
+   sees one uninterrupted stream. With no worker left, the stream ends with a clear error. If every decode worker tried
    refused because it is full, the answer is 429 with Retry-After (overload is not a failure).
 4. However the request ends (done, error, client gone), a cancel goes to whichever worker still works on it,
    so nothing stays allocated.
@@ -49,7 +50,8 @@ WORKERS_FULL_RETRY_AFTER_S = 1.0
 
 
 class _DecodeFailed(Exception):
-    """A decode attempt failed; `retryable` when nothing was streamed from it yet; `overloaded` when the
+    """A decode attempt failed; `retryable` when another worker may do better (after streamed tokens: by
+    resuming after them), not when the worker refused for good; `overloaded` when the
     worker refused because it is full."""
 
     def __init__(self, message: str, *, retryable: bool, timeout: bool = False, overloaded: bool = False):
@@ -70,6 +72,7 @@ class Orchestrator:
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
         self._streams: dict[tuple[str, str], asyncio.Queue[TokenChunk]] = {}  # (request_id, worker_id)
         membership.on_join.append(self._on_worker_joined)
+        membership.on_gone.append(self._on_worker_gone)
 
     # ----------------------------------------------------------------------------- Backend protocol
 
@@ -220,16 +223,27 @@ class Orchestrator:
         tried: list[str] = []
         last_error: _DecodeFailed | None = None
         num_full = 0  # attempts refused because the worker was full
+        # Every token the client has, once a decode attempt streamed some: later attempts resume after them.
+        streamed: list[int] | None = None
         for _ in range(self.config.max_attempts):
             worker = self.policy.choose("decode", req.model, exclude=tried)
             if worker is None:
                 break
             tried.append(worker.worker_id)
             route.set_attribute("decode_worker_id", worker.worker_id)
+            resume = tuple(streamed) if streamed is not None else ()
+            if resume:
+                self.metrics.resumes.inc()
+                route.set_attribute("num_resumed_tokens", len(resume))
+                log.info("request %s: resuming on %s after %d tokens", req.request_id, worker.worker_id, len(resume))
             self.policy.acquire(worker.worker_id)
             try:
-                async with contextlib.aclosing(self._decode_on(req, ready, worker.worker_id)) as deltas:
+                async with contextlib.aclosing(
+                        self._decode_on(req, None if resume else ready, worker.worker_id, resume)) as deltas:
                     async for delta in deltas:
+                        if streamed is None:
+                            streamed = [ready.first_token_id] if ready is not None else []
+                        streamed.extend(delta.token_ids)
                         yield delta
                 return
             except _DecodeFailed as e:
@@ -249,22 +263,23 @@ class Orchestrator:
         error_cls = UpstreamTimeout if last_error.timeout else UpstreamError
         raise error_cls(f"decode failed after {len(tried)} attempt(s): {last_error}")
 
-    async def _decode_on(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
-                         ) -> AsyncIterator[GenerateDelta]:
+    async def _decode_on(self, req: GenerateRequest, ready: KVReady | None, worker_id: str,
+                         resume_token_ids: tuple[int, ...]) -> AsyncIterator[GenerateDelta]:
         """One decode attempt on worker_id, under a client span that lasts until its last chunk."""
         with tracing.span("decode request", kind=SpanKind.CLIENT,
-                          attributes={"request_id": req.request_id, "worker_id": worker_id}) as span:
+                          attributes={"request_id": req.request_id, "worker_id": worker_id,
+                                      "num_resumed_tokens": len(resume_token_ids)}) as span:
             num_tokens = 0
-            async with contextlib.aclosing(self._decode_stream(req, ready, worker_id)) as deltas:
+            async with contextlib.aclosing(self._decode_stream(req, ready, worker_id, resume_token_ids)) as deltas:
                 async for delta in deltas:
                     num_tokens += len(delta.token_ids)
                     span.set_attribute("num_streamed_tokens", num_tokens)
                     yield delta
 
-    async def _decode_stream(self, req: GenerateRequest, ready: KVReady | None, worker_id: str
-                             ) -> AsyncIterator[GenerateDelta]:
+    async def _decode_stream(self, req: GenerateRequest, ready: KVReady | None, worker_id: str,
+                             resume_token_ids: tuple[int, ...]) -> AsyncIterator[GenerateDelta]:
         stream_subject = subjects.token_stream(self.config.router_id, req.request_id)
-        chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+        chunks: asyncio.Queue[TokenChunk | None] = asyncio.Queue()  # None: the worker is gone
         stream_key = (req.request_id, worker_id)  # a late chunk of an earlier attempt finds no queue
         self._streams[stream_key] = chunks
         finished = False
@@ -274,7 +289,7 @@ class Orchestrator:
                 request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                 sampling=req.sampling, first_token_id=ready.first_token_id if ready else None,
                 kv_transfer_params=ready.kv_transfer_params if ready else None, stream_subject=stream_subject,
-                deadline=req.deadline,
+                deadline=req.deadline, resume_token_ids=resume_token_ids,
             )
             timeout_s = min(self.config.decode_accept_timeout_s, self._remaining(req))
             try:
@@ -288,14 +303,21 @@ class Orchestrator:
             while True:
                 timeout_s = min(self.config.stream_idle_timeout_s, self._remaining(req))
                 try:
-                    chunk = await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
+                    if chunks.empty():
+                        # wait_for costs a task and a timer (~20 us on 3.11): only when there is something to wait for
+                        chunk = await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
+                    else:
+                        chunk = chunks.get_nowait()
                 except asyncio.TimeoutError:
-                    raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=num_chunks == 0, timeout=True) from None
+                    raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=True, timeout=True) from None
+                if chunk is None:
+                    raise _DecodeFailed(f"decode worker {worker_id} is gone (missed heartbeats)", retryable=True)
                 if chunk.seq != num_chunks:
+                    # Resuming from the tokens the client has is right whatever was lost in between.
                     raise _DecodeFailed(f"chunk {chunk.seq} arrived, expected {num_chunks}; tokens were lost",
-                                        retryable=num_chunks == 0)
+                                        retryable=True)
                 if chunk.error:
-                    raise _DecodeFailed(chunk.error, retryable=num_chunks == 0)
+                    raise _DecodeFailed(chunk.error, retryable=True)
                 num_chunks += 1
                 finished = chunk.finish_reason is not None
                 yield GenerateDelta(chunk.text, chunk.token_ids, chunk.finish_reason, chunk.usage)
@@ -310,6 +332,12 @@ class Orchestrator:
         """One subscription for every token stream of this router, made once: a per-request subscription
         would cost a round trip to NATS per request and could race the decode worker's first chunk."""
         await self.bus.subscribe(subjects.token_streams(self.config.router_id), TokenChunk, self._on_chunk)
+
+    def _on_worker_gone(self, worker_id: str) -> None:
+        """Wake every stream still waiting on a worker that died: it moves on now, not at its idle deadline."""
+        for (_, stream_worker_id), queue in list(self._streams.items()):
+            if stream_worker_id == worker_id:
+                queue.put_nowait(None)
 
     async def _on_chunk(self, chunk: TokenChunk) -> None:
         queue = self._streams.get((chunk.request_id, chunk.worker_id))

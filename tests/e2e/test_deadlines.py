@@ -20,7 +20,7 @@ from pdserve.config import MOCK_MODEL
 from pdserve.engine.mock_model import predict
 from pdserve.protocol import SamplingParams
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, descendants, free_port
+from tests.e2e.conftest import PdserveUp, descendants, free_port, get_json
 
 pytestmark = pytest.mark.e2e
 
@@ -140,3 +140,45 @@ def test_decode_that_stops_mid_stream_ends_with_a_clear_error(system):
     time.sleep(4)  # the thawed workers heartbeat again; the system serves as before
     r = complete(system, "after the storm")
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("after the storm")
+
+
+def serving_decode_pid(up: PdserveUp, timeout_s: float = 3.0) -> int:
+    """The pid of the decode worker that heartbeats a running request (worker ids are role-host-PID-random)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, health = get_json(f"{up.base_url}/health")
+        busy = [w for w in (health or {}).get("workers", []) if w["role"] == "decode" and w["num_running"] > 0]
+        if len(busy) == 1:
+            return int(busy[0]["worker_id"].split("-")[-2])
+        time.sleep(0.1)
+    raise AssertionError("no single decode worker reported the running request")
+
+
+def test_decode_that_stops_mid_stream_resumes_on_another_worker_without_a_seam(system):
+    """The client sees one stream: every token exactly once, in order, as if nothing happened."""
+    body = {"model": MOCK_MODEL, "prompt": "resume me", "max_tokens": 150, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    text, usage, frozen_pid = "", None, None
+    try:
+        with httpx.stream("POST", f"{system.base_url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[len("data: "):])
+                assert "error" not in event, event
+                if event["choices"]:
+                    text += event["choices"][0]["text"]
+                usage = event.get("usage") or usage
+                if len(text) >= 10 and frozen_pid is None:
+                    frozen_pid = serving_decode_pid(system)
+                    os.kill(frozen_pid, signal.SIGSTOP)
+        assert frozen_pid is not None
+        assert text == expected("resume me", 150)
+        assert usage["completion_tokens"] == 150 and usage["prompt_tokens"] == len(ByteTokenizer().encode("resume me"))
+        metrics = httpx.get(f"{system.base_url}/metrics").text
+        assert any(l.startswith("pdserve_decode_resumes_total ") and float(l.split()[1]) >= 1 for l in metrics.splitlines())
+    finally:
+        if frozen_pid is not None:
+            os.kill(frozen_pid, signal.SIGCONT)
+    time.sleep(4)  # the thawed worker heartbeats again

@@ -92,10 +92,13 @@ class Engine(abc.ABC):
         sampling: SamplingParams,
         first_token_id: int | None,
         kv_transfer_params: KVTransferParams | None,
+        resume_token_ids: tuple[int, ...] = (),
     ) -> AsyncIterator[TokenOutput]:
         """Load the prompt's KV (pull, or recompute locally on failure) and decode after first_token_id.
 
         With first_token_id None the engine prefills locally and its first output holds the first token.
+        resume_token_ids: tokens an earlier decode worker already generated and streamed (it died); the engine
+        prefills prompt + them locally and outputs only what comes after them (no KV, no first token given).
         After the iterator ends or is closed, nothing is held for the request.
         """
 

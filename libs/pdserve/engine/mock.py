@@ -124,13 +124,25 @@ class MockEngine(Engine):
     # ------------------------------------------------------------------------------------- decode
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
-                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None
-                       ) -> AsyncIterator[TokenOutput]:
-        held = self._allocate(request_id, prompt_token_ids)
+                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
+                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
+        held = self._allocate(request_id, prompt_token_ids + resume_token_ids)
         self._running.add(request_id)
         try:
             stream = TokenStream(prompt_token_ids, sampling)
-            if kv_transfer_params is None or first_token_id is None:
+            if resume_token_ids:
+                # What an autoregressive engine does with prompt + generated tokens: prefill them all, then go on.
+                self._counters["num_local_prefills"] += 1
+                await self._compute_prefill(prompt_token_ids + resume_token_ids, held.block_ids)
+                for expected in resume_token_ids:
+                    token, _ = stream.next()  # the client has these tokens' text already
+                    if token != expected:
+                        raise RuntimeError(f"request {request_id}: resumed after token {expected}, "
+                                           f"this engine generates {token} there")
+                    if stream.finish_reason is not None:
+                        yield TokenOutput((), "", stream.finish_reason)
+                        return
+            elif kv_transfer_params is None or first_token_id is None:
                 self._counters["num_local_prefills"] += 1
                 await self._compute_prefill(prompt_token_ids, held.block_ids)
                 token, text = stream.next()

@@ -157,9 +157,16 @@ class VllmEngine(Engine):
     # ------------------------------------------------------------------------------------- decode
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
-                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None
-                       ) -> AsyncIterator[TokenOutput]:
-        if kv_transfer_params is not None and first_token_id is not None:
+                       first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
+                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
+        if resume_token_ids:
+            # Prompt + what was streamed is a prompt like any other: vLLM prefills it and goes on from there.
+            self._num_local_prefills += 1
+            prompt, max_tokens, kv = (*prompt_token_ids, *resume_token_ids), sampling.max_tokens - len(resume_token_ids), None
+            if max_tokens <= 0:
+                yield TokenOutput((), "", "length")
+                return
+        elif kv_transfer_params is not None and first_token_id is not None:
             # Continue after the first token: its own KV is computed here, the prompt's is pulled.
             prompt = (*prompt_token_ids, first_token_id)
             max_tokens = sampling.max_tokens - 1
@@ -250,7 +257,7 @@ class VllmEngine(Engine):
 
         return VllmSamplingParams(
             max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            stop=list(sampling.stop) or None, output_kind=RequestOutputKind.DELTA,
+            stop=list(sampling.stop) or None, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
         )
 
