@@ -11,7 +11,7 @@ repetition: a fast wrong transfer does not count.
                --raw-chunk-kib (1 MiB: the fastest on loopback, measured), the receiver recv_into()s them
                straight into the destination pool's memory. No framing, checksum or connection set-up:
                the ceiling for any transport over this link.
-  pdserve/batch=N: a full pull() per repetition, timed around `await pull()` (token check, credit-based
+  pdserve, pdserve/batch=N: (pdserve: the default batch for the layout) a full pull() per repetition, timed around `await pull()` (token check, credit-based
                messages, xxh3 per block on both sides, one copy into place on the decode side).
   mooncake   : Mooncake's TransferEngine, TCP protocol, P2P handshake; one batch_transfer_sync_read per
                repetition with one entry per segment array (benchmarks/mooncake_tcp.py says how it is
@@ -74,6 +74,10 @@ LAYOUTS = {
 }
 
 
+def pdserve_label(batch_blocks: int) -> str:
+    return "pdserve" if batch_blocks == 0 else f"pdserve/batch={batch_blocks}"
+
+
 def make_pool(layout: str, num_blocks: int, random: bool) -> ArrayBlockPool:
     """One array per segment, [num_blocks, segment_nbytes]: block i's segment k is arrays[k][i]."""
     num_segments, segment_nbytes = LAYOUTS[layout]
@@ -105,7 +109,7 @@ def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
     pool = make_pool(layout, num_blocks, random=True)
     endpoints = []
     for batch_blocks in args.batch_blocks:
-        ep = TransferEndpoint(pool, bind_host="127.0.0.1", batch_blocks=batch_blocks, io_threads=args.io_threads,
+        ep = TransferEndpoint(pool, bind_host="127.0.0.1", batch_blocks=batch_blocks or None, io_threads=args.io_threads,
                               tune_malloc=not args.no_tune_malloc)
         ep.start()
         ep.allow("bench", TOKEN, range(num_blocks), time.time() + 3600)
@@ -194,7 +198,7 @@ async def bench_layout(layout: str, args) -> dict:
     async def raw_run():
         raw_receive(raw, local, args.raw_chunk_kib << 10)
 
-    samples: dict[str, list[tuple[float, float, float]]] = {f"pdserve/batch={b}": [] for b in args.batch_blocks}
+    samples: dict[str, list[tuple[float, float, float]]] = {pdserve_label(b): [] for b in args.batch_blocks}
     samples["mooncake"] = []
     samples["raw"] = []
     num_rounds = args.warmup + args.reps
@@ -202,9 +206,9 @@ async def bench_layout(layout: str, args) -> dict:
         for rep in range(num_rounds):
             checked = rep in (0, num_rounds - 1)
             for b, address in zip(args.batch_blocks, addresses):
-                await measure(f"pdserve/batch={b}", pull(address), rep)
+                await measure(pdserve_label(b), pull(address), rep)
                 if checked and not delivered():
-                    raise RuntimeError(f"pdserve (batch={b}) delivered wrong bytes")
+                    raise RuntimeError(f"{pdserve_label(b)} delivered wrong bytes")
             if mooncake is not None:
                 try:
                     await measure("mooncake", mooncake_run, rep)
@@ -261,7 +265,7 @@ def summarize_layout(samples: dict[str, list[tuple[float, float, float]]], paylo
     else:
         pdserve_over_mooncake = {name: dict(median_gbps=v["ratio_median_to_mooncake"],
                                             cpu_per_gb=v["cpu_ratio_to_mooncake"])
-                                 for name, v in variants.items() if name.startswith("pdserve/")}
+                                 for name, v in variants.items() if name.split("/")[0] == "pdserve"}
     return dict(variants=variants, pdserve_over_mooncake=pdserve_over_mooncake)
 
 
@@ -299,7 +303,8 @@ def main() -> None:
     parser.add_argument("--payload-mib", type=int, default=64)
     parser.add_argument("--reps", type=int, default=9, help="measured repetitions per variant")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-blocks", type=int, nargs="+", default=[8, 32], help="one endpoint per value")
+    parser.add_argument("--batch-blocks", type=int, nargs="+", default=[0, 32],
+                        help="one endpoint per value; 0: pdserve's default for the layout (kv.transfer.default_batch_blocks)")
     parser.add_argument("--window", type=int, default=8, help="messages (~2 MiB) in flight per pull (client credit)")
     parser.add_argument("--io-threads", type=int, default=1, help="zmq io threads on each side")
     parser.add_argument("--raw-chunk-kib", type=int, default=1024, help="sendall/recv_into size of the raw baseline")

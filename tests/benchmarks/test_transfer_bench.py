@@ -59,7 +59,7 @@ def test_every_layout_has_raw_pdserve_and_mooncake(quick_run):
     report, stdout = quick_run
     layouts = report["settings"]["layouts"]
     assert layouts and sorted(report["layouts"]) == sorted(layouts)
-    pdserve = {f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
+    pdserve = {"pdserve" if b == 0 else f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
     for layout, entry in report["layouts"].items():
         assert set(entry["variants"]) == pdserve | {"raw", "mooncake"}, layout
         assert entry["payload_bytes"] == entry["num_blocks"] * entry["block_nbytes"] > 0
@@ -77,7 +77,7 @@ def test_mooncake_runs_where_its_engine_imports(quick_run):
         mooncake = entry["variants"]["mooncake"]
         if engine_imports:
             assert mooncake["available"], (layout, mooncake.get("reason"))
-            assert set(entry["pdserve_over_mooncake"]) == {n for n in entry["variants"] if n.startswith("pdserve/")}
+            assert set(entry["pdserve_over_mooncake"]) == {n for n in entry["variants"] if n.split("/")[0] == "pdserve"}
         else:
             assert not mooncake["available"] and mooncake["reason"], layout
             assert entry["pdserve_over_mooncake"] is None
