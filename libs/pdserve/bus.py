@@ -176,6 +176,11 @@ class Bus:
     def connected(self) -> bool:
         return self._nc.is_connected
 
+    @property
+    def num_reconnects(self) -> int:
+        """How often the connection was lost and made again (NATS restarts, network blips)."""
+        return int(self._nc.stats["reconnects"])
+
     async def close(self) -> None:
         """Drain: finish handlers in flight, flush what is published, then close."""
         if self._nc.is_closed:

@@ -2,6 +2,8 @@
 
 A worker missing `subjects.HEARTBEAT_MISSES` heartbeats (by its own announced interval, timed with the
 receiver's monotonic clock so clock skew does not matter) is gone; a clean shutdown says goodbye at once.
+Silence heard while this service is itself cut off from NATS (a NATS restart) says nothing about the
+members: nobody is declared gone then, and after the reconnect every member has its full allowance again.
 """
 
 from __future__ import annotations
@@ -78,11 +80,14 @@ class Membership:
         self.on_join: list[Callable[[Heartbeat], None]] = []
         self.on_gone: list[Callable[[str], None]] = []
         self._pruner: asyncio.Task | None = None
+        self._bus: Bus | None = None
+        self._num_reconnects = 0  # of our own NATS connection, at the last prune
 
     async def start(self, bus: Bus, *, prune_interval_s: float = 0.5) -> None:
         """Follow heartbeats and goodbyes; check for silent members every prune_interval_s, so that on_gone
         fires within about one interval of the last missed heartbeat even when nobody asks for the view
         (a request streaming from a worker that was killed -9 learns of it that way)."""
+        self._bus = bus
         await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, self._on_heartbeat)
         await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self._on_goodbye)
         self._pruner = asyncio.create_task(self._prune_every(prune_interval_s), name="membership-prune")
@@ -121,7 +126,15 @@ class Membership:
             callback(worker_id)
 
     def prune(self) -> None:
-        """Forget members that missed their heartbeats."""
+        """Forget members that missed their heartbeats, unless we could not have heard them."""
+        if self._bus is not None:
+            if not self._bus.connected:
+                return
+            if self._bus.num_reconnects != self._num_reconnects:  # count their silence from the reconnect on
+                self._num_reconnects = self._bus.num_reconnects
+                now = time.monotonic()
+                for member in self._members.values():
+                    member.last_seen = max(member.last_seen, now)
         for worker_id, member in list(self._members.items()):
             if not member.alive:
                 del self._members[worker_id]
