@@ -5,8 +5,9 @@ Algorithm of `generate()`:
    LeastLoadPolicy.prefill_wait_s) is already longer than the time the request has left, answer 429 at
    once instead of letting it wait for a deadline it cannot meet.
 1. Prefill: choose the least-loaded prefill worker P and ask it (NATS request, deadline
-   prefill_timeout_s). On a timeout, a vanished worker or a retryable error, cancel on P and try another
-   prefill worker (up to max_attempts). If every try failed, the decode worker prefills locally.
+   prefill_timeout_s, cut short when P is gone: missed heartbeats). On a timeout, a vanished worker or a
+   retryable error, cancel on P and try another prefill worker (up to max_attempts). If every try failed,
+   the decode worker prefills locally.
 2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
    (max_tokens=1, a stop string) we are done.
 3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the least-loaded
@@ -26,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from pdserve import subjects, tracecontext, tracing
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
@@ -42,6 +43,7 @@ from pdserve.tracing import Span, SpanKind
 from services.router.policy import LeastLoadPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ErrorReply codes of a worker that is full (queue bound, KV memory): try another, else 429.
 OVERLOAD_CODES = frozenset({"overloaded", "kv_full"})
@@ -61,6 +63,10 @@ class _DecodeFailed(Exception):
         self.overloaded = overloaded
 
 
+class _WorkerGone(BusError):
+    """The worker a request waits on missed its heartbeats: its answer will not come."""
+
+
 class Orchestrator:
     def __init__(self, config: RouterConfig, bus: Bus, membership: Membership, metrics: RouterMetrics):
         self.config = config
@@ -71,6 +77,7 @@ class Orchestrator:
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
         self._streams: dict[tuple[str, str], asyncio.Queue[TokenChunk]] = {}  # (request_id, worker_id)
+        self._gone_waiters: dict[str, set[asyncio.Future]] = {}  # worker_id -> requests waiting on its answer
         membership.on_join.append(self._on_worker_joined)
         membership.on_gone.append(self._on_worker_gone)
 
@@ -186,8 +193,9 @@ class Orchestrator:
             with tracing.span("prefill request", kind=SpanKind.CLIENT,
                               attributes={"request_id": req.request_id, "worker_id": worker.worker_id}) as span:
                 try:
-                    ready = await self.bus.request(subjects.prefill_request(worker.worker_id), msg, KVReady,
-                                                   timeout_s=timeout_s, request_id=req.request_id)
+                    ready = await self._unless_gone(worker.worker_id, self.bus.request(
+                        subjects.prefill_request(worker.worker_id), msg, KVReady, timeout_s=timeout_s,
+                        request_id=req.request_id))
                     params = ready.kv_transfer_params
                     span.set_attributes({"num_prompt_tokens": ready.num_prompt_tokens, "prefill_ms": ready.prefill_ms,
                                          "num_cached_tokens": ready.num_cached_tokens,
@@ -293,8 +301,9 @@ class Orchestrator:
             )
             timeout_s = min(self.config.decode_accept_timeout_s, self._remaining(req))
             try:
-                await self.bus.request(subjects.decode_request(worker_id), msg, DecodeAccepted, timeout_s=timeout_s,
-                                       request_id=req.request_id)
+                await self._unless_gone(worker_id, self.bus.request(
+                    subjects.decode_request(worker_id), msg, DecodeAccepted, timeout_s=timeout_s,
+                    request_id=req.request_id))
             except RemoteError as e:
                 raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable,
                                     overloaded=e.reply.code in OVERLOAD_CODES) from e
@@ -334,10 +343,31 @@ class Orchestrator:
         await self.bus.subscribe(subjects.token_streams(self.config.router_id), TokenChunk, self._on_chunk)
 
     def _on_worker_gone(self, worker_id: str) -> None:
-        """Wake every stream still waiting on a worker that died: it moves on now, not at its idle deadline."""
+        """Wake every request still waiting on a worker that died (for its answer or its next chunk): it moves
+        on now, not at its deadline (a prefill deadline is long: a worker killed -9 would cost all of it)."""
         for (_, stream_worker_id), queue in list(self._streams.items()):
             if stream_worker_id == worker_id:
                 queue.put_nowait(None)
+        for gone in self._gone_waiters.pop(worker_id, ()):
+            if not gone.done():
+                gone.set_result(None)
+
+    async def _unless_gone(self, worker_id: str, request: Awaitable[T]) -> T:
+        """request's answer, or _WorkerGone as soon as worker_id is declared gone (its request is dropped)."""
+        gone = asyncio.get_running_loop().create_future()
+        waiters = self._gone_waiters.setdefault(worker_id, set())
+        waiters.add(gone)
+        answer = asyncio.ensure_future(request)
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                raise _WorkerGone(f"worker {worker_id} is gone (missed heartbeats)")
+            return answer.result()
+        finally:
+            answer.cancel()  # a no-op once it is done; else its reply is of no use any more
+            waiters.discard(gone)
+            if not waiters and self._gone_waiters.get(worker_id) is waiters:
+                del self._gone_waiters[worker_id]
 
     async def _on_chunk(self, chunk: TokenChunk) -> None:
         queue = self._streams.get((chunk.request_id, chunk.worker_id))

@@ -7,6 +7,7 @@ another worker with the right answer, or a clear error, never a hang.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -182,3 +183,41 @@ def test_decode_that_stops_mid_stream_resumes_on_another_worker_without_a_seam(s
         if frozen_pid is not None:
             os.kill(frozen_pid, signal.SIGCONT)
     time.sleep(4)  # the thawed worker heartbeats again
+
+
+@pytest.fixture(scope="module")
+def system_long_prefill_deadline(tmp_path_factory):
+    """Production-like deadlines (a prefill may take long) and quick heartbeats: a dead worker is known long
+    before its request's deadline."""
+    env = {"PDSERVE_PREFILL_TIMEOUT_S": "30", "PDSERVE_DECODE_ACCEPT_TIMEOUT_S": "30",
+           "PDSERVE_HEARTBEAT_INTERVAL_S": "0.5"}
+    up = PdserveUp(tmp_path_factory.mktemp("long_prefill"), free_port(), "--prefill", "2", "--decode", "1", env=env)
+    try:
+        up.wait_ready(2, 1)
+        yield up
+    finally:
+        for pid in descendants(up.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        up.stop()
+        assert not up.kill_leftovers()
+
+
+def test_a_request_waiting_on_a_frozen_prefill_worker_moves_on_when_its_heartbeats_stop(system_long_prefill_deadline):
+    """Not at the 30 s prefill deadline: once the worker missed 3 heartbeats (1.5 s) the router retries elsewhere."""
+    system = system_long_prefill_deadline
+    prompts = [f"waiting on a frozen worker {i}" for i in range(6)]
+    with frozen(worker_pids(system, "prefill")[:1]), httpx.Client(timeout=30) as client:
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            responses = list(pool.map(lambda p: client.post(
+                f"{system.base_url}/v1/completions",
+                json={"model": MOCK_MODEL, "prompt": p, "max_tokens": 5, "temperature": 0}), prompts))
+        elapsed = time.monotonic() - start
+    for prompt, r in zip(prompts, responses):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected(prompt)
+    metrics = httpx.get(f"{system.base_url}/metrics").text
+    retried = sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith('pdserve_worker_retries_total{role="prefill"}'))
+    assert retried >= 1  # some request did wait on the frozen worker
+    assert elapsed < 6, elapsed  # 1.5 s of missed heartbeats and a retry, not the 30 s deadline
