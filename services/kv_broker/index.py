@@ -1,63 +1,63 @@
-"""Which worker holds which KV blocks, by chained block hash (see pdserve.kv.hashing).
+"""Which worker holds which KV blocks: one prefix tree (prefix_tree.py) per model.
 
-Workers report stored / removed blocks; a worker may hold the same block more than once (two requests
-with one prompt), so each (worker, hash) is reference-counted. A lookup answers, per worker, how many
-leading blocks of a prompt it holds: because hashes are chained, block k matching means blocks 0..k-1
-are the same prefix.
+Workers report blocks by chained block hash (pdserve.kv.hashing); a lookup answers, per worker, how many
+leading blocks of a prompt it holds. Reports are idempotent: a worker counts its engine's copies of a block
+itself and reports a block once while it holds any (pdserve.kv.events), so a repeated store or a remove of
+an unheld block changes nothing here.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from typing import Sequence
+from typing import Iterable, Sequence
+
+from pdserve.kv.hashing import ROOT_HASH
+from services.kv_broker.prefix_tree import PrefixTree
 
 
 class BlockIndex:
     def __init__(self) -> None:
-        # model -> block hash -> worker_id -> refcount
-        self._holders: dict[str, dict[int, Counter]] = defaultdict(dict)
-        self._worker_models: dict[str, set[str]] = defaultdict(set)
+        self._trees: dict[str, PrefixTree] = {}
+        self._models_of: dict[str, set[str]] = {}  # worker_id -> models it reported blocks of
 
-    def store(self, worker_id: str, model: str, block_hashes: Sequence[int]) -> None:
-        by_hash = self._holders[model]
-        for h in block_hashes:
-            by_hash.setdefault(h, Counter())[worker_id] += 1
-        self._worker_models[worker_id].add(model)
+    def store(self, worker_id: str, model: str, block_hashes: Sequence[int], parent_hash: int = ROOT_HASH) -> None:
+        """worker_id holds the chain block_hashes (each the parent of the next; parent_hash the first's)."""
+        if not block_hashes:
+            return
+        tree = self._trees.get(model)
+        if tree is None:
+            tree = self._trees[model] = PrefixTree()
+        tree.store(worker_id, block_hashes, parent_hash)
+        self._models_of.setdefault(worker_id, set()).add(model)
 
-    def remove(self, worker_id: str, model: str, block_hashes: Sequence[int]) -> None:
-        by_hash = self._holders[model]
-        for h in block_hashes:
-            holders = by_hash.get(h)
-            if holders is None or holders[worker_id] <= 0:
-                continue
-            holders[worker_id] -= 1
-            if holders[worker_id] == 0:
-                del holders[worker_id]
-                if not holders:
-                    del by_hash[h]
+    def remove(self, worker_id: str, model: str, block_hashes: Iterable[int]) -> None:
+        tree = self._trees.get(model)
+        if tree is not None:
+            tree.remove(worker_id, block_hashes)
 
     def drop_worker(self, worker_id: str) -> None:
-        for model in self._worker_models.pop(worker_id, ()):
-            by_hash = self._holders[model]
-            for h in [h for h, holders in by_hash.items() if worker_id in holders]:
-                del by_hash[h][worker_id]
-                if not by_hash[h]:
-                    del by_hash[h]
+        for model in self._models_of.pop(worker_id, ()):
+            tree = self._trees[model]
+            tree.drop_worker(worker_id)
+            if not len(tree):
+                del self._trees[model]
 
     def lookup(self, model: str, block_hashes: Sequence[int]) -> dict[str, int]:
         """worker_id -> number of leading blocks of block_hashes it holds (workers with 0 left out)."""
-        by_hash = self._holders.get(model, {})
-        matched: dict[str, int] = {}
-        candidates: set[str] | None = None
-        for k, h in enumerate(block_hashes):
-            holders = set(by_hash.get(h, ()))
-            candidates = holders if candidates is None else candidates & holders
-            if not candidates:
-                break
-            for worker_id in candidates:
-                matched[worker_id] = k + 1
-        return matched
+        tree = self._trees.get(model)
+        return tree.lookup(block_hashes) if tree is not None else {}
+
+    def workers(self) -> list[str]:
+        """Workers with blocks in the index."""
+        return list(self._models_of)
 
     def num_blocks(self, worker_id: str) -> int:
-        return sum(holders[worker_id] for by_hash in self._holders.values() for holders in by_hash.values()
-                   if worker_id in holders)
+        return sum(self._trees[m].num_blocks(worker_id) for m in self._models_of.get(worker_id, ()))
+
+    def held(self, worker_id: str, model: str) -> frozenset[int]:
+        tree = self._trees.get(model)
+        return tree.held(worker_id) if tree is not None else frozenset()
+
+    def view(self) -> dict[str, dict[str, frozenset[int]]]:
+        """model -> worker_id -> blocks held: the whole index, for comparisons (tests, resync checks)."""
+        return {model: {w: tree.held(w) for w in tree.workers()} for model, tree in self._trees.items()
+                if tree.workers()}

@@ -1,6 +1,4 @@
-import random
-
-from pdserve.kv.hashing import block_hashes
+from pdserve.kv.hashing import ROOT_HASH, block_hashes, chain_hashes
 from services.kv_broker.index import BlockIndex
 
 
@@ -12,54 +10,69 @@ def test_block_hashes_are_chained_and_stable():
     assert a[0] != b[0] and a[1] != b[1]
 
 
+def test_a_chain_continued_from_its_parent_hashes_like_the_whole_prompt():
+    tokens = list(range(100))
+    whole = block_hashes(tokens, 16)
+    assert chain_hashes(tokens[32:], 16, whole[1]) == whole[2:]
+    assert chain_hashes(tokens, 16, ROOT_HASH) == whole
+
+
 def test_lookup_counts_leading_blocks_per_worker():
     index = BlockIndex()
     hashes = block_hashes(list(range(64)), 16)
     index.store("w1", "m", hashes)
     index.store("w2", "m", hashes[:2])
-    index.store("w3", "m", hashes[1:])  # no first block: no prefix match
+    index.store("w3", "m", hashes[1:], parent_hash=hashes[0])  # no first block: no prefix match
     assert index.lookup("m", hashes) == {"w1": 4, "w2": 2}
+    assert index.lookup("m", hashes[:1]) == {"w1": 1, "w2": 1}
+    assert index.lookup("m", []) == {}
     assert index.lookup("other-model", hashes) == {}
 
 
-def test_refcounts_and_worker_drop():
+def test_reports_are_idempotent_and_a_worker_drop_forgets_everything():
     index = BlockIndex()
     hashes = block_hashes(list(range(32)), 16)
     index.store("w1", "m", hashes)
-    index.store("w1", "m", hashes)
-    index.remove("w1", "m", hashes)
-    assert index.lookup("m", hashes) == {"w1": 2}
+    index.store("w1", "m", hashes)  # the same blocks again: still held once
+    assert index.num_blocks("w1") == 2
+    index.remove("w1", "m", hashes[1:])
+    assert index.lookup("m", hashes) == {"w1": 1}
+    index.remove("w1", "m", hashes[1:])  # not held any more: nothing changes
+    index.remove("w9", "m", hashes)  # unknown worker: nothing changes
+    assert index.lookup("m", hashes) == {"w1": 1}
     index.drop_worker("w1")
-    assert index.lookup("m", hashes) == {}
+    assert index.lookup("m", hashes) == {} and index.view() == {}
 
 
-def test_random_events_match_a_brute_force_reference():
-    rng = random.Random(7)
+def test_a_removed_middle_block_cuts_the_prefix_and_coming_back_restores_it():
     index = BlockIndex()
-    reference: dict[str, list[int]] = {}  # worker -> multiset of hashes as a list
-    prompts = [block_hashes([rng.randrange(5) for _ in range(16 * 6)], 16) for _ in range(5)]
-    for _ in range(500):
-        worker = f"w{rng.randrange(4)}"
-        prompt = rng.choice(prompts)[: rng.randrange(1, 7)]
-        op = rng.random()
-        if op < 0.5:
-            index.store(worker, "m", prompt)
-            reference.setdefault(worker, []).extend(prompt)
-        elif op < 0.9:
-            index.remove(worker, "m", prompt)
-            held = reference.setdefault(worker, [])
-            for h in prompt:
-                if h in held:
-                    held.remove(h)
-        else:
-            index.drop_worker(worker)
-            reference.pop(worker, None)
-        query = rng.choice(prompts)
-        expected = {}
-        for w, held in reference.items():
-            n = 0
-            while n < len(query) and query[n] in held:
-                n += 1
-            if n:
-                expected[w] = n
-        assert index.lookup("m", query) == expected
+    hashes = block_hashes(list(range(16 * 6)), 16)
+    index.store("w1", "m", hashes)
+    index.remove("w1", "m", [hashes[2]])
+    assert index.lookup("m", hashes) == {"w1": 2}
+    index.store("w1", "m", [hashes[2]], parent_hash=hashes[1])
+    assert index.lookup("m", hashes) == {"w1": 6}
+
+
+def test_blocks_stored_before_their_parent_count_once_the_parent_arrives():
+    index = BlockIndex()
+    hashes = block_hashes(list(range(16 * 5)), 16)
+    index.store("w1", "m", hashes[3:], parent_hash=hashes[2])
+    index.store("w1", "m", hashes[1:2], parent_hash=hashes[0])
+    assert index.lookup("m", hashes) == {}
+    index.store("w1", "m", hashes[:1])
+    assert index.lookup("m", hashes) == {"w1": 2}
+    index.store("w1", "m", [hashes[2]], parent_hash=hashes[1])
+    assert index.lookup("m", hashes) == {"w1": 5}
+
+
+def test_models_are_separate_and_dropping_a_worker_covers_all_of_them():
+    index = BlockIndex()
+    hashes = block_hashes(list(range(32)), 16)
+    index.store("w1", "a", hashes)
+    index.store("w1", "b", hashes[:1])
+    index.store("w2", "b", hashes)
+    assert index.lookup("a", hashes) == {"w1": 2}
+    assert index.lookup("b", hashes) == {"w1": 1, "w2": 2}
+    index.drop_worker("w1")
+    assert index.view() == {"b": {"w2": frozenset(hashes)}}
