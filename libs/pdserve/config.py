@@ -108,6 +108,9 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     block_size: int = _opt(32, "tokens per KV block (must match on every worker; vLLM on CPU takes multiples of 32)")
     enforce_eager: bool = _opt(True, "vllm: skip torch.compile (start in ~30 s instead of minutes on a CPU)")
     num_kv_blocks: int = _opt(2048, "KV blocks the engine owns")
+    prefix_caching: bool = _opt(False, "keep finished prompts' KV blocks as an evictable prefix cache, reuse them for "
+                                "prompts that start the same, and report them to the KV broker (vllm: its "
+                                "enable_prefix_caching, with its KV events relayed)")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
     heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")

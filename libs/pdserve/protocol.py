@@ -123,6 +123,8 @@ class Heartbeat(Message):
     kv_usage: float = 0.0
     num_held_blocks: int = 0
     num_requests_served: int = 0
+    kv_event_seq: int = Field(default=0, ge=0, description="seq of the last KVEvent this worker published (the "
+                              "broker asks for a snapshot when it stays behind it)")
     interval_s: float = Field(gt=0)
     sent_at: float
     started_at: float
@@ -287,17 +289,40 @@ class ErrorReply(Message):
 
 
 class KVEvent(Message):
-    """Blocks a worker stored or removed, by chained block hash."""
+    """Blocks a worker stored or removed, by chained block hash (pdserve.kv.hashing), whatever its engine.
+
+    `stored` is one chain: each hash is the parent of the next, and `parent_hash` is the parent of the first
+    (0, kv.hashing.ROOT_HASH, when the chain starts at a prompt's first block). A worker reports a block once
+    while it holds it (it counts its engine's copies itself), so storing a held block again or removing an
+    unheld one changes nothing.
+
+    `seq` numbers a worker's events 1, 2, 3, ... (0: not numbered, never checked). `cleared`: forget
+    everything this worker reported before; a snapshot is a cleared event followed by the events that
+    re-store what the worker holds. The broker asks for a snapshot (KVResync) when it sees a gap in seq.
+    """
 
     type: Literal["kv_event"] = "kv_event"
     worker_id: str
     model: str
     stored: tuple[int, ...] = ()
+    parent_hash: int = 0
     removed: tuple[int, ...] = ()
     cleared: bool = False
+    seq: int = Field(default=0, ge=0)
+
+
+class KVResync(Message):
+    """Broker -> workers: send a snapshot of your stored blocks (a started broker asks everyone; a broker that
+    missed events asks one worker)."""
+
+    type: Literal["kv_resync"] = "kv_resync"
+    broker_id: str
+    worker_id: str | None = Field(default=None, description="only this worker; None: every worker")
 
 
 class KVLookup(Message):
+    """Which workers hold how many leading blocks of a prompt (its chained block hashes, block 0 first)."""
+
     type: Literal["kv_lookup"] = "kv_lookup"
     model: str
     block_hashes: tuple[int, ...]
@@ -305,4 +330,5 @@ class KVLookup(Message):
 
 class KVLookupReply(Message):
     type: Literal["kv_lookup_reply"] = "kv_lookup_reply"
-    num_matched_blocks: dict[str, int] = Field(description="worker_id -> leading blocks it holds")
+    num_matched_blocks: dict[str, int] = Field(description="worker_id -> leading blocks it holds (0s left out)")
+    broker_id: str = ""

@@ -57,6 +57,7 @@ KV_READY = f"{PREFIX}.kv.ready"
 KV_TRANSFER_DONE = f"{PREFIX}.kv.transfer_done"
 KV_EVENTS_ALL = f"{PREFIX}.kv.events.>"
 KV_LOOKUP = f"{PREFIX}.kv.lookup"
+KV_RESYNC = f"{PREFIX}.kv.resync"  # broker -> workers: send a snapshot of your stored blocks
 BROKER_QUEUE = "kv_broker"
 
 

@@ -1,4 +1,5 @@
-"""What prefill and decode workers share: NATS, the engine, heartbeats, stats, cancel, KV events.
+"""What prefill and decode workers share: NATS, the engine, heartbeats, stats, cancel, KV events (relayed
+to the broker by kv.events.KVEventRelay, with a snapshot whenever a broker asks).
 
 A worker's life: connect to NATS, find the address to advertise, start the engine (and with it the KV
 transfer endpoint on a free port), announce itself, serve, and on shutdown say goodbye, stop the engine and
@@ -18,9 +19,10 @@ from pdserve.bus import Bus
 from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
 from pdserve.engine.factory import create_engine
+from pdserve.kv.events import KVEventRelay
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
-from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, StatsRequest, WorkerStats
+from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class WorkerRuntime:
         self.worker_id = config.worker_id
         self.bus: Bus
         self.engine: Engine
+        self.kv_events: KVEventRelay
         self.num_requests_served = 0
         self.num_in_flight = 0  # admitted and not yet ended (queued or running)
         self.started_at = time.time()
@@ -48,7 +51,13 @@ class WorkerRuntime:
             self._stack.push_async_callback(self.bus.close)
             advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
             self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host)
-            self.engine.on_kv_event = self._on_kv_event
+            # The engine's block events go to the broker's index; the relay outlives the engine so that the
+            # engine's last removals are sent before NATS is drained.
+            self.kv_events = KVEventRelay(self.worker_id, self.engine.card.name, self._publish_kv_event)
+            await self.kv_events.start()
+            self._stack.push_async_callback(self.kv_events.stop)
+            await self.bus.subscribe(subjects.KV_RESYNC, KVResync, self.kv_events.on_resync)
+            self.engine.kv_events = self.kv_events
             await self.engine.start()
             self._stack.push_async_callback(self.engine.stop)
             self.metrics = WorkerMetrics(self._metric_values, {"worker_id": self.worker_id, "role": cfg.role})
@@ -95,7 +104,8 @@ class WorkerRuntime:
             transfer_address=self.engine.transfer_address, metrics_address=self.metrics_address,
             num_queued=values["num_queued"], num_running=int(values["num_running"]),
             kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
-            num_requests_served=values["num_requests_served"], interval_s=self.config.heartbeat_interval_s,
+            num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
+            interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )
 
@@ -123,6 +133,5 @@ class WorkerRuntime:
             hook(msg.request_id)
         await self.engine.abort(msg.request_id)
 
-    def _on_kv_event(self, stored: list[int], removed: list[int]) -> None:
-        event = KVEvent(worker_id=self.worker_id, model=self.engine.card.name, stored=tuple(stored), removed=tuple(removed))
-        self.spawn(self.bus.publish(subjects.kv_events(self.worker_id), event))
+    async def _publish_kv_event(self, event: KVEvent) -> None:
+        await self.bus.publish(subjects.kv_events(self.worker_id), event)

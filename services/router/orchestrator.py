@@ -364,7 +364,9 @@ class Orchestrator:
                 raise _WorkerGone(f"worker {worker_id} is gone (missed heartbeats)")
             return answer.result()
         finally:
-            answer.cancel()  # a no-op once it is done; else its reply is of no use any more
+            if not answer.done():  # its reply is of no use any more; nor its error, should it still come
+                answer.cancel()
+                answer.add_done_callback(lambda task: task.cancelled() or task.exception())
             waiters.discard(gone)
             if not waiters and self._gone_waiters.get(worker_id) is waiters:
                 del self._gone_waiters[worker_id]

@@ -12,6 +12,7 @@ import abc
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from pdserve.kv.events import KVEventSink
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
 
 
@@ -50,18 +51,18 @@ class KVLoadError(Exception):
 
 
 KVLoadedCallback = Callable[[str, KVLoadReport], None]
-KVEventCallback = Callable[[list[int], list[int]], None]
 
 
 class Engine(abc.ABC):
     """Set by the worker: `on_kv_loaded(request_id, report)` as soon as a decode has its prompt KV (pulled or
-    recomputed), so prefill can free its copy at once; `on_kv_event(stored_hashes, removed_hashes)` whenever
-    blocks are stored or freed, for the broker's index."""
+    recomputed), so prefill can free its copy at once; `kv_events` (kv.events.KVEventSink), told of every
+    block copy the engine computes, receives, frees or evicts, by pdserve's chained block hash, for the
+    broker's index."""
 
     card: ModelCard
     traces_kv_transfers = False  # True: the engine makes the KV transfer spans itself (both ends in-process)
     on_kv_loaded: KVLoadedCallback | None = None
-    on_kv_event: KVEventCallback | None = None
+    kv_events: KVEventSink | None = None
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -28,6 +28,7 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str) 
             worker_id=config.worker_id, card=mock_card(config), num_kv_blocks=config.num_kv_blocks,
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
+            prefix_caching=config.prefix_caching,
         )
     if config.engine == "vllm":
         from pdserve.engine.vllm_engine import VllmEngine

@@ -5,6 +5,12 @@ failure paths are exercised exactly as in production, in milliseconds instead of
 with asyncio sleeps (never a busy loop): `ms_per_prompt_token` per prefilled token, `ms_per_decode_step`
 per generated token. Prefill compute is serialised (one prompt at a time, as on a compute-bound GPU);
 decodes run concurrently.
+
+With `prefix_caching`, a request's computed full blocks stay in the pool after it ends, as vLLM's prefix
+cache keeps them: evictable (least recently used first, a prompt's tail before its head), and reused by a
+later local prefill of a prompt with the same leading blocks, which then computes only the rest
+(num_cached_tokens). Pulled KV is written into fresh blocks. Every block copy computed, received, freed or
+evicted is reported to `kv_events` by chained block hash, for the broker's index.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -22,7 +29,7 @@ import numpy as np
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
-from pdserve.kv.hashing import block_hashes
+from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
@@ -38,7 +45,9 @@ class EngineFull(Exception):
 @dataclass
 class _Held:
     block_ids: list[int]
-    block_hashes: list[int]
+    block_hashes: list[int]  # of the full blocks: block_ids[i] holds block_hashes[i]'s tokens
+    num_cached: int = 0  # leading blocks taken from the prefix cache (their KV is already there)
+    computed: bool = False  # the KV of every block is written (computed or pulled)
     transfer_id: str | None = None
     lease_timer: asyncio.TimerHandle | None = None
 
@@ -49,6 +58,7 @@ class MockEngine(Engine):
     def __init__(
         self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,
         ms_per_decode_step: float, advertise_host: str, bind_host: str, kv_pull_timeout_s: float,
+        prefix_caching: bool = False,
     ):
         self.worker_id = worker_id
         self.card = card
@@ -58,6 +68,8 @@ class MockEngine(Engine):
         self._kv_pull_timeout_s = kv_pull_timeout_s
         self._pool = ArrayBlockPool.zeros(num_kv_blocks, self._layout.bytes_per_block, layout_tag=layout_tag(card))
         self._free = list(range(num_kv_blocks))
+        self._prefix_caching = prefix_caching
+        self._cache: OrderedDict[int, int] = OrderedDict()  # block hash -> block id, least recently used first
         self._held: dict[str, _Held] = {}
         self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host,
                                           on_pull=self._on_pull)
@@ -65,7 +77,7 @@ class MockEngine(Engine):
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
-                          "num_recomputes": 0, "num_local_prefills": 0}
+                          "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0}
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -86,13 +98,15 @@ class MockEngine(Engine):
 
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                       lease_s: float) -> PrefillResult:
-        held = self._allocate(request_id, prompt_token_ids)
+        held = self._allocate(request_id, prompt_token_ids, reuse=True)
+        num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
         queued_at = time.monotonic()
         try:
             async with self._prefill_lock:
                 queue_ms = (time.monotonic() - queued_at) * 1000
-                await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
+                await asyncio.sleep((len(prompt_token_ids) - num_cached_tokens) * self._ms_per_prompt_token / 1000)
                 self._write_prompt_kv(prompt_token_ids, held.block_ids)
+                self._computed(held)
         except BaseException:
             self._free_request(request_id)
             raise
@@ -100,7 +114,8 @@ class MockEngine(Engine):
         token, text = stream.next()
         if stream.finish_reason is not None:  # one token was the whole answer: nothing to hand over
             self._free_request(request_id)
-            return PrefillResult(token, text, stream.finish_reason, None, queue_ms=queue_ms)
+            return PrefillResult(token, text, stream.finish_reason, None, num_cached_tokens=num_cached_tokens,
+                                 queue_ms=queue_ms)
         held.transfer_id = uuid.uuid4().hex
         token_secret = secrets.token_urlsafe(16)
         expires_at = time.time() + lease_s
@@ -111,7 +126,7 @@ class MockEngine(Engine):
             token=token_secret, block_ids=tuple(held.block_ids), num_tokens=len(prompt_token_ids),
             kv_layout=self._layout, lease_expires_at=expires_at,
         )
-        return PrefillResult(token, text, None, params, queue_ms=queue_ms)
+        return PrefillResult(token, text, None, params, num_cached_tokens=num_cached_tokens, queue_ms=queue_ms)
 
     def _lease_expired(self, request_id: str) -> None:
         if request_id in self._held:
@@ -126,14 +141,15 @@ class MockEngine(Engine):
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
                        resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
-        held = self._allocate(request_id, prompt_token_ids + resume_token_ids)
+        pulls = kv_transfer_params is not None and first_token_id is not None and not resume_token_ids
+        held = self._allocate(request_id, prompt_token_ids + resume_token_ids, reuse=not pulls)
         self._running.add(request_id)
         try:
             stream = TokenStream(prompt_token_ids, sampling)
             if resume_token_ids:
                 # What an autoregressive engine does with prompt + generated tokens: prefill them all, then go on.
                 self._counters["num_local_prefills"] += 1
-                await self._compute_prefill(prompt_token_ids + resume_token_ids, held.block_ids)
+                await self._compute_prefill(prompt_token_ids + resume_token_ids, held)
                 for expected in resume_token_ids:
                     token, _ = stream.next()  # the client has these tokens' text already
                     if token != expected:
@@ -144,11 +160,12 @@ class MockEngine(Engine):
                         return
             elif kv_transfer_params is None or first_token_id is None:
                 self._counters["num_local_prefills"] += 1
-                await self._compute_prefill(prompt_token_ids, held.block_ids)
+                await self._compute_prefill(prompt_token_ids, held)
                 token, text = stream.next()
                 yield TokenOutput((token,), text, stream.finish_reason)
             else:
                 await self._load_kv(request_id, prompt_token_ids, held.block_ids, kv_transfer_params)
+                self._computed(held)
                 token, _ = stream.next()  # prefill already emitted the first token's text
                 if token != first_token_id:
                     raise RuntimeError(f"request {request_id}: prefill chose token {first_token_id}, decode replays {token}")
@@ -186,7 +203,8 @@ class MockEngine(Engine):
         log.warning("request %s: KV load from %s failed (%s); recomputing the prefill locally",
                     request_id, params.worker_id, error)
         self._counters["num_recomputes"] += 1
-        await self._compute_prefill(prompt_token_ids, block_ids)
+        await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
+        self._write_prompt_kv(prompt_token_ids, block_ids)
         self._report_load(request_id, KVLoadReport(0, 0, 0.0, recomputed=True, error=error))
 
     async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int]) -> TransferResult:
@@ -215,9 +233,12 @@ class MockEngine(Engine):
         if self.on_kv_loaded:
             self.on_kv_loaded(request_id, report)
 
-    async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> None:
-        await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
-        self._write_prompt_kv(prompt_token_ids, block_ids)
+    async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], held: _Held) -> None:
+        """A local prefill: only what the prefix cache did not have costs time."""
+        num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
+        await asyncio.sleep((len(prompt_token_ids) - num_cached_tokens) * self._ms_per_prompt_token / 1000)
+        self._write_prompt_kv(prompt_token_ids, held.block_ids)
+        self._computed(held)
 
     async def abort(self, request_id: str) -> None:
         # A running generate() frees its blocks itself once its task is cancelled (the worker cancels it):
@@ -227,19 +248,53 @@ class MockEngine(Engine):
 
     # ---------------------------------------------------------------------------------- KV memory
 
-    def _allocate(self, request_id: str, prompt_token_ids: tuple[int, ...]) -> _Held:
+    def _allocate(self, request_id: str, prompt_token_ids: tuple[int, ...], *, reuse: bool) -> _Held:
+        """Blocks for the prompt: its leading blocks from the prefix cache where reuse allows (they leave the
+        cache: one request uses a block at a time), the rest free, evicting cached blocks when needed."""
         if request_id in self._held:
             raise EngineFull(f"request {request_id} already holds blocks on this worker")
         num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
-        if num_blocks > len(self._free):
-            raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free)} free")
-        block_ids = [self._free.pop() for _ in range(num_blocks)]
-        held = self._held[request_id] = _Held(block_ids, block_hashes(prompt_token_ids, self._layout.block_size))
-        if self.on_kv_event and held.block_hashes:
-            self.on_kv_event(held.block_hashes, [])
+        hashes = block_hashes(prompt_token_ids, self._layout.block_size)
+        hits = []
+        if reuse and self._prefix_caching:
+            for h in hashes:
+                block = self._cache.pop(h, None)
+                if block is None:
+                    break
+                hits.append(block)
+        need = num_blocks - len(hits)
+        if need > len(self._free) + len(self._cache):
+            for h, block in zip(hashes, hits):
+                self._cache[h] = block
+            raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free) + len(self._cache) + len(hits)} free")
+        evicted = []
+        while len(self._free) < need:
+            h, block = self._cache.popitem(last=False)
+            self._free.append(block)
+            evicted.append(h)
+        if evicted and self.kv_events:
+            self.kv_events.removed(evicted)
+        block_ids = hits + [self._free.pop() for _ in range(need)]
+        held = self._held[request_id] = _Held(block_ids, hashes, num_cached=len(hits))
         return held
 
+    def _num_cached_tokens(self, held: _Held, prompt_token_ids: tuple[int, ...]) -> int:
+        # As in vLLM, the last prompt token is always computed: its logits choose the first token.
+        return min(held.num_cached * self._layout.block_size, max(0, len(prompt_token_ids) - 1))
+
+    def _computed(self, held: _Held) -> None:
+        """The request's KV is written: report the new copies of its full blocks (cached ones were reported)."""
+        if held.computed:
+            return
+        held.computed = True
+        self._counters["num_cached_tokens"] += held.num_cached * self._layout.block_size
+        new = held.block_hashes[held.num_cached:]
+        if new and self.kv_events:
+            self.kv_events.stored(new, held.block_hashes[held.num_cached - 1] if held.num_cached else ROOT_HASH)
+
     def _free_request(self, request_id: str) -> bool:
+        """Free a request's blocks: full blocks with valid KV go to the prefix cache (tail first, so the tail
+        is evicted first) unless it has that block already; the rest are free, and reported removed."""
         held = self._held.pop(request_id, None)
         if held is None:
             return False
@@ -247,9 +302,21 @@ class MockEngine(Engine):
             held.lease_timer.cancel()
         if held.transfer_id:
             self._endpoint.release(held.transfer_id)
-        self._free.extend(held.block_ids)
-        if self.on_kv_event and held.block_hashes:
-            self.on_kv_event([], held.block_hashes)
+        removed = []
+        num_valid = len(held.block_hashes) if held.computed else min(held.num_cached, len(held.block_hashes))
+        for i in reversed(range(len(held.block_ids))):
+            block = held.block_ids[i]
+            if i >= num_valid:
+                self._free.append(block)
+                continue
+            h = held.block_hashes[i]
+            if self._prefix_caching and h not in self._cache:
+                self._cache[h] = block
+            else:
+                self._free.append(block)
+                removed.append(h)
+        if removed and self.kv_events:
+            self.kv_events.removed(removed)
         return True
 
     def _block_arrays(self, block_ids: list[int]) -> list[np.ndarray]:
@@ -265,13 +332,15 @@ class MockEngine(Engine):
 
     def stats(self) -> dict[str, float]:
         total = self._pool.num_blocks
+        free = len(self._free) + len(self._cache)  # cached blocks are free to take, as in vLLM's pool
         endpoint = self._endpoint.stats()
         return {
             **self._counters,
-            "num_held_blocks": total - len(self._free),
-            "num_free_blocks": len(self._free),
+            "num_held_blocks": total - free,
+            "num_free_blocks": free,
+            "num_cached_blocks": len(self._cache),
             "num_total_blocks": total,
-            "kv_usage": (total - len(self._free)) / total,
+            "kv_usage": (total - free) / total,
             "num_running": len(self._running),
             "num_kv_blocks_sent": endpoint["num_blocks_sent"],
             "num_kv_bytes_sent": endpoint["num_bytes_sent"],
