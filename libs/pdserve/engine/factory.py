@@ -40,5 +40,6 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str) 
             block_size=config.block_size, dtype=config.dtype, advertise_host=advertise_host, bind_host=bind_host,
             kv_lease_s=config.kv_lease_s, kv_pull_timeout_s=config.kv_pull_timeout_s,
             kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
+            prefix_caching=config.prefix_caching,
         )
     raise ValueError(f"unknown engine {config.engine!r}; use --engine vllm or --engine mock")

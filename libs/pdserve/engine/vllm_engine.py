@@ -8,6 +8,9 @@ Prefill runs the prompt with max_tokens=1 and kv_transfer_params {"do_remote_dec
 holds the blocks under a lease and returns where they are. Decode runs prompt + the first token with
 {"do_remote_prefill": True, "pdserve": <KVTransferParams>}: the connector pulls the prompt's KV into freshly
 allocated blocks before the request is scheduled, or lets vLLM recompute it if the pull fails.
+
+With prefix_caching, vLLM keeps finished prompts' blocks in its prefix cache and publishes its KV cache events
+on an ipc:// ZMQ socket of this worker; kv.vllm_events relays them to `kv_events` under pdserve's hashes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class VllmEngine(Engine):
     def __init__(
         self, *, worker_id: str, model_path: Path, served_model_name: str, max_model_len: int, block_size: int,
         dtype: str, advertise_host: str, bind_host: str, kv_lease_s: float, kv_pull_timeout_s: float,
-        kv_cache_gib: int, cpu_cores: str | None, enforce_eager: bool,
+        kv_cache_gib: int, cpu_cores: str | None, enforce_eager: bool, prefix_caching: bool = False,
     ):
         self.worker_id = worker_id
         self._model_path = model_path
@@ -51,6 +54,9 @@ class VllmEngine(Engine):
         self._kv_cache_gib = kv_cache_gib
         self._cpu_cores = cpu_cores
         self._enforce_eager = enforce_eager
+        self._prefix_caching = prefix_caching
+        self._kv_events_path = os.path.join(tempfile.gettempdir(), f"pdserve-{worker_id}-kv-events.sock")
+        self._kv_event_subscriber: Any = None
         # The connector publishes its counters here: reading a file costs vLLM nothing, while every
         # collective_rpc makes vLLM's worker busy-poll for about a second.
         self._stats_path = os.path.join(tempfile.gettempdir(), f"pdserve-{worker_id}-kv-stats.json")
@@ -85,7 +91,8 @@ class VllmEngine(Engine):
 
         args = AsyncEngineArgs(
             model=str(self._model_path), served_model_name=self._served_model_name, dtype=self._dtype,
-            max_model_len=self._max_model_len, block_size=self._block_size, enable_prefix_caching=False,
+            max_model_len=self._max_model_len, block_size=self._block_size,
+            enable_prefix_caching=self._prefix_caching, kv_events_config=self._kv_events_config(),
             seed=0, disable_log_stats=True, worker_extension_cls=WORKER_EXTENSION,
             enforce_eager=self._enforce_eager,
             kv_transfer_config=KVTransferConfig(
@@ -101,12 +108,35 @@ class VllmEngine(Engine):
         )
         log.info("starting vLLM on %s (%s, max_model_len %d, cores %s)", self._model_path, self._dtype,
                  self._max_model_len, self._cpu_cores or "auto")
-        self._llm = AsyncLLM.from_engine_args(args)
+        try:
+            self._llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            if self._kv_event_subscriber is not None:
+                await self._kv_event_subscriber.stop()
+            raise
         self._address = await self._rpc("pdserve_transfer_address")
         await self.refresh_stats()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="vllm-stats")
 
+    def _kv_events_config(self) -> Any:
+        """vLLM publishes its KV cache events on our own ipc socket, read by a subscriber started first."""
+        if not self._prefix_caching or self.kv_events is None:
+            return None
+        from vllm.config.kv_events import KVEventsConfig
+
+        from pdserve.kv.vllm_events import TOPIC, VllmKVEventMapper, VllmKVEventSubscriber
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._kv_events_path)  # a socket left by an earlier worker of this id
+        endpoint = f"ipc://{self._kv_events_path}"
+        self._kv_event_subscriber = VllmKVEventSubscriber(endpoint, VllmKVEventMapper(self.kv_events, self._block_size))
+        self._kv_event_subscriber.start()
+        return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic=TOPIC)
+
     async def stop(self) -> None:
+        if self._kv_event_subscriber is not None:
+            await self._kv_event_subscriber.stop()
+            self._kv_event_subscriber = None
         if self._refresher:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,7 +146,7 @@ class VllmEngine(Engine):
             self._llm = None
         from pdserve.kv.vllm_connector import pool_stats_path
 
-        for path in (self._stats_path, pool_stats_path(self._stats_path)):
+        for path in (self._stats_path, pool_stats_path(self._stats_path), self._kv_events_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
