@@ -51,6 +51,20 @@ OVERLOAD_CODES = frozenset({"overloaded", "kv_full"})
 WORKERS_FULL_RETRY_AFTER_S = 1.0
 
 
+_NOTHING = object()
+
+
+def _check_chunk(chunk: TokenChunk | None, expected_seq: int, worker_id: str) -> None:
+    """Raise _DecodeFailed unless chunk is the next good one (None: the worker is gone)."""
+    if chunk is None:
+        raise _DecodeFailed(f"decode worker {worker_id} is gone (missed heartbeats)", retryable=True)
+    if chunk.seq != expected_seq:
+        # Resuming from the tokens the client has is right whatever was lost in between.
+        raise _DecodeFailed(f"chunk {chunk.seq} arrived, expected {expected_seq}; tokens were lost", retryable=True)
+    if chunk.error:
+        raise _DecodeFailed(chunk.error, retryable=True)
+
+
 class _DecodeFailed(Exception):
     """A decode attempt failed; `retryable` when another worker may do better (after streamed tokens: by
     resuming after them), not when the worker refused for good; `overloaded` when the
@@ -309,27 +323,28 @@ class Orchestrator:
                                     overloaded=e.reply.code in OVERLOAD_CODES) from e
             except BusError as e:
                 raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout)) from e
+            held: TokenChunk | None | object = _NOTHING  # a chunk taken while coalescing, not yet checked
             while True:
-                timeout_s = min(self.config.stream_idle_timeout_s, self._remaining(req))
-                try:
-                    if chunks.empty():
-                        # wait_for costs a task and a timer (~20 us on 3.11): only when there is something to wait for
-                        chunk = await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
-                    else:
-                        chunk = chunks.get_nowait()
-                except asyncio.TimeoutError:
-                    raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=True, timeout=True) from None
-                if chunk is None:
-                    raise _DecodeFailed(f"decode worker {worker_id} is gone (missed heartbeats)", retryable=True)
-                if chunk.seq != num_chunks:
-                    # Resuming from the tokens the client has is right whatever was lost in between.
-                    raise _DecodeFailed(f"chunk {chunk.seq} arrived, expected {num_chunks}; tokens were lost",
-                                        retryable=True)
-                if chunk.error:
-                    raise _DecodeFailed(chunk.error, retryable=True)
+                if held is not _NOTHING:
+                    chunk, held = held, _NOTHING
+                else:
+                    chunk = await self._next_chunk(chunks, min(self.config.stream_idle_timeout_s, self._remaining(req)))
+                _check_chunk(chunk, num_chunks, worker_id)
                 num_chunks += 1
+                texts, token_ids = [chunk.text], list(chunk.token_ids)
+                # Chunks already queued (the router fell behind the worker) go out as one delta: one SSE event
+                # and one socket write instead of one per token, which is where a loaded router's time goes.
+                while chunk.finish_reason is None and not chunks.empty():
+                    following = chunks.get_nowait()
+                    if following is None or following.error or following.seq != num_chunks:
+                        held = following
+                        break
+                    chunk = following
+                    num_chunks += 1
+                    texts.append(chunk.text)
+                    token_ids.extend(chunk.token_ids)
                 finished = chunk.finish_reason is not None
-                yield GenerateDelta(chunk.text, chunk.token_ids, chunk.finish_reason, chunk.usage)
+                yield GenerateDelta("".join(texts), tuple(token_ids), chunk.finish_reason, chunk.usage)
                 if finished:
                     return
         finally:
@@ -341,6 +356,15 @@ class Orchestrator:
         """One subscription for every token stream of this router, made once: a per-request subscription
         would cost a round trip to NATS per request and could race the decode worker's first chunk."""
         await self.bus.subscribe(subjects.token_streams(self.config.router_id), TokenChunk, self._on_chunk)
+
+    @staticmethod
+    async def _next_chunk(chunks: asyncio.Queue, timeout_s: float) -> TokenChunk | None:
+        if not chunks.empty():
+            return chunks.get_nowait()
+        try:  # wait_for costs a task and a timer (~20 us on 3.11): only when there is something to wait for
+            return await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
+        except asyncio.TimeoutError:
+            raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=True, timeout=True) from None
 
     def _on_worker_gone(self, worker_id: str) -> None:
         """Wake every request still waiting on a worker that died (for its answer or its next chunk): it moves
