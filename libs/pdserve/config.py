@@ -149,7 +149,18 @@ class RouterConfig(BusOptions):
     stream_idle_timeout_s: float = _opt(30.0, "longest gap between two token chunks before the decode is given up")
     request_timeout_s: float = _opt(600.0, "deadline for a whole request")
     max_attempts: int = _opt(3, "workers tried per role before giving up on a request")
-    kv_lookup_timeout_s: float = _opt(0.2, "deadline for the KV broker's lookup answer")
+    kv_lookup_timeout_s: float = _opt(0.2, "deadline for the KV broker's lookup answer (none in time: load-only routing)")
+    routing: Literal["kv", "least_load", "round_robin"] = _opt(
+        "kv", "kv: lowest cost = blocks to recompute weighed against load (README: KV-aware routing); least_load: "
+        "queued + running alone; round_robin: in turn (for comparisons)")
+    route_w_recompute: float = _opt(1.0, "routing cost per prompt block the worker does not hold")
+    route_w_queue: float = _opt(8.0, "routing cost per request queued on the worker")
+    route_w_running: float = _opt(4.0, "routing cost per request running on the worker")
+    route_w_kv: float = _opt(16.0, "routing cost of a full KV cache (x kv_usage, 0..1)")
+    local_prefill_max_tokens: int = _opt(0, "the decode worker prefills itself when fewer prompt tokens than this are "
+                                         "left after its own prefix-cache hit (0: off)")
+    prefill_queue_limit: int = _opt(0, "the decode worker prefills itself when every prefill worker has this many "
+                                    "requests queued or running (0: off)")
     max_inflight: int = _opt(512, "requests the router serves at once; more get 429 with Retry-After at once")
     early_refusal: bool = _opt(True, "answer 429 at once when the request's deadline cannot be met: every prefill "
                                "worker's load (queued + running) times the mean prefill time the router observed "
@@ -171,6 +182,10 @@ class RouterConfig(BusOptions):
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.max_attempts < 1:
             _fail("max_attempts", "must be >= 1", "give a positive whole number")
+        for name in ("route_w_recompute", "route_w_queue", "route_w_running", "route_w_kv",
+                     "local_prefill_max_tokens", "prefill_queue_limit"):
+            if getattr(self, name) < 0:
+                _fail(name, "must be >= 0", "give 0 or a positive number")
         for name in ("max_inflight", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive whole number")

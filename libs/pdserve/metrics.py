@@ -36,6 +36,9 @@ class RouterMetrics:
                                registry=registry)
         self.local_prefills = Counter("pdserve_local_prefills", "Requests whose decode worker prefilled itself",
                                       registry=registry)
+        self.route_decisions = Counter("pdserve_route_decisions", "Routing decisions by reason (cache_hit, "
+                                       "local_prefill, prefill_queues_full, prefix_hit, load)", ["reason"],
+                                       registry=registry)
         self.resumes = Counter("pdserve_decode_resumes", "Streams continued on another decode worker after tokens "
                                "were streamed (it prefilled prompt + those tokens)", registry=registry)
         # Their ratio is the prefix-cache hit rate of the prefills this router sent.

@@ -4,14 +4,19 @@ Algorithm of `generate()`:
 0. Early refusal: if the least-loaded prefill worker's queue (load x mean prefill time, see
    LeastLoadPolicy.prefill_wait_s) is already longer than the time the request has left, answer 429 at
    once instead of letting it wait for a deadline it cannot meet.
-1. Prefill: choose the least-loaded prefill worker P and ask it (NATS request, deadline
+1. Route (KVAwarePolicy.plan): ask the KV broker which workers hold how many of the prompt's blocks (deadline
+   kv_lookup_timeout_s; no answer: load alone decides) and choose P and D by cost (blocks to recompute
+   against load). The decode worker prefills itself, with no P, when it holds the whole prompt, when little
+   is left after its cache hit, or when every prefill queue is full. One log line and the "route" span say
+   where and why.
+   Prefill: ask P (NATS request, deadline
    prefill_timeout_s, cut short when P is gone: missed heartbeats). On a timeout, a vanished worker or a
    retryable error, cancel on P and try another prefill worker (up to max_attempts). If every try failed,
    the decode worker prefills locally.
 2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
    (max_tokens=1, a stop string) we are done.
-3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the least-loaded
-   decode worker D to decode with P's KV location. Read chunks in order (sequence numbers) with an idle
+3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the planned
+   decode worker D (on a retry: the least-loaded other one) to decode with P's KV location. Read chunks in order (sequence numbers) with an idle
    deadline. If D fails, stalls, or is gone (missed heartbeats), cancel on D and try another decode worker
    (up to max_attempts): before D streamed anything it pulls the same KV (or recomputes it); after, it
    resumes: it prefills prompt + every token the client already has and continues from there, so the client
@@ -33,14 +38,15 @@ from pdserve import subjects, tracecontext, tracing
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
-from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Heartbeat, KVReady, ModelCard,
-                              PrefillRequest, TokenChunk, Usage)
+from pdserve.kv.hashing import block_hashes
+from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Heartbeat, KVLookup, KVLookupReply,
+                              KVReady, ModelCard, PrefillRequest, TokenChunk, Usage)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
 from pdserve.metrics import RequestTimer, RouterMetrics
 from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, Overloaded,
                                      UpstreamError, UpstreamTimeout)
 from pdserve.tracing import Span, SpanKind
-from services.router.policy import LeastLoadPolicy
+from services.router.policy import CostWeights, KVAwarePolicy, RoutePlan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +93,10 @@ class Orchestrator:
         self.bus = bus
         self.membership = membership
         self.metrics = metrics
-        self.policy = LeastLoadPolicy(membership)
+        self.policy = KVAwarePolicy(
+            membership, CostWeights(config.route_w_recompute, config.route_w_queue, config.route_w_running,
+                                    config.route_w_kv),
+            config.routing, config.local_prefill_max_tokens, config.prefill_queue_limit)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
         self._streams: dict[tuple[str, str], asyncio.Queue[TokenChunk]] = {}  # (request_id, worker_id)
@@ -175,7 +184,9 @@ class Orchestrator:
                     raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
                                         f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
             self._refuse_if_late(req)
-            ready = await self._prefill(req)
+            plan = await self._plan(req)
+            route.set_attributes(plan.attributes())
+            ready = await self._prefill(req, plan) if plan.prefill is not None else None
             if ready is not None:
                 route.set_attributes({"prefill_worker_id": ready.worker_id, "ttft_ms": (time.monotonic() - started) * 1000})
                 usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=1) if ready.finish_reason else None
@@ -184,7 +195,7 @@ class Orchestrator:
                     return
             finished = False
             try:
-                async with contextlib.aclosing(self._decode(req, ready, route)) as deltas:
+                async with contextlib.aclosing(self._decode(req, ready, route, plan)) as deltas:
                     async for delta in deltas:
                         finished = delta.finish_reason is not None
                         yield delta
@@ -192,11 +203,50 @@ class Orchestrator:
                 if not finished and ready is not None and ready.kv_transfer_params is not None:
                     await self._cancel(req.request_id, ready.worker_id)  # free the KV prefill still holds
 
-    async def _prefill(self, req: GenerateRequest) -> KVReady | None:
-        """KV-ready from some prefill worker, or None when all tries failed (decode then prefills locally)."""
+    async def _plan(self, req: GenerateRequest) -> RoutePlan:
+        """Where the request goes (KVAwarePolicy.plan), from the KV broker's lookup and the workers' load; one
+        log line says where and why. A lookup that fails or comes late leaves load alone to decide."""
+        card = next(c for c in self.models() if c.name == req.model)
+        block_size = card.kv_layout.block_size
+        matched, kv_lookup = await self._lookup(req, block_size)
+        plan = self.policy.plan(req.model, len(req.prompt_token_ids), block_size, matched, kv_lookup)
+        if plan is None:
+            raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
+        self.metrics.route_decisions.labels(reason=plan.reason).inc()
+        if plan.prefill is None:
+            self.metrics.local_prefills.inc()
+        log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s",
+                 req.request_id, plan.reason, plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
+                 plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.decode.worker_id,
+                 plan.num_matched_blocks(plan.decode), kv_lookup)
+        return plan
+
+    async def _lookup(self, req: GenerateRequest, block_size: int) -> tuple[dict[str, int], str]:
+        """(worker_id -> leading prompt blocks it holds, how the lookup went): ok, timeout, error, no_broker, off."""
+        if self.config.routing != "kv" or len(req.prompt_token_ids) < block_size:
+            return {}, "off"
+        if not self.membership.live("broker"):
+            return {}, "no_broker"
+        msg = KVLookup(model=req.model, block_hashes=tuple(block_hashes(req.prompt_token_ids, block_size)))
+        try:
+            reply = await self.bus.request(subjects.KV_LOOKUP, msg, KVLookupReply, request_id=req.request_id,
+                                           timeout_s=max(0.001, min(self.config.kv_lookup_timeout_s, self._remaining(req))))
+            return dict(reply.num_matched_blocks), "ok"
+        except BusTimeout:
+            log.warning("request %s: no KV lookup answer within %.3fs; routing by load", req.request_id,
+                        self.config.kv_lookup_timeout_s)
+            return {}, "timeout"
+        except Exception as e:  # never fail a request for its lookup: load alone decides
+            log.warning("request %s: KV lookup failed (%s); routing by load", req.request_id, e)
+            return {}, "error"
+
+    async def _prefill(self, req: GenerateRequest, plan: RoutePlan) -> KVReady | None:
+        """KV-ready from some prefill worker (the plan's first), or None when all tries failed (decode then
+        prefills locally)."""
         tried: list[str] = []
         for _ in range(self.config.max_attempts):
-            worker = self.policy.choose("prefill", req.model, exclude=tried)
+            worker = plan.prefill if not tried else self.policy.choose(
+                "prefill", req.model, exclude=tried, num_prompt_blocks=plan.num_prompt_blocks, matched=plan.matched)
             if worker is None:
                 break
             tried.append(worker.worker_id)
@@ -240,7 +290,7 @@ class Orchestrator:
         self.metrics.local_prefills.inc()
         return None
 
-    async def _decode(self, req: GenerateRequest, ready: KVReady | None, route: Span
+    async def _decode(self, req: GenerateRequest, ready: KVReady | None, route: Span, plan: RoutePlan
                       ) -> AsyncIterator[GenerateDelta]:
         tried: list[str] = []
         last_error: _DecodeFailed | None = None
@@ -248,7 +298,13 @@ class Orchestrator:
         # Every token the client has, once a decode attempt streamed some: later attempts resume after them.
         streamed: list[int] | None = None
         for _ in range(self.config.max_attempts):
-            worker = self.policy.choose("decode", req.model, exclude=tried)
+            if not tried and (ready is None) == (plan.prefill is None):
+                worker = plan.decode  # as planned (not after a failed prefill: any decode worker may do)
+            elif ready is None:  # it prefills: its own cache hit counts
+                worker = self.policy.choose("decode", req.model, exclude=tried,
+                                            num_prompt_blocks=plan.num_prompt_blocks, matched=plan.matched)
+            else:
+                worker = self.policy.choose("decode", req.model, exclude=tried)
             if worker is None:
                 break
             tried.append(worker.worker_id)

@@ -1,4 +1,5 @@
-"""Which prefill and decode worker gets a request: least load for now (KV-aware routing comes later).
+"""Which prefill and decode worker gets a request: KVAwarePolicy (blocks to recompute weighed against load,
+conditional disaggregation) over LeastLoadPolicy (load alone).
 
 Load of a worker = the larger of what its last heartbeat reported (queued + running, all routers) and what
 this router has sent it and not yet seen end (fresher than a heartbeat). Ties are broken at random so
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from pdserve.membership import Membership
 from pdserve.protocol import Heartbeat
@@ -71,3 +73,133 @@ class ServiceTime:
     def observe(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
         self.mean_s = seconds if self.mean_s is None else self.mean_s + self.weight * (seconds - self.mean_s)
+
+
+ROUTING_MODES = ("kv", "least_load", "round_robin")
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """Weights of KVAwarePolicy's cost, in blocks of prefill work: one prompt block to recompute costs
+    `recompute`; a queued request, a running one and a full KV cache cost the rest."""
+
+    recompute: float = 1.0
+    queue: float = 8.0
+    running: float = 4.0
+    kv: float = 16.0
+
+
+def route_cost(weights: CostWeights, num_prompt_blocks: int, num_matched_blocks: int, num_queued: int,
+               num_running: int, kv_usage: float) -> float:
+    """cost = w_recompute x (prompt_blocks - matched_blocks) + w_queue x num_queued + w_running x num_running
+    + w_kv x kv_usage (0..1)."""
+    return (weights.recompute * max(0, num_prompt_blocks - num_matched_blocks) + weights.queue * num_queued
+            + weights.running * num_running + weights.kv * kv_usage)
+
+
+@dataclass
+class RoutePlan:
+    """Where a request goes. prefill None: the decode worker prefills itself (reason says why).
+
+    reason: cache_hit (the decode worker holds every full block of the prompt), local_prefill (what is left
+    to compute after the decode worker's cache hit is under local_prefill_max_tokens), prefill_queues_full
+    (every prefill worker's load is at prefill_queue_limit), prefix_hit (the prefill worker was chosen with
+    some of the prompt cached), load (nothing cached anywhere that mattered: load alone decided).
+    kv_lookup: ok, timeout, error, no_broker, off (routing is not "kv" or the prompt has no full block).
+    """
+
+    reason: str
+    decode: Heartbeat
+    prefill: Heartbeat | None
+    num_prompt_blocks: int
+    matched: Mapping[str, int]
+    kv_lookup: str = "off"
+
+    def num_matched_blocks(self, hb: Heartbeat | None) -> int:
+        return self.matched.get(hb.worker_id, 0) if hb is not None else 0
+
+    def attributes(self) -> dict:
+        return {"route_reason": self.reason, "kv_lookup": self.kv_lookup, "num_prompt_blocks": self.num_prompt_blocks,
+                "route_prefill_worker_id": self.prefill.worker_id if self.prefill else "",
+                "route_decode_worker_id": self.decode.worker_id,
+                "prefill_num_matched_blocks": self.num_matched_blocks(self.prefill),
+                "decode_num_matched_blocks": self.num_matched_blocks(self.decode)}
+
+
+class KVAwarePolicy(LeastLoadPolicy):
+    """Chooses workers by the cost of serving the request there (mode "kv"), by load alone ("least_load",
+    LeastLoadPolicy), or in turn ("round_robin", for comparisons).
+
+    cost(worker) = w_recompute x (num_prompt_blocks - num_matched_blocks[worker])
+                 + w_queue x num_queued + w_running x num_running + w_kv x kv_usage
+    num_matched_blocks: leading prompt blocks the worker holds (the KV broker's lookup); num_queued,
+    num_running, kv_usage: its last heartbeat, where requests this router sent it and the heartbeat does not
+    show yet count as queued. The lowest cost wins; ties are broken at random.
+
+    `plan` applies it to both roles, with conditional disaggregation: the decode worker D of lowest cost
+    (its own cache hit counted) prefills the request itself when it holds the whole prompt, when what is left
+    to compute is under local_prefill_max_tokens, or when every prefill worker's load is at
+    prefill_queue_limit (0 turns either threshold off); otherwise the prefill worker of lowest cost prefills
+    and the decode worker of lowest load (it pulls the KV, its cache does not matter) decodes.
+    """
+
+    def __init__(self, membership: Membership, weights: CostWeights = CostWeights(), mode: str = "kv",
+                 local_prefill_max_tokens: int = 0, prefill_queue_limit: int = 0, rng: random.Random | None = None):
+        super().__init__(membership, rng)
+        assert mode in ROUTING_MODES, mode
+        self.weights = weights
+        self.mode = mode
+        self.local_prefill_max_tokens = local_prefill_max_tokens
+        self.prefill_queue_limit = prefill_queue_limit
+        self._turn: Counter[tuple[str, str]] = Counter()
+
+    def cost(self, hb: Heartbeat, num_prompt_blocks: int = 0, num_matched_blocks: int = 0) -> float:
+        unseen = max(0, self.in_flight[hb.worker_id] - hb.num_queued - hb.num_running)
+        return route_cost(self.weights, num_prompt_blocks, num_matched_blocks, hb.num_queued + unseen,
+                          hb.num_running, hb.kv_usage)
+
+    def choose(self, role: str, model: str, exclude: Iterable[str] = (), num_prompt_blocks: int = 0,
+               matched: Mapping[str, int] | None = None) -> Heartbeat | None:
+        if self.mode == "least_load":
+            return super().choose(role, model, exclude)
+        excluded = set(exclude)
+        candidates = [hb for hb in self._membership.live(role, model) if hb.worker_id not in excluded]
+        if not candidates:
+            return None
+        if self.mode == "round_robin":
+            candidates.sort(key=lambda hb: hb.worker_id)
+            turn = self._turn[(role, model)]
+            self._turn[(role, model)] += 1
+            return candidates[turn % len(candidates)]
+        matched = matched or {}
+        return min(candidates, key=lambda hb: (self.cost(hb, num_prompt_blocks, matched.get(hb.worker_id, 0)),
+                                               self._rng.random()))
+
+    def prefill_queues_full(self, model: str) -> bool:
+        candidates = self._membership.live("prefill", model)
+        return (self.prefill_queue_limit > 0 and bool(candidates)
+                and all(self.load(hb) >= self.prefill_queue_limit for hb in candidates))
+
+    def plan(self, model: str, num_prompt_tokens: int, block_size: int, matched: Mapping[str, int],
+             kv_lookup: str = "off") -> RoutePlan | None:
+        """The route of a request (see the class docstring); None while no decode worker serves model."""
+        num_prompt_blocks = num_prompt_tokens // block_size
+        local = self.choose("decode", model, num_prompt_blocks=num_prompt_blocks, matched=matched)
+        if local is None:
+            return None
+        num_left = num_prompt_tokens - matched.get(local.worker_id, 0) * block_size
+
+        def plan(reason: str, decode: Heartbeat, prefill: Heartbeat | None = None) -> RoutePlan:
+            return RoutePlan(reason, decode, prefill, num_prompt_blocks, matched, kv_lookup)
+
+        if num_prompt_blocks > 0 and matched.get(local.worker_id, 0) >= num_prompt_blocks:
+            return plan("cache_hit", local)
+        if num_left < self.local_prefill_max_tokens:
+            return plan("local_prefill", local)
+        if self.prefill_queues_full(model):
+            return plan("prefill_queues_full", local)
+        prefill = self.choose("prefill", model, num_prompt_blocks=num_prompt_blocks, matched=matched)
+        if prefill is None:
+            return plan("load", local)  # no prefill worker: the orchestrator refuses before planning
+        decode = self.choose("decode", model) if self.mode == "kv" and matched else local
+        return plan("prefix_hit" if matched.get(prefill.worker_id, 0) > 0 else "load", decode, prefill)
