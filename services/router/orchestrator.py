@@ -12,7 +12,8 @@ Algorithm of `generate()`:
    Prefill: ask P (NATS request, deadline
    prefill_timeout_s, cut short when P is gone: missed heartbeats). On a timeout, a vanished worker or a
    retryable error, cancel on P and try another prefill worker (up to max_attempts). If every try failed,
-   the decode worker prefills locally.
+   the decode worker prefills locally. A worker nobody listens for (NoResponders: dead, or reconnecting to
+   NATS) costs no attempt; the request goes elsewhere, or tries it again shortly (_Candidates).
 2. The first token (from P's KV-ready answer) goes to the client at once; if it already ends the request
    (max_tokens=1, a stop string) we are done.
 3. Decode: open a queue for (request, D) on the router's one stream subscription, then ask the planned
@@ -74,13 +75,55 @@ def _check_chunk(chunk: TokenChunk | None, expected_seq: int, worker_id: str) ->
 class _DecodeFailed(Exception):
     """A decode attempt failed; `retryable` when another worker may do better (after streamed tokens: by
     resuming after them), not when the worker refused for good; `overloaded` when the
-    worker refused because it is full."""
+    worker refused because it is full; `not_listening` when nobody received the request (NoResponders)."""
 
-    def __init__(self, message: str, *, retryable: bool, timeout: bool = False, overloaded: bool = False):
+    def __init__(self, message: str, *, retryable: bool, timeout: bool = False, overloaded: bool = False,
+                 not_listening: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.timeout = timeout
         self.overloaded = overloaded
+        self.not_listening = not_listening
+
+
+# How long a request waits before it tries again workers that were not listening (see _Candidates).
+NOT_LISTENING_PAUSE_S = 0.25
+
+
+class _Candidates:
+    """The workers of one role a request may still try.
+
+    A worker that failed the request is not tried again, and at most max_attempts may fail. A worker that was
+    not listening (NoResponders: nobody subscribes to its subject right now) costs no attempt: it died (NATS
+    dropped its subscriptions with its connection) or it, or this router, is reconnecting to NATS. The request
+    moves on to another worker at once; when only such workers are left, it tries them again after a short
+    pause (after a NATS restart, workers subscribe again within moments; a dead one leaves the membership
+    within its heartbeat allowance), for at most budget_s in all.
+    """
+
+    def __init__(self, max_attempts: int, budget_s: float):
+        self.max_attempts = max_attempts
+        self.budget_s = budget_s
+        self.failed: list[str] = []
+        self.not_listening: list[str] = []
+        self.waited_s = 0.0
+
+    @property
+    def excluded(self) -> list[str]:
+        return self.failed + self.not_listening
+
+    def more(self) -> bool:
+        return len(self.failed) < self.max_attempts
+
+    async def pause(self, remaining_s: float) -> bool:
+        """Called when no other worker is left: wait, then let the workers that were not listening be tried
+        again; False (at once) when there is none to wait for or no time left."""
+        if not self.not_listening or self.waited_s + NOT_LISTENING_PAUSE_S > min(self.budget_s, remaining_s):
+            return False
+        await asyncio.sleep(NOT_LISTENING_PAUSE_S)
+        self.waited_s += NOT_LISTENING_PAUSE_S
+        self.not_listening.clear()
+        return True
 
 
 class _WorkerGone(BusError):
@@ -243,13 +286,15 @@ class Orchestrator:
     async def _prefill(self, req: GenerateRequest, plan: RoutePlan) -> KVReady | None:
         """KV-ready from some prefill worker (the plan's first), or None when all tries failed (decode then
         prefills locally)."""
-        tried: list[str] = []
-        for _ in range(self.config.max_attempts):
-            worker = plan.prefill if not tried else self.policy.choose(
-                "prefill", req.model, exclude=tried, num_prompt_blocks=plan.num_prompt_blocks, matched=plan.matched)
+        candidates = _Candidates(self.config.max_attempts, self.config.prefill_timeout_s)
+        while candidates.more():
+            worker = plan.prefill if not candidates.excluded else self.policy.choose(
+                "prefill", req.model, exclude=candidates.excluded, num_prompt_blocks=plan.num_prompt_blocks,
+                matched=plan.matched)
             if worker is None:
+                if await candidates.pause(self._remaining(req)):
+                    continue
                 break
-            tried.append(worker.worker_id)
             timeout_s = min(self.config.prefill_timeout_s, self._remaining(req))
             msg = PrefillRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                                  sampling=req.sampling, deadline=time.time() + timeout_s)
@@ -275,39 +320,48 @@ class Orchestrator:
                     log.warning("request %s: prefill worker %s refused: %s", req.request_id, worker.worker_id, e)
                     if not e.reply.retryable:
                         raise UpstreamError(f"prefill worker {worker.worker_id}: {e.reply.message}") from e
-                except (BusTimeout, NoResponders, BusError) as e:
+                    candidates.failed.append(worker.worker_id)
+                except NoResponders as e:  # nobody got the request: nothing to cancel
+                    tracing.record_error(span, str(e))
+                    log.warning("request %s: prefill worker %s is not listening (%s); trying elsewhere",
+                                req.request_id, worker.worker_id, e)
+                    self.metrics.retries.labels(role="prefill").inc()
+                    candidates.not_listening.append(worker.worker_id)
+                except BusError as e:
                     tracing.record_error(span, str(e))
                     log.warning("request %s: prefill worker %s failed (%s); trying elsewhere", req.request_id,
                                 worker.worker_id, e)
                     self.metrics.retries.labels(role="prefill").inc()
+                    candidates.failed.append(worker.worker_id)
                     await self._cancel(req.request_id, worker.worker_id)
                 finally:
                     self.policy.release(worker.worker_id)
             if self._remaining(req) <= 0:
                 raise UpstreamTimeout(f"request {req.request_id} ran out of time during prefill")
         log.warning("request %s: no prefill worker answered (tried %s); decode will prefill locally",
-                    req.request_id, ", ".join(tried) or "none")
+                    req.request_id, ", ".join(candidates.excluded) or "none")
         self.metrics.local_prefills.inc()
         return None
 
     async def _decode(self, req: GenerateRequest, ready: KVReady | None, route: Span, plan: RoutePlan
                       ) -> AsyncIterator[GenerateDelta]:
-        tried: list[str] = []
+        candidates = _Candidates(self.config.max_attempts, self.config.decode_accept_timeout_s)
         last_error: _DecodeFailed | None = None
         num_full = 0  # attempts refused because the worker was full
         # Every token the client has, once a decode attempt streamed some: later attempts resume after them.
         streamed: list[int] | None = None
-        for _ in range(self.config.max_attempts):
-            if not tried and (ready is None) == (plan.prefill is None):
+        while candidates.more():
+            if not candidates.excluded and (ready is None) == (plan.prefill is None):
                 worker = plan.decode  # as planned (not after a failed prefill: any decode worker may do)
             elif ready is None:  # it prefills: its own cache hit counts
-                worker = self.policy.choose("decode", req.model, exclude=tried,
+                worker = self.policy.choose("decode", req.model, exclude=candidates.excluded,
                                             num_prompt_blocks=plan.num_prompt_blocks, matched=plan.matched)
             else:
-                worker = self.policy.choose("decode", req.model, exclude=tried)
+                worker = self.policy.choose("decode", req.model, exclude=candidates.excluded)
             if worker is None:
+                if await candidates.pause(self._remaining(req)):
+                    continue
                 break
-            tried.append(worker.worker_id)
             route.set_attribute("decode_worker_id", worker.worker_id)
             resume = tuple(streamed) if streamed is not None else ()
             if resume:
@@ -328,6 +382,7 @@ class Orchestrator:
                 log.warning("request %s: decode on %s failed: %s", req.request_id, worker.worker_id, e)
                 last_error = e
                 num_full += e.overloaded
+                (candidates.not_listening if e.not_listening else candidates.failed).append(worker.worker_id)
                 if not e.retryable:
                     break
                 self.metrics.retries.labels(role="decode").inc()
@@ -335,11 +390,11 @@ class Orchestrator:
                 self.policy.release(worker.worker_id)
         if last_error is None:
             raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
-        if num_full == len(tried):
-            raise Overloaded(f"Every decode worker is full ({len(tried)} tried); retry after the time in the "
+        if num_full and num_full == len(candidates.failed):
+            raise Overloaded(f"Every decode worker is full ({num_full} tried); retry after the time in the "
                              "Retry-After header.", retry_after_s=WORKERS_FULL_RETRY_AFTER_S)
         error_cls = UpstreamTimeout if last_error.timeout else UpstreamError
-        raise error_cls(f"decode failed after {len(tried)} attempt(s): {last_error}")
+        raise error_cls(f"decode failed after {len(candidates.excluded)} attempt(s): {last_error}")
 
     async def _decode_on(self, req: GenerateRequest, ready: KVReady | None, worker_id: str,
                          resume_token_ids: tuple[int, ...]) -> AsyncIterator[GenerateDelta]:
@@ -378,7 +433,8 @@ class Orchestrator:
                 raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable,
                                     overloaded=e.reply.code in OVERLOAD_CODES) from e
             except BusError as e:
-                raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout)) from e
+                raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout),
+                                    not_listening=isinstance(e, NoResponders)) from e
             held: TokenChunk | None | object = _NOTHING  # a chunk taken while coalescing, not yet checked
             while True:
                 if held is not _NOTHING:
