@@ -55,11 +55,14 @@ class RemoteError(BusError):
 class Bus:
     """One NATS connection of one service."""
 
-    def __init__(self, nc: NATSClient, name: str):
+    def __init__(self, nc: NATSClient, name: str, on_reconnect: list[Callable[[], None]] | None = None):
         self._nc = nc
         self.name = name
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task] = set()
+        # Called after a lost connection was made again (subscriptions are back): what was published in
+        # between, by us or to us, may be lost.
+        self.on_reconnect: list[Callable[[], None]] = on_reconnect if on_reconnect is not None else []
 
     @classmethod
     async def connect(
@@ -83,8 +86,15 @@ class Bus:
             if not nc.is_closed and not nc.is_draining:
                 log.warning("%s: disconnected from NATS; reconnecting", name)
 
+        reconnect_hooks: list[Callable[[], None]] = []
+
         async def on_reconnect() -> None:
             log.warning("%s: reconnected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else "?")
+            for hook in list(reconnect_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%s: reconnect hook failed", name)
 
         connected = False
         refused = asyncio.Event()
@@ -133,7 +143,7 @@ class Bus:
                 last_error = connecting.exception()
                 if last_error is None:
                     connected = True
-                    return cls(nc, name)
+                    return cls(nc, name, on_reconnect=reconnect_hooks)
                 if not isinstance(last_error, (OSError, nats.errors.Error, asyncio.TimeoutError)):
                     raise last_error
             else:

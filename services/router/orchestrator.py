@@ -21,7 +21,10 @@ Algorithm of `generate()`:
    deadline. If D fails, stalls, or is gone (missed heartbeats), cancel on D and try another decode worker
    (up to max_attempts): before D streamed anything it pulls the same KV (or recomputes it); after, it
    resumes: it prefills prompt + every token the client already has and continues from there, so the client
-   sees one uninterrupted stream. With no worker left, the stream ends with a clear error. If every decode worker tried
+   sees one uninterrupted stream. After the router's own NATS connection came back (a NATS restart) chunks
+   may have been lost, the last one too: each stream then waits for its next chunk only as long as a silent
+   worker takes to be declared gone (3 heartbeats), not its idle deadline. With no worker left, the stream
+   ends with a clear error. If every decode worker tried
    refused because it is full, the answer is 429 with Retry-After (overload is not a failure).
 4. However the request ends (done, error, client gone), a cancel goes to whichever worker still works on it,
    so nothing stays allocated.
@@ -59,6 +62,7 @@ WORKERS_FULL_RETRY_AFTER_S = 1.0
 
 
 _NOTHING = object()
+_RECONNECTED = object()  # queued on every stream when the router's NATS connection came back
 
 
 def _check_chunk(chunk: TokenChunk | None, expected_seq: int, worker_id: str) -> None:
@@ -146,6 +150,7 @@ class Orchestrator:
         self._gone_waiters: dict[str, set[asyncio.Future]] = {}  # worker_id -> requests waiting on its answer
         membership.on_join.append(self._on_worker_joined)
         membership.on_gone.append(self._on_worker_gone)
+        bus.on_reconnect.append(self._on_reconnect)
 
     # ----------------------------------------------------------------------------- Backend protocol
 
@@ -412,7 +417,7 @@ class Orchestrator:
     async def _decode_stream(self, req: GenerateRequest, ready: KVReady | None, worker_id: str,
                              resume_token_ids: tuple[int, ...]) -> AsyncIterator[GenerateDelta]:
         stream_subject = subjects.token_stream(self.config.router_id, req.request_id)
-        chunks: asyncio.Queue[TokenChunk | None] = asyncio.Queue()  # None: the worker is gone
+        chunks: asyncio.Queue[TokenChunk | None | object] = asyncio.Queue()  # None: the worker is gone; or _RECONNECTED
         stream_key = (req.request_id, worker_id)  # a late chunk of an earlier attempt finds no queue
         self._streams[stream_key] = chunks
         finished = False
@@ -436,11 +441,19 @@ class Orchestrator:
                 raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout),
                                     not_listening=isinstance(e, NoResponders)) from e
             held: TokenChunk | None | object = _NOTHING  # a chunk taken while coalescing, not yet checked
+            idle_s, why = self.config.stream_idle_timeout_s, ""
             while True:
                 if held is not _NOTHING:
                     chunk, held = held, _NOTHING
                 else:
-                    chunk = await self._next_chunk(chunks, min(self.config.stream_idle_timeout_s, self._remaining(req)))
+                    chunk = await self._next_chunk(chunks, min(idle_s, self._remaining(req)), why)
+                if chunk is _RECONNECTED:
+                    # What the worker published while we were away is lost; if that was its last chunk, nothing
+                    # more comes. Wait only as long as a silent worker takes to be declared gone, then resume.
+                    idle_s = min(idle_s, self._silence_allowance_s(worker_id))
+                    why = " after the router reconnected to NATS (chunks lost meanwhile)"
+                    continue
+                idle_s, why = self.config.stream_idle_timeout_s, ""
                 _check_chunk(chunk, num_chunks, worker_id)
                 num_chunks += 1
                 texts, token_ids = [chunk.text], list(chunk.token_ids)
@@ -448,7 +461,7 @@ class Orchestrator:
                 # and one socket write instead of one per token, which is where a loaded router's time goes.
                 while chunk.finish_reason is None and not chunks.empty():
                     following = chunks.get_nowait()
-                    if following is None or following.error or following.seq != num_chunks:
+                    if following is None or following is _RECONNECTED or following.error or following.seq != num_chunks:
                         held = following
                         break
                     chunk = following
@@ -470,13 +483,24 @@ class Orchestrator:
         await self.bus.subscribe(subjects.token_streams(self.config.router_id), TokenChunk, self._on_chunk)
 
     @staticmethod
-    async def _next_chunk(chunks: asyncio.Queue, timeout_s: float) -> TokenChunk | None:
+    async def _next_chunk(chunks: asyncio.Queue, timeout_s: float, why: str = "") -> TokenChunk | None | object:
         if not chunks.empty():
             return chunks.get_nowait()
         try:  # wait_for costs a task and a timer (~20 us on 3.11): only when there is something to wait for
             return await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
         except asyncio.TimeoutError:
-            raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s", retryable=True, timeout=True) from None
+            raise _DecodeFailed(f"no tokens for {timeout_s:.1f}s{why}", retryable=True, timeout=True) from None
+
+    def _silence_allowance_s(self, worker_id: str) -> float:
+        """How long a worker may stay silent before membership declares it gone."""
+        hb = self.membership.get(worker_id)
+        return subjects.HEARTBEAT_MISSES * hb.interval_s if hb else 0.0
+
+    def _on_reconnect(self) -> None:
+        """This router's NATS connection came back: token chunks published meanwhile (or before our
+        subscription was back) are lost; tell every stream in flight."""
+        for queue in list(self._streams.values()):
+            queue.put_nowait(_RECONNECTED)
 
     def _on_worker_gone(self, worker_id: str) -> None:
         """Wake every request still waiting on a worker that died (for its answer or its next chunk): it moves

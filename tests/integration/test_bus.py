@@ -138,8 +138,12 @@ async def test_services_reconnect_after_nats_restarts(tmp_path):
     async def on_stats(_: StatsRequest) -> WorkerStats:
         return WorkerStats(worker_id="w", role="prefill")
 
+    reconnects: list[str] = []
+    server.on_reconnect.append(lambda: reconnects.append("server"))
+    client.on_reconnect.append(lambda: reconnects.append("client"))
     try:
         await server.serve("t.stats", StatsRequest, on_stats)
+        assert server.num_reconnects == client.num_reconnects == 0
         first.stop()
         await asyncio.sleep(0.5)
         second = nats_server.start(port=first.port, store_dir=str(tmp_path / "b"), die_with_parent=True)
@@ -153,6 +157,12 @@ async def test_services_reconnect_after_nats_restarts(tmp_path):
                     assert time.monotonic() < deadline, "no reconnect within 10 s"
                     await asyncio.sleep(0.2)
             assert reply.worker_id == "w"
+            # Each says it reconnected, once (a router resets its silence clocks and its streams' deadlines then).
+            deadline = time.monotonic() + 5
+            while len(reconnects) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sorted(reconnects) == ["client", "server"]
+            assert server.num_reconnects == client.num_reconnects == 1
         finally:
             await client.close(); await server.close()
             second.stop()
