@@ -163,3 +163,26 @@ async def test_two_requests_with_one_prompt_hold_two_copies(pair):
     await prefill.release_kv("r1")
     await prefill.release_kv("r2")  # the cache has these blocks already: r2's copies are freed
     assert all(prefill.kv_events.copies[h] == 1 for h in HASHES)
+
+
+async def test_concurrent_requests_share_a_cached_prefix_and_it_is_not_evicted_while_in_use():
+    engine = make_engine("p", prefix_caching=True, num_kv_blocks=12)
+    await engine.start()
+    try:
+        await engine.prefill("r1", PROMPT, SAMPLING, lease_s=10)
+        await engine.release_kv("r1")  # its 4 full blocks go to the cache
+        a = await engine.prefill("r2", PROMPT, SAMPLING, lease_s=10)
+        b = await engine.prefill("r3", PROMPT, SAMPLING, lease_s=10)
+        assert a.num_cached_tokens == b.num_cached_tokens == 64  # both use the one cached copy
+        assert all(engine.kv_events.copies[h] == 1 for h in HASHES)
+        # 12 blocks: 4 shared cached + 1 partial each for r2 and r3 = 6 in use; a prompt of 7 blocks needs the
+        # 6 free ones and one more, which only an eviction of the pinned prefix could give: refused.
+        with pytest.raises(EngineFull):
+            await engine.prefill("r4", tuple(range(500, 612)), SAMPLING, lease_s=10)
+        assert engine.stats()["num_held_blocks"] == 6
+        await engine.release_kv("r2")
+        await engine.release_kv("r3")
+        assert engine.stats()["num_held_blocks"] == 0 and engine.stats()["num_cached_blocks"] == 4
+        assert engine.kv_events.held() == set(HASHES)
+    finally:
+        await engine.stop()

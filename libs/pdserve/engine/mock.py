@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -70,6 +70,9 @@ class MockEngine(Engine):
         self._free = list(range(num_kv_blocks))
         self._prefix_caching = prefix_caching
         self._cache: OrderedDict[int, int] = OrderedDict()  # block hash -> block id, least recently used first
+        # Cached blocks in use by running requests (block id -> number of them): shared, as vLLM shares a cached
+        # prefix between concurrent requests, and never evicted while in use.
+        self._pins: Counter[int] = Counter()
         self._held: dict[str, _Held] = {}
         self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host,
                                           on_pull=self._on_pull)
@@ -249,27 +252,29 @@ class MockEngine(Engine):
     # ---------------------------------------------------------------------------------- KV memory
 
     def _allocate(self, request_id: str, prompt_token_ids: tuple[int, ...], *, reuse: bool) -> _Held:
-        """Blocks for the prompt: its leading blocks from the prefix cache where reuse allows (they leave the
-        cache: one request uses a block at a time), the rest free, evicting cached blocks when needed."""
+        """Blocks for the prompt: its leading blocks from the prefix cache where reuse allows (shared with other
+        requests using them, pinned meanwhile), the rest free, evicting unpinned cached blocks when needed."""
         if request_id in self._held:
             raise EngineFull(f"request {request_id} already holds blocks on this worker")
         num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
         hashes = block_hashes(prompt_token_ids, self._layout.block_size)
         hits = []
         if reuse and self._prefix_caching:
-            for h in hashes:
-                block = self._cache.pop(h, None)
+            for h in hashes[:len(prompt_token_ids) // self._layout.block_size]:  # full blocks only
+                block = self._cache.get(h)
                 if block is None:
                     break
+                self._cache.move_to_end(h)
+                self._pins[block] += 1
                 hits.append(block)
         need = num_blocks - len(hits)
-        if need > len(self._free) + len(self._cache):
-            for h, block in zip(hashes, hits):
-                self._cache[h] = block
-            raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free) + len(self._cache) + len(hits)} free")
+        if need > len(self._free) + self._num_evictable():
+            self._unpin(hits)
+            raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free) + self._num_evictable()} free")
         evicted = []
         while len(self._free) < need:
-            h, block = self._cache.popitem(last=False)
+            h, block = next((h, b) for h, b in self._cache.items() if not self._pins[b])
+            del self._cache[h]
             self._free.append(block)
             evicted.append(h)
         if evicted and self.kv_events:
@@ -277,6 +282,15 @@ class MockEngine(Engine):
         block_ids = hits + [self._free.pop() for _ in range(need)]
         held = self._held[request_id] = _Held(block_ids, hashes, num_cached=len(hits))
         return held
+
+    def _num_evictable(self) -> int:
+        return len(self._cache) - len(self._pins)  # every pinned block is a cached one
+
+    def _unpin(self, block_ids: list[int]) -> None:
+        for block in block_ids:
+            self._pins[block] -= 1
+            if self._pins[block] <= 0:
+                del self._pins[block]
 
     def _num_cached_tokens(self, held: _Held, prompt_token_ids: tuple[int, ...]) -> int:
         # As in vLLM, the last prompt token is always computed: its logits choose the first token.
@@ -303,8 +317,9 @@ class MockEngine(Engine):
         if held.transfer_id:
             self._endpoint.release(held.transfer_id)
         removed = []
-        num_valid = len(held.block_hashes) if held.computed else min(held.num_cached, len(held.block_hashes))
-        for i in reversed(range(len(held.block_ids))):
+        self._unpin(held.block_ids[:held.num_cached])  # shared cached blocks: they stay in the cache
+        num_valid = len(held.block_hashes) if held.computed else held.num_cached
+        for i in reversed(range(held.num_cached, len(held.block_ids))):
             block = held.block_ids[i]
             if i >= num_valid:
                 self._free.append(block)
@@ -332,7 +347,7 @@ class MockEngine(Engine):
 
     def stats(self) -> dict[str, float]:
         total = self._pool.num_blocks
-        free = len(self._free) + len(self._cache)  # cached blocks are free to take, as in vLLM's pool
+        free = len(self._free) + self._num_evictable()  # cached blocks not in use are free to take, as in vLLM's pool
         endpoint = self._endpoint.stats()
         return {
             **self._counters,
