@@ -36,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path, "w")
     try:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -45,7 +45,7 @@ def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -
         log.close()
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -58,25 +58,25 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def _tail(log_path: Path, lines: int = 25) -> str:
+def tail(log_path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
 
 
-def _wait_ready(url: str, processes: list[tuple[subprocess.Popen, Path]]) -> None:
+def wait_ready(url: str, processes: list[tuple[subprocess.Popen, Path]]) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         for process, log_path in processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{' '.join(process.args[:4])} exited with {process.returncode} while starting; "
-                                   f"its log ({log_path}) ends:\n{_tail(log_path)}")
+                                   f"its log ({log_path}) ends:\n{tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.5)
-    logs = "\n".join(f"--- {p}\n{_tail(p)}" for _, p in processes)
+    logs = "\n".join(f"--- {p}\n{tail(p)}" for _, p in processes)
     raise RuntimeError(f"{url} not ready within {START_TIMEOUT_S:.0f}s; logs:\n{logs}")
 
 
@@ -85,7 +85,7 @@ def _vllm_server(model_dir: str, model_name: str, port: int, cores: str, log_pat
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cores}
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", model_name, "--port", str(port), *ENGINE_ARGS, *extra]
-    return _spawn(argv, log_path, env)
+    return spawn(argv, log_path, env)
 
 
 @contextlib.contextmanager
@@ -94,14 +94,14 @@ def pdserve_1p1d(model_dir: str, model_name: str, log_dir: Path) -> Iterator[str
     log_path = log_dir / "pdserve-up.log"
     # pdserve serves a model directory under the directory's name: the other systems are given the same name.
     assert Path(model_dir).name == model_name, f"pdserve serves {model_dir} as {Path(model_dir).name}"
-    up = _spawn([sys.executable, "-m", "pdserve.cli", "up", "--engine", "vllm", "--model", model_dir,
+    up = spawn([sys.executable, "-m", "pdserve.cli", "up", "--engine", "vllm", "--model", model_dir,
                  "--port", str(port)], log_path)
     try:
         # /health answers 200 only once a prefill and a decode worker are in.
-        _wait_ready(f"http://127.0.0.1:{port}/health", [(up, log_path)])
+        wait_ready(f"http://127.0.0.1:{port}/health", [(up, log_path)])
         yield f"http://127.0.0.1:{port}"
     finally:
-        _stop(up)
+        stop(up)
 
 
 @contextlib.contextmanager
@@ -110,10 +110,10 @@ def plain_vllm(model_dir: str, model_name: str, log_dir: Path, cores: str = "0-1
     log_path = log_dir / "vllm.log"
     server = _vllm_server(model_dir, model_name, port, cores, log_path)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", [(server, log_path)])
+        wait_ready(f"http://127.0.0.1:{port}/health", [(server, log_path)])
         yield f"http://127.0.0.1:{port}"
     finally:
-        _stop(server)
+        stop(server)
 
 
 @contextlib.contextmanager
@@ -130,14 +130,14 @@ def vllm_example_disagg(model_dir: str, model_name: str, log_dir: Path) -> Itera
             started.append((_vllm_server(model_dir, model_name, port, core, log_path,
                                          ["--kv-transfer-config", kv_config]), log_path))
         proxy_log = log_dir / "vllm-disagg-proxy.log"
-        started.append((_spawn([sys.executable, str(HERE / "vllm_disagg_proxy.py"), "--port", str(ports[0]),
+        started.append((spawn([sys.executable, str(HERE / "vllm_disagg_proxy.py"), "--port", str(ports[0]),
                                 "--producer", f"http://127.0.0.1:{ports[1]}",
                                 "--consumer", f"http://127.0.0.1:{ports[2]}"], proxy_log), proxy_log))
-        _wait_ready(f"http://127.0.0.1:{ports[0]}/health", started)
+        wait_ready(f"http://127.0.0.1:{ports[0]}/health", started)
         yield f"http://127.0.0.1:{ports[0]}"
     finally:
         for process, _ in reversed(started):
-            _stop(process)
+            stop(process)
 
 
 SYSTEMS = {"pdserve": pdserve_1p1d, "vllm": plain_vllm, "vllm-disagg": vllm_example_disagg}
