@@ -7,6 +7,7 @@ flush spans.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 class PrefillHandlers:
     def __init__(self, rt: WorkerRuntime):
         self.rt = rt
+        self._tasks: dict[str, asyncio.Task] = {}  # request_id -> the task computing its prefill
+        rt.cancel_hooks.append(self.on_cancel)
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
         # The bus made the router's "prefill request" span current: this span is its child.
@@ -42,12 +45,20 @@ class PrefillHandlers:
             return refusal
         rt.num_in_flight += 1
         start = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks[req.request_id] = task
         try:
             result = await rt.engine.prefill(req.request_id, req.prompt_token_ids, req.sampling, rt.config.kv_lease_s)
         except EngineFull as e:
             return ErrorReply(code="kv_full", message=f"{rt.worker_id}: {e}")
+        except asyncio.CancelledError:
+            log.info("request %s: prefill cancelled", req.request_id)
+            raise  # nobody waits for the answer any more
         finally:
             rt.num_in_flight -= 1
+            if self._tasks.get(req.request_id) is task:
+                del self._tasks[req.request_id]
         rt.num_requests_served += 1
         prefill_ms = (time.monotonic() - start) * 1000
         ready = KVReady(
@@ -66,6 +77,13 @@ class PrefillHandlers:
                  len(req.prompt_token_ids), prefill_ms, num_blocks)
         rt.spawn(rt.bus.publish(subjects.KV_READY, ready, request_id=req.request_id))
         return ready
+
+    def on_cancel(self, request_id: str) -> None:
+        """Stop a prefill still computing (the engine frees its blocks): left to finish, it would write KV into
+        blocks another request may hold by then and announce KV-ready for a request nobody waits for."""
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()
 
     async def on_release(self, msg: KVRelease) -> None:
         freed = await self.rt.engine.release_kv(msg.request_id)
