@@ -9,6 +9,7 @@ stream subject with sequence numbers, the last one with finish_reason and usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -42,8 +43,23 @@ class DecodeHandlers:
             return ErrorReply(code="duplicate", message=f"{rt.worker_id} already decodes {req.request_id}")
         rt.num_in_flight += 1
         self._requests[req.request_id] = req
-        self._tasks[req.request_id] = asyncio.create_task(self._run(req), name=f"decode-{req.request_id}")
+        task = asyncio.create_task(self._run(req), name=f"decode-{req.request_id}")
+        self._tasks[req.request_id] = task
+        task.add_done_callback(lambda _: self._ended(req, task))
         return DecodeAccepted(request_id=req.request_id, worker_id=rt.worker_id)
+
+    def _ended(self, req: DecodeRequest, task: asyncio.Task) -> None:
+        """Undo what accepting the request counted, however its task ended: a task cancelled before its first
+        step (a cancel right behind the request, as after a NATS outage) never runs any code of its own."""
+        self.rt.num_in_flight -= 1
+        if self._tasks.get(req.request_id) is task:
+            del self._tasks[req.request_id]
+        if self._requests.get(req.request_id) is req:
+            del self._requests[req.request_id]
+            if req.kv_transfer_params:  # never loaded: let prefill free its copy now, not at lease end
+                self._send_release(req, ok=False)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("request %s: decode ended with %r", req.request_id, task.exception())
 
     async def _run(self, req: DecodeRequest) -> None:
         # Started from on_decode, this task carries the router's "decode request" context: the span is its child.
@@ -64,21 +80,24 @@ class DecodeHandlers:
         first_at = last_at = 0.0
         num_first = num_generated = 0
         try:
-            async for out in rt.engine.generate(req.request_id, req.prompt_token_ids, req.sampling,
-                                                req.first_token_id, req.kv_transfer_params, req.resume_token_ids):
-                last_at = time.monotonic()
-                if num_generated == 0:
-                    first_at, num_first = last_at, len(out.token_ids)
-                    span.set_attribute("ttft_ms", (first_at - started) * 1000)
-                num_generated += len(out.token_ids)
-                num_tokens += len(out.token_ids)
-                usage = None
-                if out.finish_reason is not None:
-                    usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens)
-                chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, seq=seq, token_ids=out.token_ids, text=out.text,
-                                   finish_reason=out.finish_reason, usage=usage)
-                await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
-                seq += 1
+            # aclosing: the engine frees the request's KV as soon as this ends, whichever way (a failed publish too)
+            async with contextlib.aclosing(rt.engine.generate(
+                    req.request_id, req.prompt_token_ids, req.sampling, req.first_token_id, req.kv_transfer_params,
+                    req.resume_token_ids)) as outputs:
+                async for out in outputs:
+                    last_at = time.monotonic()
+                    if num_generated == 0:
+                        first_at, num_first = last_at, len(out.token_ids)
+                        span.set_attribute("ttft_ms", (first_at - started) * 1000)
+                    num_generated += len(out.token_ids)
+                    num_tokens += len(out.token_ids)
+                    usage = None
+                    if out.finish_reason is not None:
+                        usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens)
+                    chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, seq=seq, token_ids=out.token_ids,
+                                       text=out.text, finish_reason=out.finish_reason, usage=usage)
+                    await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
+                    seq += 1
             rt.num_requests_served += 1
             span.set_attributes({"num_tokens": num_tokens, "num_chunks": seq})
             if num_generated > num_first:
@@ -94,12 +113,6 @@ class DecodeHandlers:
             span.record_exception(e)
             tracing.record_error(span, f"{type(e).__name__}: {e}")
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
-        finally:
-            rt.num_in_flight -= 1
-            self._tasks.pop(req.request_id, None)
-            if self._requests.pop(req.request_id, None) is not None and req.kv_transfer_params:
-                # Never loaded (cancelled or failed first): let prefill free its copy now, not at lease end.
-                self._send_release(req, ok=False)
 
     async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
         chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, seq=seq, finish_reason="error",

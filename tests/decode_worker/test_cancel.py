@@ -1,0 +1,109 @@
+"""Decode handlers: a request cancelled however early leaves nothing counted, held or unreleased.
+
+After a NATS outage a decode worker receives, in one burst, decode requests its router gave up on meanwhile
+and the cancels that followed; a cancel can then reach a decode task that was created and has not run yet.
+Such a task never runs its own clean-up, so what the worker counted when it accepted the request has to be
+undone however the task ends: a leaked in-flight count makes the worker look busy for ever (routing avoids
+it; at --max-queue it refuses everything), a missing release keeps the prefill's KV until its lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+from pdserve import subjects
+from pdserve.engine.base import TokenOutput
+from pdserve.protocol import DecodeRequest, KVLayout, KVRelease, KVTransferParams, SamplingParams
+from services.decode_worker.main import DecodeHandlers
+
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bf16", dtype_bytes=2, block_size=16)
+
+
+class FakeEngine:
+    """Generates one token per step until max_tokens; counts what runs."""
+
+    traces_kv_transfers = True
+    on_kv_loaded = None
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+
+    async def generate(self, request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
+                       resume_token_ids=()) -> AsyncIterator[TokenOutput]:
+        self.running.add(request_id)
+        try:
+            for i in range(sampling.max_tokens):
+                await asyncio.sleep(0.001)
+                yield TokenOutput((97,), "a", "length" if i == sampling.max_tokens - 1 else None)
+        finally:
+            self.running.discard(request_id)
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, object]] = []
+
+    async def publish(self, subject: str, msg: object, *, request_id: str | None = None) -> None:
+        self.published.append((subject, msg))
+
+
+class FakeRuntime:
+    """The parts of WorkerRuntime the decode handlers use."""
+
+    worker_id = "decode-1"
+
+    def __init__(self) -> None:
+        self.engine = FakeEngine()
+        self.bus = FakeBus()
+        self.cancel_hooks: list = []
+        self.num_in_flight = 0
+        self.num_requests_served = 0
+        self._spawned: set[asyncio.Task] = set()
+
+    def refusal(self, model: str, deadline: float):
+        return None
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._spawned.add(task)
+        return task
+
+
+def request(request_id: str, with_kv: bool) -> DecodeRequest:
+    params = KVTransferParams(worker_id="prefill-1", address="tcp://127.0.0.1:1", transfer_id=f"t-{request_id}",
+                              token="secret", block_ids=(1, 2), num_tokens=20, kv_layout=LAYOUT,
+                              lease_expires_at=time.time() + 30) if with_kv else None
+    return DecodeRequest(request_id=request_id, model="m", prompt_token_ids=tuple(range(20)),
+                         sampling=SamplingParams(max_tokens=5, temperature=0), first_token_id=97 if with_kv else None,
+                         kv_transfer_params=params, stream_subject="s", deadline=time.time() + 30)
+
+
+async def test_a_request_cancelled_before_its_task_ran_is_no_longer_counted_and_its_kv_is_released():
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    await handlers.on_decode(request("early", with_kv=True))
+    for hook in rt.cancel_hooks:  # the cancel, before the decode task took its first step
+        hook("early")
+    await asyncio.sleep(0.05)
+    assert rt.num_in_flight == 0
+    assert not rt.engine.running
+    releases = [m for s, m in rt.bus.published if s == subjects.kv_release("prefill-1")]
+    assert [(r.request_id, r.ok) for r in releases if isinstance(r, KVRelease)] == [("early", False)]
+    # The worker takes the same request id again (a client may reuse one) and serves it.
+    await handlers.on_decode(request("early", with_kv=False))
+    await asyncio.sleep(0.1)
+    assert rt.num_in_flight == 0 and rt.num_requests_served == 1
+
+
+async def test_requests_cancelled_while_running_or_served_to_the_end_are_no_longer_counted():
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    await handlers.on_decode(request("served", with_kv=False))
+    await handlers.on_decode(request("cancelled", with_kv=False))
+    await asyncio.sleep(0.002)
+    for hook in rt.cancel_hooks:
+        hook("cancelled")
+    await asyncio.sleep(0.1)
+    assert rt.num_in_flight == 0 and rt.num_requests_served == 1 and not rt.engine.running
