@@ -267,7 +267,7 @@ class Record:
     spec: Spec
     start: float = 0.0  # time.time()
     end: float = 0.0
-    outcome: str = "pending"  # ok | error | dropped | broken (a failure of the test)
+    outcome: str = "pending"  # ok | error | dropped; broken | hang: a failure of the test
     status: int | None = None
     text: str = ""
     finish_reason: str | None = None
