@@ -65,6 +65,7 @@ class VllmEngine(Engine):
         self._stats: dict[str, float] = {}
         self._running: set[str] = set()
         self._num_local_prefills = 0
+        self._num_cached_tokens = 0  # prompt tokens vLLM's prefix cache served (prefills and local prefills)
         self._refresher: asyncio.Task | None = None
         self.card = self._make_card()
 
@@ -178,6 +179,7 @@ class VllmEngine(Engine):
         if finish is not None and transfer is not None:
             await self.release_kv(request_id)  # nobody will pull it
             transfer = None
+        self._num_cached_tokens += final.num_cached_tokens or 0
         return PrefillResult(completion.token_ids[0], completion.text, finish, transfer,
                              num_cached_tokens=final.num_cached_tokens or 0)
 
@@ -205,7 +207,7 @@ class VllmEngine(Engine):
             self._num_local_prefills += 1
             prompt, max_tokens, kv = prompt_token_ids, sampling.max_tokens, None
         params = self._sampling(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
-        finished = False
+        finished = counted = False
         reported = kv is None
         self._running.add(request_id)
         try:
@@ -213,6 +215,9 @@ class VllmEngine(Engine):
                 if not reported:
                     reported = True
                     await self._report_load(request_id)
+                elif kv is None and not counted:  # a local prefill: what its prefix cache served (pulled KV is not a hit)
+                    self._num_cached_tokens += output.num_cached_tokens or 0
+                counted = True
                 completion = output.outputs[0]
                 finish = _finish_reason(completion.finish_reason) if output.finished else None
                 finished = output.finished
@@ -267,7 +272,8 @@ class VllmEngine(Engine):
         self._stats = {**stats, "num_local_prefills": self._num_local_prefills, **usage}
 
     def stats(self) -> dict[str, float]:
-        return {**self._stats, "num_running": len(self._running)}
+        return {**self._stats, "num_cached_tokens": self._num_cached_tokens, "num_running": len(self._running)}
+
 
     # ------------------------------------------------------------------------------------- helpers
 
