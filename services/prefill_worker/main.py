@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 from pdserve import subjects, tracing
 from pdserve.engine.mock import EngineFull
@@ -20,12 +21,16 @@ from pdserve.worker import WorkerRuntime
 from pdserve.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+_MAX_EARLY_CANCELS = 10_000
 
 
 class PrefillHandlers:
     def __init__(self, rt: WorkerRuntime):
         self.rt = rt
         self._tasks: dict[str, asyncio.Task] = {}  # request_id -> the task computing its prefill
+        # Cancels that came before their request (NATS does not order two subjects): request_id -> when. Such a
+        # request is refused on arrival instead of computed and held for a decode worker that never comes.
+        self._cancelled_early: OrderedDict[str, float] = OrderedDict()
         rt.cancel_hooks.append(self.on_cancel)
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
@@ -40,6 +45,10 @@ class PrefillHandlers:
 
     async def _prefill(self, req: PrefillRequest, span: tracing.Span) -> Message:
         rt = self.rt
+        if self._cancelled_early.pop(req.request_id, None) is not None:
+            log.info("request %s: cancelled before it arrived; not computed", req.request_id)
+            # retryable: should a router still want it, another worker may serve it; this one was told to drop it
+            return ErrorReply(code="cancelled", message=f"request {req.request_id} was cancelled", retryable=True)
         refusal = rt.refusal(req.model, req.deadline)
         if refusal is not None:
             return refusal
@@ -84,6 +93,17 @@ class PrefillHandlers:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()
+        else:  # not here yet, or done already (then it never comes again and the entry just ages out)
+            self._remember_early_cancel(request_id)
+
+    def _remember_early_cancel(self, request_id: str) -> None:
+        """Kept for one KV lease (a request arriving later than that has passed its deadline anyway), at most
+        _MAX_EARLY_CANCELS of them: a flood of cancels for unknown ids costs bounded memory."""
+        now = time.monotonic()
+        self._cancelled_early[request_id] = now
+        while self._cancelled_early and (len(self._cancelled_early) > _MAX_EARLY_CANCELS or
+                                         next(iter(self._cancelled_early.values())) < now - self.rt.config.kv_lease_s):
+            self._cancelled_early.popitem(last=False)
 
     async def on_release(self, msg: KVRelease) -> None:
         freed = await self.rt.engine.release_kv(msg.request_id)

@@ -66,3 +66,38 @@ async def test_a_prefill_cancelled_while_it_computes_stops_and_announces_nothing
     finally:
         await bus.close()
         worker.stop()
+
+
+async def test_a_prefill_whose_cancel_came_first_is_refused_and_holds_nothing(nats, tmp_path):
+    """NATS does not order the cancel subject against the request subject: a cancel may overtake its request."""
+    worker = Service(["prefill-worker", "--nats", nats.url, "--engine", "mock"], str(tmp_path / "prefill.log"))
+    bus = await Bus.connect(nats.url, "test", connect_timeout_s=5)
+    try:
+        joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def on_heartbeat(hb: Heartbeat) -> None:
+            if not joined.done():
+                joined.set_result(hb.worker_id)
+
+        await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, on_heartbeat)
+        worker_id = await asyncio.wait_for(joined, 60)
+        await bus.publish(subjects.CANCEL, CancelRequest(request_id="overtaken", worker_id=worker_id))
+        await bus.flush()
+        request = PrefillRequest(request_id="overtaken", model=MOCK_MODEL, prompt_token_ids=tuple(range(100)),
+                                 sampling=SamplingParams(max_tokens=8, temperature=0), deadline=time.time() + 30)
+        from pdserve.bus import RemoteError
+
+        try:
+            await bus.request(subjects.prefill_request(worker_id), request, KVReady, timeout_s=10)
+            raise AssertionError("a cancelled request was prefilled")
+        except RemoteError as e:
+            assert e.reply.code == "cancelled"
+        stats = await bus.request(subjects.worker_stats(worker_id), StatsRequest(), WorkerStats, timeout_s=5)
+        assert stats.num_held_blocks == 0 and stats.num_requests_served == 0
+        # Another request with a fresh id is served as usual.
+        request = request.model_copy(update={"request_id": "fresh"})
+        ready = await bus.request(subjects.prefill_request(worker_id), request, KVReady, timeout_s=10)
+        assert ready.kv_transfer_params is not None
+    finally:
+        await bus.close()
+        worker.stop()
