@@ -36,7 +36,9 @@ class BlockIndex:
 
     def drop_worker(self, worker_id: str) -> None:
         for model in self._models_of.pop(worker_id, ()):
-            tree = self._trees[model]
+            tree = self._trees.get(model)
+            if tree is None:  # emptied (and removed) when another worker of the model left
+                continue
             tree.drop_worker(worker_id)
             if not len(tree):
                 del self._trees[model]
@@ -51,7 +53,7 @@ class BlockIndex:
         return list(self._models_of)
 
     def num_blocks(self, worker_id: str) -> int:
-        return sum(self._trees[m].num_blocks(worker_id) for m in self._models_of.get(worker_id, ()))
+        return sum(self._trees[m].num_blocks(worker_id) for m in self._models_of.get(worker_id, ()) if m in self._trees)
 
     def held(self, worker_id: str, model: str) -> frozenset[int]:
         tree = self._trees.get(model)

@@ -156,6 +156,7 @@ def test_every_span_is_the_child_of_its_cause(traced_requests):
         decode = one(trace, "decode", "pdserve-decode-worker")
         kv_pull = one(trace, "kv pull", "pdserve-decode-worker")
         kv_serve = one(trace, "kv serve", "pdserve-prefill-worker")
+        kv_lookup = one(trace, "kv lookup", "pdserve-kv-broker")  # the broker takes part in routing
 
         assert http_span.kind == SERVER and http_span.attributes["http.response.status_code"] == 200
         assert http_span.parent_span_id == (CLIENT_TRACEPARENT.split("-")[2] if i == 0 else "")
@@ -168,6 +169,8 @@ def test_every_span_is_the_child_of_its_cause(traced_requests):
         assert (decode.parent_span_id, decode.kind) == (decode_request.span_id, SERVER)
         assert (kv_pull.parent_span_id, kv_pull.kind) == (decode.span_id, CLIENT)
         assert (kv_serve.parent_span_id, kv_serve.kind) == (kv_pull.span_id, SERVER)
+        assert (kv_lookup.parent_span_id, kv_lookup.kind) == (route.span_id, SERVER)
+        assert kv_lookup.attributes["num_block_hashes"] > 0
 
 
 def test_spans_carry_the_glossary_attributes(traced_requests):

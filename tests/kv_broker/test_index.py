@@ -76,3 +76,18 @@ def test_models_are_separate_and_dropping_a_worker_covers_all_of_them():
     assert index.lookup("b", hashes) == {"w1": 1, "w2": 2}
     index.drop_worker("w1")
     assert index.view() == {"b": {"w2": frozenset(hashes)}}
+
+
+def test_workers_of_one_model_leave_one_after_the_other_after_their_blocks_went():
+    """Found by the tracing e2e test: the last block's removal empties the model's tree, which is dropped;
+    the workers that held blocks of it must still be able to leave."""
+    from services.kv_broker.index import BlockIndex
+
+    index = BlockIndex()
+    for worker in ("w1", "w2"):
+        index.store(worker, "m", [1, 2])
+    for worker in ("w1", "w2"):
+        index.remove(worker, "m", [1, 2])
+    index.drop_worker("w1")
+    index.drop_worker("w2")
+    assert index.lookup("m", [1, 2]) == {} and index.workers() == []
