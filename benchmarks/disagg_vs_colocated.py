@@ -5,8 +5,9 @@
   (c) vllm-disagg  two vLLM servers with vLLM's built-in ExampleConnector (KV through a shared directory) behind
                    a proxy that prefills on the producer first, as vLLM's disaggregation example does
 The systems run one after the other (never two at once: 2 cores), each warmed up with --warmup requests, then
-`pdserve bench` drives each with the same prompts (fixed seed, exact token lengths from the model's tokenizer,
-ignore_eos so every request generates exactly its output length), at every --concurrency. Prints every metric
+`pdserve bench` drives each with the same prompts (fixed seeds, exact token lengths from the model's tokenizer,
+ignore_eos so every request generates exactly its output length), at every --concurrency, with new prompts at
+each level and for the warm-up (no system sees a prompt twice). Prints every metric
 for each system and the ratio to (b); --out writes everything as JSON.
 
     .venv/bin/python benchmarks/disagg_vs_colocated.py [--num-requests 24] [--concurrency 1 4] [--input-len 512]
@@ -56,10 +57,13 @@ def bench_system(name: str, model_dir: str, args, log_dir: Path) -> dict[str, di
         common = dict(endpoint=endpoint, model=DEFAULT_MODEL, tokenizer=model_dir, input_len=args.input_len,
                       output_len=args.output_len, ignore_eos=True, timeout_s=args.timeout_s,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
-        asyncio.run(run_bench(BenchConfig(**common, num_requests=args.warmup, concurrency=1, seed=args.seed + 1)))
-        for concurrency in args.concurrency:
+        asyncio.run(run_bench(BenchConfig(**common, num_requests=args.warmup, concurrency=1, seed=args.seed)))
+        for level, concurrency in enumerate(args.concurrency):
             print(f"  {name}: {args.num_requests} requests at concurrency {concurrency}", file=sys.stderr, flush=True)
-            config = BenchConfig(**common, num_requests=args.num_requests, concurrency=concurrency, seed=args.seed)
+            # New prompts at every level: a prompt seen at an earlier level would be a prefix-cache hit on a
+            # system that caches (plain vLLM does by default) and measure the cache, not the architecture.
+            config = BenchConfig(**common, num_requests=args.num_requests, concurrency=concurrency,
+                                 seed=args.seed + 1000 * (level + 1))
             results[str(concurrency)] = asyncio.run(run_bench(config))
     return results
 
