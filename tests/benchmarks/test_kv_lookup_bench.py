@@ -5,7 +5,6 @@ never gate CI on a timing."""
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import subprocess
@@ -14,24 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.reports import strict_json
+from tests.e2e.conftest import alive
+
 REPO = Path(__file__).resolve().parents[2]
 CASES = ("all_hold_all", "shared_prefix", "distinct_prefixes", "miss")
 STATS = ("p50", "p90", "p99", "mean", "max", "n")
 
 
-def strict_json(text: str) -> dict:
-    def reject(constant: str):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=reject)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ never gate CI on a timing."""
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import subprocess
@@ -14,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.reports import strict_json
+from tests.e2e.conftest import alive
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180
 VARIANTS = ("router", "direct")
@@ -21,19 +23,6 @@ VARIANTS = ("router", "direct")
 pytestmark = pytest.mark.e2e
 
 
-def strict_json(text: str) -> dict:
-    def reject(constant: str):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=reject)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

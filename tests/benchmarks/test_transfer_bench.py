@@ -5,7 +5,6 @@ timing."""
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import subprocess
 import sys
@@ -13,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.reports import strict_json
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
 
-
-def strict_json(text: str) -> dict:
-    def reject(constant: str):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=reject)
 
 
 def mooncake_engine_imports() -> bool:

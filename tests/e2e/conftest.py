@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,31 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def service_pids(up: "Service", command: str) -> list[int]:
+    """Pids of the processes below `up` running `pdserve <command>` (e.g. prefill-worker): by pid, never by name."""
+    pids = []
+    for pid in sorted(descendants(up.process.pid)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if command.encode() in f.read().split(b"\0"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]):
+    """SIGSTOP the processes (a hung process keeps its sockets open: the worst case for a waiter), SIGCONT after."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 class Service:

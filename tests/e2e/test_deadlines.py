@@ -21,7 +21,7 @@ from pdserve.config import MOCK_MODEL
 from pdserve.engine.mock_model import predict
 from pdserve.protocol import SamplingParams
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, descendants, free_port, get_json
+from tests.e2e.conftest import PdserveUp, descendants, free_port, frozen, get_json, service_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -49,26 +49,7 @@ def system(tmp_path_factory):
 
 
 def worker_pids(up: PdserveUp, role: str) -> list[int]:
-    pids = []
-    for pid in sorted(descendants(up.process.pid)):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f"{role}-worker".encode() in f.read():
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
-@contextlib.contextmanager
-def frozen(pids: list[int]):
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    return service_pids(up, f"{role}-worker")
 
 
 def complete(up: PdserveUp, prompt: str, max_tokens: int = 5) -> httpx.Response:

@@ -25,7 +25,7 @@ from pdserve.engine.mock_model import predict
 from pdserve.kv.hashing import block_hashes
 from pdserve.protocol import KVLookup, KVLookupReply, SamplingParams
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, descendants, free_port, get_json
+from tests.e2e.conftest import PdserveUp, descendants, free_port, frozen, get_json, service_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -59,30 +59,6 @@ def system(tmp_path_factory):
         up.stop()
         assert not up.kill_leftovers()
         nats.stop()
-
-
-def service_pids(up: PdserveUp, command: str) -> list[int]:
-    """Pids of the children of `pdserve up` running `pdserve <command>` (by pid, never by name)."""
-    pids = []
-    for pid in sorted(descendants(up.process.pid)):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if command.encode() in f.read().split(b"\0"):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
-@contextlib.contextmanager
-def frozen(pids: list[int]):
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 def expected(prompt: str, max_tokens: int) -> str:
