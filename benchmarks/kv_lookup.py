@@ -39,12 +39,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import os
-import platform
 import random
-import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +50,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # services.* from a checkout
 
+from machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path as this script's folder)
 from pdserve import nats_server, subjects  # noqa: E402
 from pdserve.bus import Bus, NoResponders  # noqa: E402
 from pdserve.kv.hashing import ROOT_HASH, block_hashes  # noqa: E402
@@ -224,25 +221,6 @@ async def time_over_nats(url: str, events: list[KVEvent], hashes: dict[str, list
 
 
 # ------------------------------------------------------------------------------------------ main
-
-
-def machine_info() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    return {
-        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": model,
-        "platform": platform.platform(), "python": platform.python_version(), "hostname": socket.gethostname(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command_line": shlex.join([sys.executable, *sys.argv]), "git_commit": commit,
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

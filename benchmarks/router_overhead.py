@@ -44,11 +44,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import itertools
 import os
-import platform
-import shlex
 import signal
 import socket
 import subprocess
@@ -63,6 +60,7 @@ import httpx
 import numpy as np
 import orjson
 
+from machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path as this script's folder)
 from pdserve import nats_server, subjects
 from pdserve.bus import Bus
 from pdserve.config import MOCK_MODEL, RouterConfig
@@ -570,30 +568,6 @@ def print_report(report: dict) -> None:
               f"{'MET' if t['met'] else 'NOT MET'}")
         print(f"        router adds (A - B) p50 at {t['concurrency']} streams = {t['router_adds_p50_ms']:.2f} ms, "
               f"limit {t['p50_limit_ms']:g} ms: {'MET' if t['router_adds_met'] else 'NOT MET'}")
-
-
-def machine_info() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "hostname": socket.gethostname(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command_line": shlex.join([sys.executable, *sys.argv]),
-        "git_commit": commit,
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 # ------------------------------------------------------------------------------------------ main

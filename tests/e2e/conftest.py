@@ -83,6 +83,15 @@ def frozen(pids: list[int]):
             os.kill(pid, signal.SIGCONT)
 
 
+def thaw_and_stop(up: "PdserveUp") -> None:
+    """End a module's system whatever a test froze: SIGCONT to every process below it, stop, nothing left."""
+    for pid in descendants(up.process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    up.stop()
+    assert not up.kill_leftovers()
+
+
 class Service:
     """A pdserve command in its own process group; stop() sends SIGTERM and checks nothing is left."""
 

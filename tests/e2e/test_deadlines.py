@@ -8,7 +8,6 @@ another worker with the right answer, or a clear error, never a hang.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pdserve.config import MOCK_MODEL
 from pdserve.engine.mock_model import predict
 from pdserve.protocol import SamplingParams
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, descendants, free_port, frozen, get_json, service_pids
+from tests.e2e.conftest import PdserveUp, free_port, frozen, get_json, service_pids, thaw_and_stop
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +40,7 @@ def system(tmp_path_factory):
         up.wait_ready(2, 2)
         yield up
     finally:
-        for pid in descendants(up.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        up.stop()
-        assert not up.kill_leftovers()
+        thaw_and_stop(up)
 
 
 def worker_pids(up: PdserveUp, role: str) -> list[int]:
@@ -177,11 +172,7 @@ def system_long_prefill_deadline(tmp_path_factory):
         up.wait_ready(2, 1)
         yield up
     finally:
-        for pid in descendants(up.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        up.stop()
-        assert not up.kill_leftovers()
+        thaw_and_stop(up)
 
 
 def test_a_request_waiting_on_a_frozen_prefill_worker_moves_on_when_its_heartbeats_stop(system_long_prefill_deadline):

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import os
 import re
-import signal
 import time
 
 import httpx
@@ -25,7 +22,7 @@ from pdserve.engine.mock_model import predict
 from pdserve.kv.hashing import block_hashes
 from pdserve.protocol import KVLookup, KVLookupReply, SamplingParams
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, descendants, free_port, frozen, get_json, service_pids
+from tests.e2e.conftest import PdserveUp, free_port, frozen, get_json, service_pids, thaw_and_stop
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +50,7 @@ def system(tmp_path_factory):
         up.wait_ready(2, 2)
         yield up
     finally:
-        for pid in descendants(up.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        up.stop()
-        assert not up.kill_leftovers()
+        thaw_and_stop(up)
         nats.stop()
 
 
