@@ -303,7 +303,7 @@ class Orchestrator:
             timeout_s = min(self.config.prefill_timeout_s, self._remaining(req))
             msg = PrefillRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                                  sampling=req.sampling, deadline=time.time() + timeout_s)
-            self.policy.acquire(worker.worker_id)
+            seen = self.policy.acquire(worker.worker_id)
             with tracing.span("prefill request", kind=SpanKind.CLIENT,
                               attributes={"request_id": req.request_id, "worker_id": worker.worker_id}) as span:
                 try:
@@ -340,7 +340,7 @@ class Orchestrator:
                     candidates.failed.append(worker.worker_id)
                     await self._cancel(req.request_id, worker.worker_id)
                 finally:
-                    self.policy.release(worker.worker_id)
+                    self.policy.release(worker.worker_id, seen)
             if self._remaining(req) <= 0:
                 raise UpstreamTimeout(f"request {req.request_id} ran out of time during prefill")
         log.warning("request %s: no prefill worker answered (tried %s); decode will prefill locally",
@@ -373,7 +373,7 @@ class Orchestrator:
                 self.metrics.resumes.inc()
                 route.set_attribute("num_resumed_tokens", len(resume))
                 log.info("request %s: resuming on %s after %d tokens", req.request_id, worker.worker_id, len(resume))
-            self.policy.acquire(worker.worker_id)
+            seen = self.policy.acquire(worker.worker_id)
             try:
                 async with contextlib.aclosing(
                         self._decode_on(req, None if resume else ready, worker.worker_id, resume)) as deltas:
@@ -392,7 +392,7 @@ class Orchestrator:
                     break
                 self.metrics.retries.labels(role="decode").inc()
             finally:
-                self.policy.release(worker.worker_id)
+                self.policy.release(worker.worker_id, seen)
         if last_error is None:
             raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
         if num_full and num_full == len(candidates.failed):

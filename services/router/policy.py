@@ -2,8 +2,10 @@
 conditional disaggregation) over LeastLoadPolicy (load alone).
 
 Load of a worker = the larger of what its last heartbeat reported (queued + running, all routers) and what
-this router has sent it and not yet seen end (fresher than a heartbeat). Ties are broken at random so
-equal workers share the work.
+this router has sent it and not yet seen end (fresher than a heartbeat). Requests of this router that the
+heartbeat showed and that have ended since are taken off what it reported: a heartbeat is up to one interval
+old, and a worker that has just finished a request must not look busy until its next one. Ties are broken at
+random so equal workers share the work.
 
 The same loads give the wait a new prefill can expect (`prefill_wait_s`), which the router uses to refuse
 early a request whose deadline cannot be met.
@@ -25,10 +27,30 @@ class LeastLoadPolicy:
         self._membership = membership
         self._rng = rng or random.Random()
         self.in_flight: Counter[str] = Counter()
+        # worker id -> (its heartbeat, how many of this router's requests it showed have ended since it came)
+        self._ended: dict[str, tuple[Heartbeat, int]] = {}
         self.prefill_time = ServiceTime()
 
+    def reported(self, hb: Heartbeat) -> tuple[int, int]:
+        """(queued, running) of the heartbeat less this router's requests that ended since it was received
+        (taken off running first: a request ends running)."""
+        ended = self.ended_since(hb)
+        running = max(0, hb.num_running - ended)
+        queued = max(0, hb.num_queued - max(0, ended - hb.num_running))
+        return queued, running
+
+    def ended_since(self, hb: Heartbeat) -> int:
+        entry = self._ended.get(hb.worker_id)
+        if entry is None:
+            return 0
+        if entry[0] is not hb:  # a newer heartbeat came (or an older view was passed): it shows the truth
+            if self._membership.get(hb.worker_id) is hb:
+                del self._ended[hb.worker_id]
+            return 0
+        return entry[1]
+
     def load(self, hb: Heartbeat) -> int:
-        return max(hb.num_queued + hb.num_running, self.in_flight[hb.worker_id])
+        return max(sum(self.reported(hb)), self.in_flight[hb.worker_id])
 
     def choose(self, role: str, model: str, exclude: Iterable[str] = ()) -> Heartbeat | None:
         excluded = set(exclude)
@@ -53,13 +75,23 @@ class LeastLoadPolicy:
             return None
         return min(self.load(hb) for hb in candidates) * mean_s
 
-    def acquire(self, worker_id: str) -> None:
+    def acquire(self, worker_id: str) -> Heartbeat | None:
+        """A request was sent to worker_id; returns the worker's heartbeat at that moment, for release."""
         self.in_flight[worker_id] += 1
+        return self._membership.get(worker_id)
 
-    def release(self, worker_id: str) -> None:
+    def release(self, worker_id: str, heartbeat_at_acquire: Heartbeat | None = None) -> None:
+        """The request sent to worker_id ended. If a heartbeat came while it ran, that heartbeat counts it:
+        note that it has ended, until the next heartbeat."""
         self.in_flight[worker_id] -= 1
         if self.in_flight[worker_id] <= 0:
             del self.in_flight[worker_id]
+        current = self._membership.get(worker_id)
+        if current is None:
+            self._ended.pop(worker_id, None)
+        elif current is not heartbeat_at_acquire:
+            hb, num_ended = self._ended.get(worker_id, (None, 0))
+            self._ended[worker_id] = (current, num_ended + 1 if hb is current else 1)
 
 
 class ServiceTime:
@@ -134,7 +166,7 @@ class KVAwarePolicy(LeastLoadPolicy):
                  + w_queue x num_queued + w_running x num_running + w_kv x kv_usage
     num_matched_blocks: leading prompt blocks the worker holds (the KV broker's lookup); num_queued,
     num_running, kv_usage: its last heartbeat, where requests this router sent it and the heartbeat does not
-    show yet count as queued. The lowest cost wins; ties are broken at random.
+    show yet count as queued, and those it showed that have ended since do not count. The lowest cost wins; ties are broken at random.
 
     `plan` applies it to both roles, with conditional disaggregation: the decode worker D of lowest cost
     (its own cache hit counted) prefills the request itself when it holds the whole prompt, when what is left
@@ -154,9 +186,10 @@ class KVAwarePolicy(LeastLoadPolicy):
         self._turn: Counter[tuple[str, str]] = Counter()
 
     def cost(self, hb: Heartbeat, num_prompt_blocks: int = 0, num_matched_blocks: int = 0) -> float:
-        unseen = max(0, self.in_flight[hb.worker_id] - hb.num_queued - hb.num_running)
-        return route_cost(self.weights, num_prompt_blocks, num_matched_blocks, hb.num_queued + unseen,
-                          hb.num_running, hb.kv_usage)
+        queued, running = self.reported(hb)
+        unseen = max(0, self.in_flight[hb.worker_id] - queued - running)
+        return route_cost(self.weights, num_prompt_blocks, num_matched_blocks, queued + unseen, running,
+                          hb.kv_usage)
 
     def choose(self, role: str, model: str, exclude: Iterable[str] = (), num_prompt_blocks: int = 0,
                matched: Mapping[str, int] | None = None) -> Heartbeat | None:

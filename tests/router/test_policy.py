@@ -31,6 +31,13 @@ class FakeMembership:
         return [hb for hb in self.heartbeats if (role is None or hb.role == role)
                 and (model is None or hb.model is not None and hb.model.name == model)]
 
+    def get(self, worker_id):
+        return next((hb for hb in self.heartbeats if hb.worker_id == worker_id), None)
+
+    def beat(self, hb: Heartbeat) -> None:
+        """A newer heartbeat of the same worker arrives."""
+        self.heartbeats = [hb if old.worker_id == hb.worker_id else old for old in self.heartbeats]
+
 
 def make_policy(*heartbeats: Heartbeat, seed: int = 0, **kw) -> KVAwarePolicy:
     return KVAwarePolicy(FakeMembership(*heartbeats), rng=random.Random(seed), **kw)
@@ -50,6 +57,32 @@ def test_in_flight_requests_the_heartbeat_does_not_show_count_as_queued():
     for _ in range(5):
         policy.acquire("p1")
     assert policy.cost(hb) == 8 * (1 + 3) + 4  # 5 in flight, 2 of them already in the heartbeat
+
+
+def test_requests_that_ended_since_the_heartbeat_showed_them_no_longer_count():
+    # d1 finished this router's request just after its heartbeat showed it running; d2 is still decoding one.
+    d1, d2 = make_heartbeat("d1", "decode"), make_heartbeat("d2", "decode")
+    policy = make_policy(d1, d2)
+    seen1, seen2 = policy.acquire("d1"), policy.acquire("d2")
+    assert (seen1, seen2) == (d1, d2)
+    d1_shows_it, d2_shows_it = make_heartbeat("d1", "decode", num_running=1), make_heartbeat("d2", "decode", num_running=1)
+    policy._membership.beat(d1_shows_it)
+    policy._membership.beat(d2_shows_it)
+    assert policy.cost(d1_shows_it) == policy.cost(d2_shows_it) == 4
+    policy.release("d1", seen1)
+    assert policy.cost(d1_shows_it) == 0 and policy.load(d1_shows_it) == 0  # not a stale 4 for up to a second
+    assert [policy.choose("decode", MODEL).worker_id for _ in range(20)] == ["d1"] * 20
+    # the next heartbeat is the truth again (here: another router's request runs on d1)
+    d1_next = make_heartbeat("d1", "decode", num_running=1)
+    policy._membership.beat(d1_next)
+    assert policy.cost(d1_next) == 4
+
+
+def test_a_request_no_heartbeat_showed_ends_without_discounting_the_next_one():
+    hb = make_heartbeat("p1", "prefill", num_running=1)  # another router's request
+    policy = make_policy(hb)
+    policy.release("p1", policy.acquire("p1"))  # started and ended within one heartbeat interval
+    assert policy.cost(hb) == 4 and policy.load(hb) == 1
 
 
 def test_the_worker_holding_the_prefix_wins_unless_it_is_loaded_more_than_the_prefix_is_worth():
