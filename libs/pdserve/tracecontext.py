@@ -43,6 +43,14 @@ def current() -> str | None:
     return value if valid(value) else None
 
 
+def of_span(span: trace.Span) -> str | None:
+    """The `traceparent` that makes span the parent (of a span in another process), or None."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    value = carrier.get("traceparent")
+    return value if valid(value) else None
+
+
 def context_of(headers_or_value: Mapping[str, str] | str | None) -> otel_context.Context:
     """An OpenTelemetry context whose parent is that traceparent; an empty one if it is missing or malformed."""
     if isinstance(headers_or_value, Mapping):

@@ -109,9 +109,10 @@ def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, context: Context | No
 
 
 def record_span(name: str, *, kind: SpanKind, seconds: float, context: Context | None = None,
-                attributes: Mapping[str, Any] | None = None) -> None:
-    """A span that ended now and lasted `seconds`, for work measured elsewhere (another thread, vLLM)."""
-    end = time.time_ns()
+                attributes: Mapping[str, Any] | None = None, end_ns: int | None = None) -> None:
+    """A span that ended at end_ns (wall clock, default now) and lasted `seconds`, for work measured
+    elsewhere (another thread, vLLM's process)."""
+    end = end_ns if end_ns is not None else time.time_ns()
     s = tracer().start_span(name, context=context, kind=kind, attributes=attributes,
                             start_time=end - int(max(seconds, 0.0) * 1e9))
     s.end(end_time=end)

@@ -129,12 +129,6 @@ class DecodeHandlers:
                               ok=not report.recomputed, num_blocks=report.num_blocks, num_bytes=report.num_bytes,
                               transfer_ms=report.transfer_ms, error=report.error)
         self.rt.spawn(self.rt.bus.publish(subjects.KV_TRANSFER_DONE, done, request_id=request_id))
-        if not report.recomputed and not self.rt.engine.traces_kv_transfers:
-            # The pull ran inside the engine (vLLM's own process): record it from the report, just ended.
-            attributes = {"request_id": request_id, "prefill_worker_id": params.worker_id,
-                          **tracing.transfer_attributes(report.num_blocks, report.num_bytes, report.transfer_ms / 1000)}
-            tracing.record_span("kv pull", kind=SpanKind.CLIENT, seconds=report.transfer_ms / 1000,
-                                attributes=attributes)
         if report.recomputed:
             tracing.current_span().set_attributes({"kv_recomputed": True, "kv_error": report.error or ""})
         if not report.recomputed:

@@ -24,7 +24,6 @@ LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bf16", dtype_
 class FakeEngine:
     """Generates one token per step until max_tokens; counts what runs."""
 
-    traces_kv_transfers = True
     on_kv_loaded = None
 
     def __init__(self) -> None:

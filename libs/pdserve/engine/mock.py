@@ -53,7 +53,6 @@ class _Held:
 
 
 class MockEngine(Engine):
-    traces_kv_transfers = True  # endpoint and client live here: "kv serve" and "kv pull" spans come from this engine
 
     def __init__(
         self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,

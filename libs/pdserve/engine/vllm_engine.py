@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from opentelemetry.trace import Span, SpanKind
+
+from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.protocol import FinishReason, KVLayout, KVTransferParams, ModelCard, SamplingParams
 
@@ -184,13 +187,25 @@ class VllmEngine(Engine):
                              num_cached_tokens=final.num_cached_tokens or 0)
 
     async def release_kv(self, request_id: str) -> bool:
-        return bool(await self._rpc("pdserve_release", request_id))
+        """Free the blocks held for request_id; the pulls the connector served for it become "kv serve"
+        spans here (the endpoint runs in vLLM's process, which exports no spans), children of the pullers'
+        "kv pull" spans through the traceparent each pull carried."""
+        report = await self._rpc("pdserve_release_and_report", request_id)
+        if tracing.enabled():
+            for pull in report["served"]:
+                attributes = {"request_id": request_id, "worker_id": self.worker_id,
+                              **tracing.transfer_attributes(pull["num_blocks"], pull["num_bytes"], pull["seconds"])}
+                tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=pull["seconds"],
+                                    end_ns=pull["ended_at_ns"], context=tracecontext.context_of(pull["traceparent"]),
+                                    attributes=attributes)
+        return bool(report["released"])
 
     # ------------------------------------------------------------------------------------- decode
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
                        resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
+        pull_span: Span | None = None
         if resume_token_ids:
             # Prompt + what was streamed is a prompt like any other: vLLM prefills it and goes on from there.
             self._num_local_prefills += 1
@@ -199,10 +214,16 @@ class VllmEngine(Engine):
                 yield TokenOutput((), "", "length")
                 return
         elif kv_transfer_params is not None and first_token_id is not None:
-            # Continue after the first token: its own KV is computed here, the prompt's is pulled.
+            # Continue after the first token: its own KV is computed here, the prompt's is pulled. The
+            # "kv pull" span runs from here to the connector's report (vLLM schedules the load, then the
+            # pull runs); its traceparent rides in the pull, so the endpoint's "kv serve" span is its child.
             prompt = (*prompt_token_ids, first_token_id)
             max_tokens = sampling.max_tokens - 1
-            kv = {"do_remote_prefill": True, "pdserve": kv_transfer_params.model_dump(mode="json")}
+            pull_span = tracing.tracer().start_span("kv pull", kind=SpanKind.CLIENT, attributes={
+                "request_id": request_id, "worker_id": self.worker_id, "prefill_worker_id": kv_transfer_params.worker_id,
+                "transfer_id": kv_transfer_params.transfer_id})
+            kv = {"do_remote_prefill": True, "pdserve": kv_transfer_params.model_dump(mode="json"),
+                  "traceparent": tracecontext.of_span(pull_span)}
         else:
             self._num_local_prefills += 1
             prompt, max_tokens, kv = prompt_token_ids, sampling.max_tokens, None
@@ -214,7 +235,7 @@ class VllmEngine(Engine):
             async for output in self._llm.generate(self._prompt(prompt), params, request_id):
                 if not reported:
                     reported = True
-                    await self._report_load(request_id)
+                    await self._report_load(request_id, pull_span)
                 elif kv is None and not counted:  # a local prefill: what its prefix cache served (pulled KV is not a hit)
                     self._num_cached_tokens += output.num_cached_tokens or 0
                 counted = True
@@ -224,11 +245,29 @@ class VllmEngine(Engine):
                 yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
         finally:
             self._running.discard(request_id)
+            if pull_span is not None and not reported:  # ended before the load did (cancelled, failed)
+                pull_span.set_attribute("cancelled", True)
+                pull_span.end()
             if not finished and self._llm is not None:
                 await self._llm.abort(request_id)
 
-    async def _report_load(self, request_id: str) -> None:
-        report = await self._rpc("pdserve_load_report", request_id)
+    async def _report_load(self, request_id: str, pull_span: Span | None) -> None:
+        try:
+            report = await self._rpc("pdserve_load_report", request_id)
+        except BaseException:
+            if pull_span is not None:
+                pull_span.end()
+            raise
+        if pull_span is not None:
+            if report is None:
+                tracing.record_error(pull_span, "the connector has no load report")
+            elif report["recomputed"]:
+                tracing.record_error(pull_span, f"KV load failed, recomputed: {report.get('error')}")
+                pull_span.set_attribute("kv_recomputed", True)
+            else:
+                pull_span.set_attributes(tracing.transfer_attributes(
+                    report["num_blocks"], report["num_bytes"], report["transfer_ms"] / 1000))
+            pull_span.end()
         if report is None:
             log.warning("request %s: the connector has no load report", request_id)
             return

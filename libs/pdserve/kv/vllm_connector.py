@@ -62,6 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from pdserve import tracecontext
 from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.protocol import KVLayout, KVTransferParams
@@ -140,6 +141,7 @@ class LoadSpec:
     params: dict  # KVTransferParams, JSON form
     remote_block_ids: list[int]
     local_block_ids: list[int]
+    traceparent: str | None = None
 
 
 @dataclass
@@ -270,6 +272,7 @@ class _LoadPlan:
     params: KVTransferParams | None
     error: str | None
     num_computed_tokens: int = 0  # local prefix hit, block aligned, when the plan was made
+    traceparent: str | None = None  # of the decode worker's "kv pull" span: rides in the pull to the endpoint
 
 
 @dataclass
@@ -340,7 +343,9 @@ class _SchedulerSide:
                 f"{num_needed_blocks} blocks of {self.layout.block_size} are needed"))
             return 0, False
         count = num_loadable - num_computed_tokens
-        self._plans[request.request_id] = _LoadPlan(remote, None, num_computed_tokens)
+        traceparent = params.get("traceparent")
+        self._plans[request.request_id] = _LoadPlan(remote, None, num_computed_tokens,
+                                                    traceparent if tracecontext.valid(traceparent) else None)
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
@@ -360,7 +365,8 @@ class _SchedulerSide:
         first = plan.num_computed_tokens // bs
         last = -(-(plan.num_computed_tokens + num_external_tokens) // bs)
         self._meta.loads.append(LoadSpec(rid, plan.params.model_dump(mode="json"),
-                                         list(plan.params.block_ids[first:last]), list(block_ids[first:last])))
+                                         list(plan.params.block_ids[first:last]), list(block_ids[first:last]),
+                                         plan.traceparent))
         self._loading.add(rid)
 
     # ---- prefill: holds
@@ -481,6 +487,10 @@ class _WorkerSide:
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0)
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None
+        # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
+        # worker turns them into "kv serve" spans in its own process, where tracing is set up.
+        self._served: dict[str, list[dict]] = {}
+        self._served_lock = threading.Lock()
 
     # ---- start / stop
 
@@ -490,7 +500,8 @@ class _WorkerSide:
         if bytes_per_block != self.layout.bytes_per_block:
             raise ValueError(f"vLLM's KV tensors hold {bytes_per_block} B per block, {self.layout} implies "
                              f"{self.layout.bytes_per_block} B; this attention backend pads or packs KV differently")
-        self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host)
+        self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
+                                         on_pull=self._on_pull_served)
         self.endpoint.start()
         self._client = TransferClient()
         self._loop = asyncio.new_event_loop()
@@ -568,8 +579,26 @@ class _WorkerSide:
     def release(self, request_id: str) -> bool:
         """Decode has the KV (or gave up): free the request's blocks. vLLM request ids carry a random
         suffix ("<request_id>-<8 chars>"); pdserve's own id matches too."""
+        return self.release_and_report(request_id)["released"]
+
+    def release_and_report(self, request_id: str) -> dict:
+        """release(), and the pulls served for the request: {"released": bool, "served": [{traceparent,
+        num_blocks, num_bytes, seconds, ended_at_ns}, ...]}."""
         rid = _match_request_id(request_id, self._holds)
-        return rid is not None and self._end_hold(rid, "released")
+        if rid is None:
+            return {"released": False, "served": []}
+        with self._served_lock:
+            served = self._served.pop(self._holds[rid].transfer_id, [])
+        return {"released": self._end_hold(rid, "released"), "served": served}
+
+    def _on_pull_served(self, transfer_id: str, traceparent: str | None, num_blocks: int, num_bytes: int,
+                        seconds: float) -> None:
+        record = dict(traceparent=traceparent, num_blocks=num_blocks, num_bytes=num_bytes, seconds=seconds,
+                      ended_at_ns=time.time_ns())
+        with self._served_lock:
+            self._served.setdefault(transfer_id, []).append(record)
+            while len(self._served) > _MAX_REPORTS:  # transfers never released (leases that expired)
+                del self._served[next(iter(self._served))]
 
     # ---- decode side
 
@@ -612,7 +641,8 @@ class _WorkerSide:
                 try:
                     result = await self._client.pull(
                         params.address, params.transfer_id, params.token, spec.remote_block_ids, self.pool,
-                        spec.local_block_ids, timeout_s=max(deadline - time.monotonic(), 0.001))
+                        spec.local_block_ids, timeout_s=max(deadline - time.monotonic(), 0.001),
+                        traceparent=spec.traceparent)
                     break
                 except TransferRefused as e:
                     waited = time.monotonic() - started

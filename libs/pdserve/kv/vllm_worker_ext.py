@@ -37,6 +37,11 @@ class PdserveWorkerExtension:
         refuse further pulls. False if nothing was held (already released, lease expired, never held)."""
         return _connector_worker().release(request_id)
 
+    def pdserve_release_and_report(self, request_id: str) -> dict:
+        """pdserve_release, and the pulls the endpoint served for the request, for "kv serve" spans:
+        {"released": bool, "served": [{traceparent, num_blocks, num_bytes, seconds, ended_at_ns}, ...]}."""
+        return _connector_worker().release_and_report(request_id)
+
     def pdserve_load_report(self, request_id: str) -> dict | None:
         """How a decode request got its prompt KV, once its load finished or failed (popped): num_blocks,
         num_bytes, transfer_ms, recomputed, error. None if there is no report (yet)."""
