@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -337,6 +339,58 @@ async def test_timeout_when_nothing_listens(client):
     with pytest.raises(TransferTimeout, match="reachable"):
         await client.pull(f"tcp://127.0.0.1:{free_port()}", "t1", TOKEN, [0], make_pool(), [0], timeout_s=0.5)
     assert 0.5 <= time.monotonic() - start < 0.5 + SLACK_S
+
+
+STALLED_ENDPOINT = f"""
+import time
+import numpy as np
+from pdserve.kv import ArrayBlockPool, TransferEndpoint
+ep = TransferEndpoint(ArrayBlockPool([np.ones((4, 4096), np.uint8)], layout_tag={TAG!r}), bind_host="127.0.0.1")
+ep.start()
+ep.allow("t1", {TOKEN!r}, [0, 1, 2, 3], time.time() + 60)
+ep.pause_for_tests(60)  # takes the pull, sends nothing: a prefill worker that hangs, then is killed
+print(ep.address, flush=True)
+time.sleep(60)
+"""
+
+
+async def test_pull_fails_at_once_when_the_endpoint_process_is_killed(client):
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_ENDPOINT], stdout=subprocess.PIPE, text=True)
+    try:
+        address = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)).strip()
+        assert address.startswith("tcp://"), address
+        pull = asyncio.create_task(client.pull(address, "t1", TOKEN, [0, 1, 2, 3], make_pool(num_blocks=4),
+                                               [0, 1, 2, 3], timeout_s=20))
+        await asyncio.sleep(0.5)
+        assert not pull.done()  # waiting on the stalled endpoint
+        killed = time.monotonic()
+        proc.kill()
+        with pytest.raises(TransferError, match="closed the connection after 0 of 4 blocks"):
+            await asyncio.wait_for(pull, 5)
+        assert time.monotonic() - killed < 1.0  # not timeout_s: decode recomputes at once
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    # the client is fine afterwards: a pull from a live endpoint on a new connection works
+    ep = TransferEndpoint(make_pool(seed=3), bind_host="127.0.0.1")
+    ep.start()
+    try:
+        allow(ep, block_ids=[0])
+        await client.pull(ep.address, "t1", TOKEN, [0], make_pool(), [0], timeout_s=5)
+    finally:
+        ep.stop()
+
+
+async def test_a_stopped_endpoint_is_not_taken_for_a_dropped_pull(endpoints, client):
+    """The pooled connection to an endpoint that has stopped since is discarded, not reused: a later pull to
+    that address waits for its deadline like any pull to an address nobody listens on."""
+    ep = endpoints(make_pool(seed=4))
+    allow(ep, block_ids=[0])
+    await client.pull(ep.address, "t1", TOKEN, [0], make_pool(), [0], timeout_s=5)
+    ep.stop()
+    await asyncio.sleep(0.3)
+    with pytest.raises(TransferTimeout, match="reachable"):
+        await client.pull(ep.address, "t1", TOKEN, [0], make_pool(), [0], timeout_s=0.5)
 
 
 async def test_cancelled_pull_stops_promptly(endpoints, client):

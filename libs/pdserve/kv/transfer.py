@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import hmac
 import logging
@@ -540,13 +541,43 @@ class _Cancelled(Exception):
     pass
 
 
+class _Connection:
+    """A DEALER socket to one endpoint and a monitor that reports when the endpoint drops the TCP connection
+    (its process died or stopped): a pull waiting on it fails at once instead of at its deadline."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.address = address
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def was_dropped(self) -> bool:
+        """Whether the endpoint dropped the connection while it sat idle (then it is not reused)."""
+        try:
+            self.monitor.recv_multipart(zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
 class TransferClient:
     """Pulls blocks from TransferEndpoints into a local pool.
 
     Each pull has a DEALER socket to itself. A socket goes back to an idle set (per address) only after a
     pull that received everything, so nothing is left in flight on it; after any failure it is closed with
     linger 0. Every reply echoes the pull's nonce and mismatches are ignored, so a late reply can never be
-    taken for the answer to a later pull. Reusing connections matters for speed: a fresh TCP connection
+    taken for the answer to a later pull. A monitor on each socket fails a pull at once when the endpoint
+    drops the connection (its process died), and keeps a dropped idle connection from being reused.
+    Reusing connections matters for speed: a fresh TCP connection
     starts with small windows and buffers (measured ~4 ms lost per pull on loopback). The receive loop runs
     in a worker thread with sync zmq; pull() only awaits it.
     """
@@ -560,7 +591,7 @@ class TransferClient:
         self._window = min(max(window_messages, 1), _MAX_WINDOW)
         self._closing = threading.Event()
         self._idle_lock = threading.Lock()
-        self._idle: dict[str, list[zmq.Socket]] = {}
+        self._idle: dict[str, list[_Connection]] = {}
 
     async def pull(
         self,
@@ -614,34 +645,36 @@ class TransferClient:
         self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._idle_lock:
-            for sockets in self._idle.values():
-                for sock in sockets:
-                    sock.close(linger=0)
+            for connections in self._idle.values():
+                for conn in connections:
+                    conn.close()
             self._idle.clear()
         self._ctx.term()
 
-    def _checkout(self, address: str, transfer_id: str) -> zmq.Socket:
+    def _checkout(self, address: str, transfer_id: str) -> _Connection:
         with self._idle_lock:
-            sockets = self._idle.get(address)
-            if sockets:
-                return sockets.pop()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
+            connections = self._idle.get(address)
+            conn = connections.pop() if connections else None
+        if conn is not None:
+            if not conn.was_dropped():
+                return conn
+            conn.close()
+        conn = _Connection(self._ctx, address)
         try:
-            sock.connect(address)
+            conn.sock.connect(address)
         except zmq.ZMQError as e:
-            sock.close(linger=0)
+            conn.close()
             raise TransferError(f"transfer {transfer_id}: cannot connect to {address!r} ({e}); "
                                 "the address must look like tcp://host:port") from e
-        return sock
+        return conn
 
-    def _checkin(self, address: str, sock: zmq.Socket) -> None:
+    def _checkin(self, conn: _Connection) -> None:
         with self._idle_lock:
-            sockets = self._idle.setdefault(address, [])
-            if not self._closing.is_set() and len(sockets) < _MAX_IDLE_SOCKETS_PER_ADDRESS:
-                sockets.append(sock)
+            connections = self._idle.setdefault(conn.address, [])
+            if not self._closing.is_set() and len(connections) < _MAX_IDLE_SOCKETS_PER_ADDRESS:
+                connections.append(conn)
                 return
-        sock.close(linger=0)
+        conn.close()
 
     def _pull_blocking(self, address, transfer_id, token, remote_ids, pool, local_ids, timeout_s, deadline,
                        traceparent, cancel) -> TransferResult:
@@ -655,14 +688,15 @@ class TransferClient:
         block_nbytes = sum(pool.segment_nbytes)
         num_blocks = len(remote_ids)
         received = 0
-        sock = self._checkout(address, transfer_id)
+        conn = self._checkout(address, transfer_id)
+        sock = conn.sock
         clean = False
         try:
             sock.send(request, zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
             batch: BatchStream | None = None
             owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
             while received < num_blocks:
-                frames = self._receive(sock, deadline, cancel, address, transfer_id, received, num_blocks, timeout_s)
+                frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
                 header = self._parse_header(frames[0], transfer_id, address)
                 if header.get("nonce") != nonce:
                     logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
@@ -705,16 +739,17 @@ class TransferClient:
             raise TransferError(f"transfer {transfer_id}: pull cancelled after {received} of {num_blocks} blocks")
         finally:
             if clean:
-                self._checkin(address, sock)
+                self._checkin(conn)
             else:
-                sock.close(linger=0)
+                conn.close()
         seconds = time.monotonic() - started
         result = TransferResult(num_blocks, num_blocks * block_nbytes, seconds)
         logger.debug("transfer %s: pulled %d blocks, %d bytes in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, seconds, result.gbps)
         return result
 
-    def _receive(self, sock, deadline, cancel, address, transfer_id, received, num_blocks, timeout_s) -> list:
+    def _receive(self, conn: _Connection, deadline, cancel, transfer_id, received, num_blocks, timeout_s) -> list:
+        address = conn.address
         while True:
             if cancel.is_set() or self._closing.is_set():
                 if self._closing.is_set() and not cancel.is_set():
@@ -726,8 +761,14 @@ class TransferClient:
                     f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {address} within "
                     f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
                     "address is reachable from this host (prefill --advertise-host) or raise the timeout")
-            if sock.poll(max(1, math.ceil(min(left, _CLIENT_POLL_S) * 1000))):
-                return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            ready = dict(conn.poller.poll(max(1, math.ceil(min(left, _CLIENT_POLL_S) * 1000))))
+            if conn.sock in ready:  # what arrived before a disconnect is read first
+                return conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            if conn.monitor in ready:
+                conn.monitor.recv_multipart()
+                raise TransferError(
+                    f"transfer {transfer_id}: the prefill endpoint {address} closed the connection after {received} "
+                    f"of {num_blocks} blocks (its process stopped or died); recompute the prefill")
 
     @staticmethod
     def _parse_header(frame, transfer_id: str, address: str) -> dict:
