@@ -41,13 +41,7 @@ class LeastLoadPolicy:
 
     def ended_since(self, hb: Heartbeat) -> int:
         entry = self._ended.get(hb.worker_id)
-        if entry is None:
-            return 0
-        if entry[0] is not hb:  # a newer heartbeat came (or an older view was passed): it shows the truth
-            if self._membership.get(hb.worker_id) is hb:
-                del self._ended[hb.worker_id]
-            return 0
-        return entry[1]
+        return entry[1] if entry is not None and entry[0] is hb else 0  # a newer heartbeat shows the truth
 
     def load(self, hb: Heartbeat) -> int:
         return max(sum(self.reported(hb)), self.in_flight[hb.worker_id])

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 import pytest
 
@@ -149,16 +150,22 @@ class PdserveUp(Service):
             time.sleep(0.2)
         raise AssertionError(f"pdserve up not ready within {timeout_s}s:\n{self.output()[-3000:]}")
 
+    @contextlib.contextmanager
+    def running(self, num_prefill: int, num_decode: int, *, ready_timeout_s: float = 60,
+                stop_timeout_s: float = 20) -> Iterator["PdserveUp"]:
+        """Ready with that many workers for the block; stopped after it, with no process left behind."""
+        try:
+            self.wait_ready(num_prefill, num_decode, timeout_s=ready_timeout_s)
+            yield self
+        finally:
+            self.stop(timeout_s=stop_timeout_s)
+            left = self.kill_leftovers()
+            assert not left, f"processes left after pdserve up stopped: {left}"
+
 
 @pytest.fixture(scope="module")
 def system_2p2d(tmp_path_factory):
     """One `pdserve up --engine mock --prefill 2 --decode 2` for a module of tests, as a new user runs it."""
     tmp = tmp_path_factory.mktemp("up2p2d")
-    up = PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2")
-    try:
-        up.wait_ready(2, 2)
+    with PdserveUp(tmp, free_port(), "--prefill", "2", "--decode", "2").running(2, 2) as up:
         yield up
-    finally:
-        up.stop()
-        left = up.kill_leftovers()
-        assert not left, f"processes left after pdserve up stopped: {left}"

@@ -32,12 +32,8 @@ def vllm_system(tmp_path_factory):
     # A pull from a killed prefill worker gives up after 3 s instead of 10.
     up = PdserveUp(tmp_path_factory.mktemp("vllm"), free_port(), "--engine", "vllm",
                    env={"PDSERVE_KV_PULL_TIMEOUT_S": "3"})
-    try:
-        up.wait_ready(1, 1, timeout_s=600)
+    with up.running(1, 1, ready_timeout_s=600, stop_timeout_s=60):
         yield up
-    finally:
-        up.stop(timeout_s=60)
-        assert not up.kill_leftovers()
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,8 @@ HUGE = "A" * (400 * 1024)  # two of them stay under NATS' default 1 MiB max_payl
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    up = PdserveUp(tmp_path_factory.mktemp("hostile"), free_port())
-    try:
-        up.wait_ready(1, 1)
+    with PdserveUp(tmp_path_factory.mktemp("hostile"), free_port()).running(1, 1) as up:
         yield up
-    finally:
-        up.stop()
-        assert not up.kill_leftovers()
 
 
 def nats_url(up: PdserveUp) -> str:

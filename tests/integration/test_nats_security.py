@@ -95,18 +95,10 @@ def test_service_without_credentials_exits_naming_the_fix(auth_nats, tmp_path):
 def test_pdserve_up_passes_credentials_to_every_service(auth_nats, tmp_path):
     up = PdserveUp(tmp_path, free_port(), "--nats", auth_nats.url, env={"PDSERVE_NATS_USER": USER,
                                                                        "PDSERVE_NATS_PASSWORD": PASSWORD})
-    try:
-        up.wait_ready(1, 1)
+    with up.running(1, 1):
         assert_serves(up)
-        for pid in {up.process.pid, *up.children_seen}:  # the password never sits in an argv (ps shows those)
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    assert PASSWORD.encode() not in f.read()
-            except FileNotFoundError:
-                pass
-    finally:
-        up.stop()
-        assert not up.kill_leftovers()
+        # the password never sits in an argv (ps shows those)
+        assert_not_in_argv({up.process.pid, *up.children_seen}, PASSWORD)
 
 
 def test_pdserve_up_without_credentials_fails_clearly(auth_nats, tmp_path):
@@ -120,8 +112,7 @@ def test_pdserve_up_without_credentials_fails_clearly(auth_nats, tmp_path):
 
 def test_pdserve_up_own_nats_asks_for_the_token(tmp_path):
     up = PdserveUp(tmp_path, free_port(), "--nats-token", TOKEN)
-    try:
-        up.wait_ready(1, 1)
+    with up.running(1, 1):
         assert_serves(up)
         url = re.search(r"NATS at (nats://\S+);", up.output()).group(1)
 
@@ -131,15 +122,17 @@ def test_pdserve_up_own_nats_asks_for_the_token(tmp_path):
                 await nc.close()
 
         asyncio.run(anonymous())
-        for pid in up.children_seen:  # `pdserve up` itself has what the user typed; its children get the env
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    assert TOKEN.encode() not in f.read()
-            except FileNotFoundError:
-                pass
-    finally:
-        up.stop()
-        assert not up.kill_leftovers()
+        # `pdserve up` itself has what the user typed; its children get the env
+        assert_not_in_argv(up.children_seen, TOKEN)
+
+
+def assert_not_in_argv(pids, secret: str) -> None:
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert secret.encode() not in f.read(), f"process {pid} has the secret in its argv"
+        except FileNotFoundError:
+            pass
 
 
 def assert_serves(up: PdserveUp) -> None:
@@ -222,11 +215,9 @@ def test_pdserve_up_over_tls(tmp_path):
     up = PdserveUp(tmp_path, free_port(), "--nats", server.url, "--nats-tls-ca", pki["ca_cert"],
                    "--nats-user", USER, env={"PDSERVE_NATS_PASSWORD": PASSWORD})
     try:
-        up.wait_ready(1, 1)
-        assert_serves(up)
+        with up.running(1, 1):
+            assert_serves(up)
     finally:
-        up.stop()
-        assert not up.kill_leftovers()
         server.stop()
 
 

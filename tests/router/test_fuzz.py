@@ -10,7 +10,6 @@ reached and not only the 404 of an unknown model).
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
@@ -34,12 +33,8 @@ def system(tmp_path_factory):
     up = PdserveUp(tmp_path_factory.mktemp("fuzz"), free_port(), "--log-level", "WARNING",
                    env={"PDSERVE_MOCK_MS_PER_DECODE_STEP": "0.1", "PDSERVE_MAX_MODEL_LEN": "256",
                         "PDSERVE_REQUEST_TIMEOUT_S": "30"})
-    try:
-        up.wait_ready(1, 1)
+    with up.running(1, 1):
         yield up
-    finally:
-        up.stop()
-        assert not up.kill_leftovers()
 
 
 def with_served_model(case, use_model: bool):

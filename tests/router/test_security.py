@@ -44,12 +44,8 @@ def keyed(tmp_path_factory):
     keys_file.write_text(f"# production keys\n\n{FILE_KEY}   # the CI key\n")
     up = PdserveUp(tmp, free_port(), "--api-keys-file", str(keys_file),
                    env={"PDSERVE_API_KEYS": ENV_KEY, "PDSERVE_MAX_BODY_BYTES": str(LIMIT)})
-    try:
-        up.wait_ready(1, 1)
+    with up.running(1, 1):
         yield up
-    finally:
-        up.stop()
-        assert not up.kill_leftovers()
 
 
 @pytest.mark.e2e

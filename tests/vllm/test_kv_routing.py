@@ -30,12 +30,8 @@ def vllm_system(tmp_path_factory):
     pull_default_model(quiet=True)
     up = PdserveUp(tmp_path_factory.mktemp("vllm-kv-routing"), free_port(), "--engine", "vllm",
                    env={"PDSERVE_PREFIX_CACHING": "1"})
-    try:
-        up.wait_ready(1, 1, timeout_s=600)
+    with up.running(1, 1, ready_timeout_s=600, stop_timeout_s=60):
         yield up
-    finally:
-        up.stop(timeout_s=60)
-        assert not up.kill_leftovers()
 
 
 def ttft(up: PdserveUp, prompt: str) -> tuple[float, str]:
