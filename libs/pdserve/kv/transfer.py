@@ -41,14 +41,21 @@ import orjson
 import zmq
 
 from pdserve.kv.pool import BatchStream, BlockPool
+from pdserve.throttled_log import ThrottledLog, clip
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-REFUSAL_REASONS = frozenset({"unknown", "released", "expired", "bad_token", "bad_block"})
+REFUSAL_REASONS = frozenset({"unknown", "released", "expired", "bad_token", "bad_block", "busy"})
 _POLL_MS = 100  # the endpoint's idle wake-up: how prompt stop() is, and the only cost of an idle endpoint
 _CLIENT_POLL_S = 0.05  # how often a waiting pull notices cancellation or close()
-_MAX_WINDOW = 256
+_MAX_WINDOW = 64  # messages of ~2 MiB one pull may have queued: 128 MiB, far above what a link needs
+# Bounds on what one peer can make the endpoint hold: pulls at once per connection (the client opens one
+# connection per pull in flight) and in all, and messages queued for a connection (what credit allows those
+# pulls, plus room for refusals; a peer that stops reading gets no more once it is full).
+_MAX_PULLS_PER_PEER = 4
+_MAX_PULLS = 1024
+_SEND_QUEUE_MESSAGES = _MAX_PULLS_PER_PEER * _MAX_WINDOW + 64
 # zmq hands over only whole messages: messages of this size let the receiver copy one while the next
 # arrives; much smaller ones cost per-message overhead, larger ones stall the pipeline (measured).
 _MESSAGE_NBYTES = 2 << 20
@@ -74,6 +81,7 @@ class TransferRefused(TransferError):
         "expired": "the transfer's lease expired; pull sooner or lengthen the prefill lease",
         "bad_token": "wrong or missing token; pass the token from the same KV-ready message",
         "bad_block": "block ids outside the transfer's allowed set; pull only the block_ids that were allowed",
+        "busy": "the endpoint serves its limit of pulls at once; retry, or recompute the prefill",
     }
 
     def __init__(self, reason: str, message: str | None = None) -> None:
@@ -224,6 +232,10 @@ class TransferEndpoint:
         self._address: str | None = None
         self._paused_until = 0.0
         self._corrupt_next = False
+        self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
+        # A pull request names each block once at most (a few bytes each) and a few fields: anything much larger is
+        # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
+        self.max_request_nbytes = 64 * 1024 + 12 * (pool.num_blocks + len(pool.segment_nbytes))
 
     # ---- lifecycle
 
@@ -242,7 +254,10 @@ class TransferEndpoint:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.router_mandatory = 1  # a vanished client raises EHOSTUNREACH instead of silently eating batches
-        sock.sndhwm = 0  # credit bounds what is queued; a full queue must never cut a batch in half
+        # Credit bounds the data queued per pull (and a peer's pulls are bounded), so a well-behaved peer never
+        # reaches this; one that sends requests and never reads finds its queue full and gets nothing more.
+        sock.sndhwm = _SEND_QUEUE_MESSAGES
+        sock.maxmsgsize = self.max_request_nbytes
         if ":" in self.bind_host:
             sock.ipv6 = True
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
@@ -349,7 +364,7 @@ class TransferEndpoint:
             except zmq.Again:
                 return
             if len(frames) != 2:
-                logger.warning("kv transfer endpoint: dropped a message of %d frames", len(frames))
+                self._complaints.warning("kv transfer endpoint: dropped a message of %d frames", len(frames))
                 continue
             identity, raw = frames
             header = None
@@ -367,10 +382,11 @@ class TransferEndpoint:
             except (orjson.JSONDecodeError, _BadRequest, KeyError, TypeError, ValueError) as e:
                 nonce = header.get("nonce") if isinstance(header, dict) else None
                 tid = header.get("transfer_id") if isinstance(header, dict) else None
-                logger.warning("transfer %s: bad request from peer: %s", tid, e)
+                self._complaints.warning("transfer %s: bad request from peer: %s", clip(tid), clip(e))
                 self._count(num_transfers_refused=1)
-                self._send_error(identity, nonce, "bad_request", f"malformed pull request ({e}); "
-                                 "client and endpoint must run the same pdserve version")
+                self._send_error(identity, nonce if isinstance(nonce, str) else None, "bad_request",
+                                 f"malformed pull request ({clip(e)}); client and endpoint must run the same pdserve "
+                                 "version")
 
     def _on_pull_request(self, identity: bytes, h: dict) -> None:
         if h.get("v") != PROTOCOL_VERSION:
@@ -384,6 +400,11 @@ class TransferEndpoint:
             raise _BadRequest("fields of the wrong type, or no block ids")
         window = min(max(int(h.get("window", 2)), 1), _MAX_WINDOW)
         timeout_s = min(max(float(h.get("timeout_s", 60.0)), 0.0), 3600.0)
+        if len(nonce) > 64 or len(tid) > 256 or len(token) > 256:
+            raise _BadRequest("nonce, transfer_id or token longer than any pdserve sends")
+        if len(self._pulls) >= _MAX_PULLS or sum(p.identity == identity for p in self._pulls) >= _MAX_PULLS_PER_PEER:
+            return self._refuse(identity, nonce, tid, "busy", f"transfer {tid}: the endpoint serves its limit of pulls "
+                                f"({_MAX_PULLS_PER_PEER} per connection, {_MAX_PULLS} in all); retry or recompute")
 
         with self._lock:
             allowed = self._allowed.get(tid)
@@ -425,15 +446,15 @@ class TransferEndpoint:
                 return  # credit for a pull we dropped is harmless
 
     def _refuse(self, identity: bytes, nonce: str, tid: str, reason: str, message: str) -> None:
-        logger.warning("transfer %s: refused (%s): %s", tid, reason, message)
+        self._complaints.warning("transfer %s: refused (%s): %s", clip(tid), reason, clip(message, 400))
         self._count(num_transfers_refused=1)
         self._send_error(identity, nonce, reason, message)
 
     def _send_error(self, identity: bytes, nonce: str | None, reason: str, message: str) -> None:
-        header = orjson.dumps({"k": "error", "nonce": nonce, "reason": reason, "message": message})
+        header = orjson.dumps({"k": "error", "nonce": nonce, "reason": reason, "message": clip(message, 1000)})
         try:
             self._sock.send_multipart([identity, header], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the peer left; nobody is waiting for this answer
+        except zmq.ZMQError as e:  # the peer left, or does not read what it asked for: nobody takes this answer
             logger.debug("could not deliver refusal %s: %s", reason, e)
 
     def _send_round(self) -> None:
