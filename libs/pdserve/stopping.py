@@ -24,7 +24,9 @@ class StopChecker:
             self.stopped = True
             self._pending = ""
             return text[: min(hits)]
-        hold = max((n for s in self._stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        # Only prefixes no longer than the text can end it: a client's 300 KB stop string costs what the text does.
+        hold = max((n for s in self._stop for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
+                   default=0)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
 
