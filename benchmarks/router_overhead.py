@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -308,12 +309,14 @@ class DirectClient:
         stream_key = (request_id, decode_id)
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
         self._streams[stream_key] = chunks
+        stream_token = secrets.token_hex(16)  # as the router does; this bare client does not check it
         finished = False
         try:
             decode = DecodeRequest(request_id=request_id, model=MOCK_MODEL, prompt_token_ids=prompt_token_ids,
                                    sampling=sampling, first_token_id=ready.first_token_id,
                                    kv_transfer_params=ready.kv_transfer_params,
-                                   stream_subject=subjects.token_stream(cfg.router_id, request_id), deadline=deadline)
+                                   stream_subject=subjects.token_stream(cfg.router_id, request_id),
+                                   stream_token=stream_token, deadline=deadline)
             await self.bus.request(subjects.decode_request(decode_id), decode, DecodeAccepted,
                                    timeout_s=min(cfg.decode_accept_timeout_s, deadline - time.time()),
                                    request_id=request_id)

@@ -17,7 +17,7 @@ def make_params() -> KVTransferParams:
     PrefillRequest(request_id="r1", model="m", prompt_token_ids=(1, 2, 3), sampling=SamplingParams(max_tokens=5, stop=("x",)), deadline=1e9),
     KVReady(request_id="r1", worker_id="p1", first_token_id=7, first_text="a", kv_transfer_params=make_params(), num_prompt_tokens=3),
     DecodeRequest(request_id="r1", model="m", prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=2), first_token_id=7,
-                  kv_transfer_params=make_params(), stream_subject="s", deadline=1e9),
+                  kv_transfer_params=make_params(), stream_subject="s", stream_token="t" * 32, deadline=1e9),
     TokenChunk(request_id="r1", seq=3, token_ids=(1, 2), text="ab", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2)),
     Heartbeat(worker_id="w", role="decode", model=ModelCard(name="m", tokenizer="byte", max_model_len=64, kv_layout=LAYOUT),
               interval_s=1, sent_at=1.0, started_at=0.5),

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from pdserve import subjects, tracecontext
+from pdserve import nats_auth, subjects, tracecontext
 from pdserve.config import BusOptions
 from pdserve.protocol import ErrorReply, InvalidMessage, Message, decode, encode
 
@@ -42,6 +42,10 @@ class BusTimeout(BusError):
 
 class NoResponders(BusError):
     """Nobody listens on the subject: the worker is gone."""
+
+
+class PayloadTooLarge(BusError):
+    """The message is larger than the NATS server's max_payload."""
 
 
 class RemoteError(BusError):
@@ -132,6 +136,7 @@ class Bus:
                 password=password,
                 token=token,
                 tls=tls,
+                inbox_prefix=nats_auth.inbox_prefix(user),
             ))
             refusal = asyncio.create_task(refused.wait())
             try:
@@ -187,6 +192,11 @@ class Bus:
         return self._nc.is_connected
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the NATS server takes (its max_payload; 1 MiB unless configured)."""
+        return int(self._nc.max_payload)
+
+    @property
     def num_reconnects(self) -> int:
         """How often the connection was lost and made again (NATS restarts, network blips)."""
         return int(self._nc.stats["reconnects"])
@@ -213,18 +223,34 @@ class Bus:
     # ------------------------------------------------------------------------------------- publish
 
     async def publish(self, subject: str, msg: Message, *, request_id: str | None = None) -> None:
-        await self._nc.publish(subject, encode(msg), headers=_headers(request_id))
+        try:
+            await self._nc.publish(subject, encode(msg), headers=_headers(request_id))
+        except nats.errors.MaxPayloadError as e:
+            raise self._too_large(subject) from e
+
+    def _too_large(self, subject: str) -> PayloadTooLarge:
+        return PayloadTooLarge(f"a message on {subject} is larger than the NATS server's max_payload of "
+                               f"{self.max_payload} bytes; raise max_payload in nats-server's configuration")
 
     # ------------------------------------------------------------------------------------ subscribe
 
     async def subscribe(
-        self, subject: str, cls: type[M], handler: Callable[[M], Awaitable[None]], *, queue: str = ""
+        self, subject: str, cls: type[M], handler: Callable[[M], Awaitable[None]], *, queue: str = "",
+        subject_of: Callable[[M], str] | None = None,
     ) -> Subscription:
-        """Deliver each valid `cls` message on subject to handler, in order; drop and log invalid ones."""
+        """Deliver each valid `cls` message on subject to handler, in order; drop and log invalid ones.
+
+        subject_of: the subject a message must have arrived on (heartbeats on their sender's own subject): NATS
+        permissions decide who may publish on a subject, so a message that claims another sender is dropped.
+        """
 
         async def on_msg(raw: Msg) -> None:
             msg = self._decode(raw, cls)
             if msg is None:
+                return
+            if subject_of is not None and subject_of(msg) != raw.subject:
+                log.warning("%s: dropped a %s on %s that claims to be from %s", self.name, msg.type,
+                            raw.subject[:200], subject_of(msg)[:200])
                 return
             with tracecontext.use(raw.headers):
                 try:
@@ -277,6 +303,8 @@ class Bus:
             raw = await self._nc.request(subject, encode(msg), timeout=timeout_s, headers=_headers(request_id))
         except nats.errors.NoRespondersError as e:
             raise NoResponders(f"no service listens on {subject}") from e
+        except nats.errors.MaxPayloadError as e:
+            raise self._too_large(subject) from e
         except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
             raise BusTimeout(f"no answer on {subject} within {timeout_s:.1f}s") from e
         try:

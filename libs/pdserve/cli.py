@@ -6,6 +6,7 @@
     pdserve decode-worker --nats URL
     pdserve kv-broker --nats URL
     pdserve model pull | path
+    pdserve nats-config --out DIR          (NATS identities per role, for a NATS you run)
     pdserve status [--json] [--watch]      pdserve doctor
     pdserve bench [--endpoint URL] [--concurrency N | --rate R] [--out FILE.json] [--plot FILE.png]
 """
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     from pdserve.models import add_model_arguments
 
     add_model_arguments(sub.add_parser("model", help="fetch the default model (pull) or show where it is (path)"))
+    from pdserve import nats_auth
+
+    nats_auth.add_config_arguments(sub.add_parser(
+        "nats-config", help="write a NATS server's authorization block and one identity per role (least privilege)"))
     status.add_arguments(sub.add_parser("status", help="live table of workers and brokers, from NATS heartbeats"))
     doctor.add_arguments(sub.add_parser("doctor", help="pre-flight checks that name the fix"))
     from pdserve.bench import cli as bench_cli
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve.models import model_command
 
             return model_command(args)
+        if command == "nats-config":
+            from pdserve import nats_auth
+
+            return nats_auth.config_command(args)
         if command in ("status", "doctor"):
             from pdserve import doctor, status
 

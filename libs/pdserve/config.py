@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from pdserve import nats_auth
+
 C = TypeVar("C")
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
@@ -48,6 +50,9 @@ class BusOptions:
     nats_user: str | None = _opt(None, "NATS user name")
     nats_password: str | None = _opt(None, "NATS password (prefer the env variable: flags show in `ps`)", secret=True)
     nats_token: str | None = _opt(None, "NATS auth token (prefer the env variable: flags show in `ps`)", secret=True)
+    nats_credentials_file: str | None = _opt(None, "file with this service's NATS identity (PDSERVE_NATS_USER= and "
+                                             "PDSERVE_NATS_PASSWORD= lines), as `pdserve nats-config` and `pdserve up` "
+                                             "write them")
     nats_tls_ca: str | None = _opt(None, "CA certificate (PEM) that signed the NATS server's certificate; turns TLS on")
     nats_tls_cert: str | None = _opt(None, "client certificate (PEM) for NATS servers that verify clients; with --nats-tls-key")
     nats_tls_key: str | None = _opt(None, "private key (PEM) of --nats-tls-cert")
@@ -55,6 +60,16 @@ class BusOptions:
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
+        if self.nats_credentials_file:
+            if self.nats_user or self.nats_password or self.nats_token:
+                _fail("nats_credentials_file", "given together with --nats-user/--nats-password/--nats-token",
+                      "give the identity one way only")
+            try:
+                user, password = nats_auth.read_credentials_file(self.nats_credentials_file)
+            except nats_auth.CredentialsFileError as e:
+                _fail("nats_credentials_file", str(e), "give a file written by `pdserve nats-config` (or pdserve up)")
+            object.__setattr__(self, "nats_user", user)
+            object.__setattr__(self, "nats_password", password)
         for url in self.nats_servers:
             if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
                 _fail("nats", f"{url!r} is not a NATS URL", "use nats://HOST:PORT (the default is " + DEFAULT_NATS + ")")
@@ -166,6 +181,9 @@ class RouterConfig(BusOptions):
                                "worker's load (queued + running) times the mean prefill time the router observed "
                                "already exceeds --request-timeout-s")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body; a larger one gets 413 before parsing")
+    header_timeout_s: float = _opt(10.0, "a connection must finish a request's headers this long after their first "
+                                   "byte (and send that byte this long after connecting), else it is closed")
+    max_header_bytes: int = _opt(64 * 1024, "largest request head (request line and headers); a larger one gets 431")
     api_keys_file: str | None = _opt(None, "file of API keys clients must send as `Authorization: Bearer KEY` "
                                      "(one per line, # comments); with PDSERVE_API_KEYS, keys of both count")
     api_keys: str | None = _opt(None, "API keys, comma-separated (environment only, never a flag)", secret=True,
@@ -177,7 +195,8 @@ class RouterConfig(BusOptions):
             object.__setattr__(self, "router_id", f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
         if not 0 <= self.port <= 65535:
             _fail("port", f"{self.port} is not a TCP port", "use 1-65535 (0 picks a free one)")
-        for name in ("prefill_timeout_s", "decode_accept_timeout_s", "stream_idle_timeout_s", "request_timeout_s", "kv_lookup_timeout_s"):
+        for name in ("prefill_timeout_s", "decode_accept_timeout_s", "stream_idle_timeout_s", "request_timeout_s",
+                     "kv_lookup_timeout_s", "header_timeout_s"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.max_attempts < 1:
@@ -186,7 +205,7 @@ class RouterConfig(BusOptions):
                      "local_prefill_max_tokens", "prefill_queue_limit"):
             if getattr(self, name) < 0:
                 _fail(name, "must be >= 0", "give 0 or a positive number")
-        for name in ("max_inflight", "max_body_bytes"):
+        for name in ("max_inflight", "max_body_bytes", "max_header_bytes"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive whole number")
         if self.api_keys_file:

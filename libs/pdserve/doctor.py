@@ -305,8 +305,7 @@ def format_result(result: CheckResult) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", default=None,
-                        help=f"NATS server URL(s), comma-separated [env PDSERVE_NATS; default {cfg.DEFAULT_NATS}]")
+    status.add_nats_arguments(parser)
     parser.add_argument("--model", default=None, metavar="PATH",
                         help=f"also check this model directory (or {models.DEFAULT_MODEL}: is it pulled?)")
     parser.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for NATS [default 3]")
@@ -317,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`pdserve doctor`; returns 1 on any FAIL, else 0."""
     try:
-        options = status.bus_options(args.nats)
+        options = status.bus_options(args.nats, args.nats_credentials_file)
     except cfg.ConfigError as e:
         print(f"pdserve doctor: {e}", file=sys.stderr)
         return 2

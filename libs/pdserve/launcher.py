@@ -2,15 +2,20 @@
 
 Algorithm:
 1. Check the router's port is free (the one fixed port besides NATS'), else stop with the fix.
-2. Start nats-server on a free port (or use --nats URL); with --nats-user/--nats-token it asks for them.
-   NATS credentials and TLS files reach every service through its environment (PDSERVE_NATS_*), never its
-   command line; --api-keys-file goes to the router.
+2. Start nats-server on a free port (or use --nats URL). Its own NATS gives each role its own identity
+   (nats_auth.py: router, prefill, decode, broker, observer; fresh passwords, files in the run directory only
+   this user can read) and a max_payload that fits long prompts (8 MiB). Each child gets its role's file through
+   its environment (PDSERVE_NATS_CREDENTIALS_FILE), never its command line; with --nats URL, the identity
+   files of --nats-credentials-dir, or the --nats-user/--nats-token given.
 3. Start the KV broker, the router and N prefill + M decode workers as child processes; each child dies
    with this process (PR_SET_PDEATHSIG) so none is ever left behind, even after a kill -9 of `pdserve up`.
+   Their output goes to ours, and their last lines are kept.
 4. Poll the router's /health until every worker and the broker have announced themselves; on timeout, or
-   when a child exits early, name what did not come up and stop everything.
-5. Print where everything is; wait for Ctrl-C / SIGTERM; stop the children (SIGTERM, then SIGKILL after a
-   grace period), then nats-server.
+   when a child exits early, name what did not come up (with its last lines) and stop everything.
+5. Print where everything is; then supervise (supervisor.py): a child (nats-server too) that dies is restarted
+   with backoff and a line that says so; one that keeps dying ends `pdserve up` with status 1, naming it and
+   its last log lines. Ctrl-C / SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period), then
+   nats-server.
 """
 
 from __future__ import annotations
@@ -18,20 +23,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 
-from pdserve import nats_server
+from pdserve import nats_auth, nats_server
 from pdserve.config import DEFAULT_VLLM_MODEL, MOCK_MODEL, read_api_keys
+from pdserve.supervisor import Child, OutputTail, Supervisor, file_tail
 
 # Handed to every service through its environment, not its command line (which `ps` shows to everyone).
 _NATS_SECURITY = ("nats_user", "nats_password", "nats_token", "nats_tls_ca", "nats_tls_cert", "nats_tls_key")
+_NATS_IDENTITY_ENV = ("PDSERVE_NATS_USER", "PDSERVE_NATS_PASSWORD", "PDSERVE_NATS_TOKEN",
+                      "PDSERVE_NATS_CREDENTIALS_FILE")
+# Prompts travel as token ids in one NATS message: 8 MiB holds a decode request of a ~700K-token context.
+OWN_NATS_MAX_PAYLOAD = 8 * 1024 * 1024
+_ROLE_OF = {"kv-broker": "broker", "router": "router", "prefill-worker": "prefill", "decode-worker": "decode"}
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=os.environ.get("PDSERVE_NATS"),
@@ -47,24 +59,25 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=None,
                         help="how long to wait for every service to come up [default 60 mock, 600 vllm]")
     parser.add_argument("--log-level", default="INFO", help="log level of every service [default INFO]")
+    parser.add_argument("--run-dir", default=None,
+                        help="where its NATS keeps its configuration, log and the roles' NATS identities (the "
+                             "observer's is for `pdserve status` and `nats sub`) [default: a new private temporary "
+                             "directory, removed at exit]")
     security = parser.add_argument_group("security (see README: Security and overload)")
     security.add_argument("--api-keys-file", default=os.environ.get("PDSERVE_API_KEYS_FILE"),
                           help="router: clients must send `Authorization: Bearer KEY` with a key of this file (one per "
                                "line, # comments) [env PDSERVE_API_KEYS_FILE; PDSERVE_API_KEYS=k1,k2 also works]")
+    security.add_argument("--nats-credentials-dir", default=os.environ.get("PDSERVE_NATS_CREDENTIALS_DIR"),
+                          help="with --nats: the directory `pdserve nats-config` wrote; each service gets its role's "
+                               "identity from it [env PDSERVE_NATS_CREDENTIALS_DIR]")
     for name, what in (("user", "user name"), ("password", "password"), ("token", "auth token")):
         security.add_argument(f"--nats-{name}", default=os.environ.get(f"PDSERVE_NATS_{name.upper()}"),
-                              help=f"NATS {what} for every service (and for the NATS server `pdserve up` starts) "
-                                   f"[env PDSERVE_NATS_{name.upper()}]")
+                              help=f"with --nats: one NATS {what} for every service (no per-role permissions; "
+                                   f"prefer --nats-credentials-dir) [env PDSERVE_NATS_{name.upper()}]")
     for name, what in (("ca", "CA certificate of the NATS server"), ("cert", "client certificate"),
                        ("key", "client certificate's key")):
         security.add_argument(f"--nats-tls-{name}", default=os.environ.get(f"PDSERVE_NATS_TLS_{name.upper()}"),
                               help=f"TLS to an external --nats: {what} (PEM) [env PDSERVE_NATS_TLS_{name.upper()}]")
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen
 
 
 def _say(message: str) -> None:
@@ -84,22 +97,29 @@ def _port_free(host: str, port: int) -> bool:
 class System:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.children: list[Child] = []
+        self.supervisor = Supervisor(_say)
         self.nats: nats_server.NatsServer | None = None
         self.nats_url: str = args.nats or ""
-        self.env = {**os.environ}
+        self._own_run_dir = args.run_dir is None
+        self.run_dir = args.run_dir or tempfile.mkdtemp(prefix="pdserve-up-")
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        self.credentials_dir: str | None = args.nats_credentials_dir
+        self.env = {k: v for k, v in os.environ.items() if k not in _NATS_IDENTITY_ENV}
         for name in _NATS_SECURITY:
             if getattr(args, name, None):
                 self.env[f"PDSERVE_{name.upper()}"] = getattr(args, name)
 
+    @property
+    def children(self) -> list[Child]:
+        return self.supervisor.children
+
+    def observer_credentials(self) -> str | None:
+        return nats_auth.credentials_path(self.credentials_dir, "observer") if self.credentials_dir else None
+
     def start(self) -> None:
         a = self.args
         if not self.nats_url:
-            # Our own NATS asks for the same credentials the services are given.
-            auth = nats_server.ServerAuth(user=a.nats_user, password=a.nats_password, token=a.nats_token) \
-                if a.nats_user or a.nats_token else None
-            self.nats = nats_server.start(die_with_parent=True, auth=auth)
-            self.nats_url = self.nats.url
+            self._start_nats()
         common = ["--nats", self.nats_url, "--log-level", a.log_level]
         worker = [*common, "--engine", a.engine]
         if a.model:
@@ -116,10 +136,38 @@ class System:
         keys = ["--api-keys-file", a.api_keys_file] if a.api_keys_file else []
         self._spawn("router", ["router", *common, "--host", a.host, "--port", str(a.port), *keys])
 
+    def _start_nats(self) -> None:
+        """Our own nats-server: one identity per role, credentials in the run directory."""
+        credentials = nats_auth.generate()
+        self.credentials_dir = os.path.join(self.run_dir, "nats-credentials")
+        nats_auth.write_credentials(self.credentials_dir, credentials)
+        log_file = os.path.join(self.run_dir, "nats-server.log")
+        self.nats = nats_server.start(die_with_parent=True, store_dir=os.path.join(self.run_dir, "nats"),
+                                      log_file=log_file, authorization=nats_auth.authorization_block(credentials),
+                                      max_payload=OWN_NATS_MAX_PAYLOAD)
+        self.nats_url = self.nats.url
+        nats = self.nats
+
+        def restart() -> subprocess.Popen:
+            nats.restart()
+            return nats.process
+
+        self.supervisor.children.append(Child("nats-server", restart, lambda: file_tail(log_file), nats.process))
+
     def _spawn(self, name: str, argv: list[str]) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *argv], preexec_fn=nats_server.set_parent_death_signal,
-                                   stdin=subprocess.DEVNULL, env=self.env)
-        self.children.append(Child(name, process))
+        env = dict(self.env)
+        if self.credentials_dir:
+            env["PDSERVE_NATS_CREDENTIALS_FILE"] = nats_auth.credentials_path(self.credentials_dir, _ROLE_OF[argv[0]])
+        output = OutputTail(sys.stderr.buffer)
+
+        def spawn() -> subprocess.Popen:
+            process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *argv], env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       preexec_fn=nats_server.set_parent_death_signal)
+            output.follow(process.stdout)
+            return process
+
+        self.supervisor.add(Child(name, spawn, output.lines))
 
     def wait_healthy(self, stop_requested) -> dict:
         """The router's /health once every service announced itself; RuntimeError naming what did not."""
@@ -132,9 +180,9 @@ class System:
             if stop_requested():
                 raise RuntimeError("stopped during start-up")
             for child in self.children:
-                if child.process.poll() is not None:
+                if child.process is not None and child.process.poll() is not None:
                     raise RuntimeError(f"{child.name} exited with status {child.process.returncode} during start-up; "
-                                       "its log above says why")
+                                       f"its last lines:{_indented(child.tail())}")
             health = _get_json(url)
             if health is not None:
                 roles = [w["role"] for w in health.get("workers", [])]
@@ -149,23 +197,25 @@ class System:
         raise RuntimeError(f"{missing} did not come up within {a.startup_timeout_s:.0f}s "
                            "(raise --startup-timeout-s, or read the services' logs above)")
 
-    def watch(self, stop_requested) -> None:
-        """Until asked to stop: report children that die (the rest keeps serving)."""
-        reported: set[str] = set()
+    def supervise(self, stop_requested) -> int:
+        """Until asked to stop: restart children that die; 1 when one keeps dying (named, with its last lines)."""
         while not stop_requested():
-            for child in self.children:
-                if child.process.poll() is not None and child.name not in reported:
-                    reported.add(child.name)
-                    _say(f"{child.name} (pid {child.process.pid}) exited with status {child.process.returncode}")
-            time.sleep(0.5)
+            gave_up = self.supervisor.check()
+            if gave_up is not None:
+                _say(f"{gave_up.name} died {gave_up.num_deaths} times within {self.supervisor.policy.window_s:.0f}s; "
+                     f"stopping everything. Its last log lines:{_indented(gave_up.tail)}")
+                return 1
+            time.sleep(0.2)
+        return 0
 
     def stop(self, grace_s: float = 10.0) -> None:
         # Router first (no new requests), then workers and broker, then NATS.
-        for child in reversed(self.children):
+        services = [c for c in self.children if c.name != "nats-server" and c.process is not None]
+        for child in reversed(services):
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in self.children:
+        for child in services:
             try:
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -174,6 +224,12 @@ class System:
                 child.process.wait()
         if self.nats:
             self.nats.stop()
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _indented(lines: list[str]) -> str:
+    return "".join(f"\n    {line}" for line in lines) or " (none)"
 
 
 def _get_json(url: str) -> dict | None:
@@ -199,6 +255,18 @@ def _security_problem(args: argparse.Namespace) -> str | None:
             return f"--api-keys-file {args.api_keys_file}: cannot read it ({e.strerror})"
     if args.nats_password and not args.nats_user:
         return "--nats-password needs --nats-user"
+    if not args.nats and (args.nats_user or args.nats_token or args.nats_credentials_dir):
+        return ("--nats-user/--nats-token/--nats-credentials-dir are for an external NATS (--nats URL): the NATS "
+                "server pdserve up starts gives every role its own identity by itself")
+    if args.nats_credentials_dir and (args.nats_user or args.nats_token):
+        return "give the NATS identities one way: --nats-credentials-dir, or --nats-user/--nats-token"
+    if args.nats_credentials_dir:
+        for role in nats_auth.ROLES:
+            path = nats_auth.credentials_path(args.nats_credentials_dir, role)
+            try:
+                nats_auth.read_credentials_file(path)
+            except nats_auth.CredentialsFileError as e:
+                return f"--nats-credentials-dir: {e}; write the directory with `pdserve nats-config --out DIR`"
     if not args.nats and (args.nats_tls_ca or args.nats_tls_cert or args.nats_tls_key):
         return ("--nats-tls-* are for an external NATS with TLS (--nats URL); the NATS server pdserve up starts "
                 "listens on 127.0.0.1 without TLS")
@@ -211,10 +279,6 @@ def up(args: argparse.Namespace) -> int:
         return 1
     if args.startup_timeout_s is None:
         args.startup_timeout_s = 600.0 if args.engine == "vllm" else 60.0
-    if args.engine == "vllm" and not args.model:
-        from pdserve.models import pull_default_model
-
-        pull_default_model()  # once, here, rather than in every worker at the same time
     if args.prefill < 1 or args.decode < 1:
         _say("--prefill and --decode must be at least 1")
         return 2
@@ -222,6 +286,10 @@ def up(args: argparse.Namespace) -> int:
     if problem:
         _say(problem)
         return 2
+    if args.engine == "vllm" and not args.model:
+        from pdserve.models import pull_default_model
+
+        pull_default_model()  # once, here, rather than in every worker at the same time
     stopping = False
 
     def request_stop(signum, frame) -> None:
@@ -240,9 +308,13 @@ def up(args: argparse.Namespace) -> int:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         _say(f"ready: OpenAI API at http://{host}:{args.port}/v1 (model {models}); "
              f"health at http://{host}:{args.port}/health; Ctrl-C stops everything")
-        system.watch(lambda: stopping)
+        observer = system.observer_credentials()
+        if observer:
+            _say(f"watch it: pdserve status --nats {system.nats_url} --nats-credentials-file {observer} "
+                 "(the observer's NATS identity: lifecycle events, no prompts or tokens)")
+        status = system.supervise(lambda: stopping)
         _say("stopping")
-        return 0
+        return status
     except RuntimeError as e:
         _say(f"failed: {e}")
         return 1

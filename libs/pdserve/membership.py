@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from pdserve import subjects
 from pdserve.bus import Bus
@@ -62,6 +62,16 @@ class HeartbeatPublisher:
             log.warning("goodbye of %s not sent: %s", hb.worker_id, e)
 
 
+async def subscribe_membership(bus: Bus, on_heartbeat: Callable[[Heartbeat], Awaitable[None]],
+                               on_goodbye: Callable[[Goodbye], Awaitable[None]]) -> None:
+    """Follow every heartbeat and goodbye; one that names another sender than its subject does is dropped
+    (NATS permissions say which role may publish on which subject: see nats_auth.py)."""
+    await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, on_heartbeat,
+                        subject_of=lambda hb: subjects.heartbeat(hb.role, hb.worker_id))
+    await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, on_goodbye,
+                        subject_of=lambda bye: subjects.goodbye(bye.role, bye.worker_id))
+
+
 @dataclass
 class Member:
     heartbeat: Heartbeat
@@ -88,8 +98,7 @@ class Membership:
         fires within about one interval of the last missed heartbeat even when nobody asks for the view
         (a request streaming from a worker that was killed -9 learns of it that way)."""
         self._bus = bus
-        await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, self._on_heartbeat)
-        await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self._on_goodbye)
+        await subscribe_membership(bus, self._on_heartbeat, self._on_goodbye)
         self._pruner = asyncio.create_task(self._prune_every(prune_interval_s), name="membership-prune")
 
     async def stop(self) -> None:

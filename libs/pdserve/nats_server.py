@@ -47,13 +47,22 @@ def set_parent_death_signal() -> None:
 
 @dataclass
 class NatsServer:
-    """A nats-server child process; `stop()` ends it and removes its store."""
+    """A nats-server child process; `stop()` ends it and removes its store; `restart()` starts it again on the
+    same port with the same configuration (clients reconnect to the URL they know)."""
 
     process: subprocess.Popen
     url: str
     port: int
     store_dir: str
     _own_store: bool
+    _start_args: dict
+
+    def restart(self, timeout_s: float = 10.0) -> None:
+        """Start a new server process on this one's port (after it died); NatsServerError if it cannot."""
+        if self.process.poll() is None:
+            raise NatsServerError(f"nats-server {self.process.pid} is still running; stop it first")
+        fresh = start(**{**self._start_args, "port": self.port, "store_dir": self.store_dir, "timeout_s": timeout_s})
+        self.process = fresh.process
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.process.poll() is None:
@@ -96,14 +105,18 @@ class ServerAuth:
 def start(
     *, host: str = "127.0.0.1", port: int | None = None, store_dir: str | None = None,
     timeout_s: float = 10.0, log_file: str | None = None, die_with_parent: bool = False,
-    auth: ServerAuth | None = None,
+    auth: ServerAuth | None = None, authorization: str | None = None, max_payload: int | None = None,
 ) -> NatsServer:
     """Start nats-server with JetStream; port None lets the server pick a free one.
 
     die_with_parent: the server gets SIGTERM when this process dies, however it dies (Linux).
-    auth: credentials and TLS clients must use; written to a config file only this user can read (never on
-    the command line, which `ps` shows).
+    auth: credentials and TLS clients must use; authorization: a whole `authorization { ... }` block instead
+    (nats_auth.authorization_block: one identity per role); max_payload: the largest message in bytes (NATS'
+    default is 1 MiB). All of it goes to a config file only this user can read (never on the command line,
+    which `ps` shows).
     """
+    start_args = dict(host=host, log_file=log_file, die_with_parent=die_with_parent, auth=auth,
+                      authorization=authorization, max_payload=max_payload)
     own_store = store_dir is None
     store_dir = store_dir or tempfile.mkdtemp(prefix="pdserve-nats-")
     ports_dir = os.path.join(store_dir, "ports")
@@ -112,11 +125,13 @@ def start(
         os.unlink(stale)
     cmd = [find_binary(), "-a", host, "-p", str(port if port is not None else -1), "-js",
            "-sd", os.path.join(store_dir, "js"), "--ports_file_dir", ports_dir]
-    if auth is not None:
+    config = (auth.config_text() if auth is not None else "") + (authorization or "") + (
+        f"max_payload: {int(max_payload)}\n" if max_payload else "")
+    if config:
         conf = os.path.join(store_dir, "server.conf")
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(auth.config_text())
+            f.write(config)
         cmd += ["-c", conf]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     try:
@@ -139,7 +154,7 @@ def start(
             url = ports["nats"][0]
             bound_port = int(url.rsplit(":", 1)[1])
             log.info("nats-server %d listening on %s", process.pid, url)
-            return NatsServer(process, url, bound_port, store_dir, own_store)
+            return NatsServer(process, url, bound_port, store_dir, own_store, start_args)
         time.sleep(0.05)
     process.kill()
     raise NatsServerError(f"nats-server did not report its port within {timeout_s:.0f}s")

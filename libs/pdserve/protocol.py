@@ -111,21 +111,28 @@ class Usage(BaseModel):
 # ------------------------------------------------------------------------------------ membership
 
 
+# A heartbeat interval outside these bounds is refused: a member that claims to beat once in 1e9 s would be
+# listed for ever after it died, and one that beats 1000 times a second is a flood, not a worker.
+MIN_HEARTBEAT_INTERVAL_S = 0.05
+MAX_HEARTBEAT_INTERVAL_S = 60.0
+
+
 class Heartbeat(Message):
     type: Literal["heartbeat"] = "heartbeat"
-    worker_id: str
+    worker_id: str = Field(min_length=1, max_length=200)
     role: Role
     model: ModelCard | None = None
-    transfer_address: str | None = None
-    metrics_address: str | None = Field(default=None, description="Prometheus endpoint, http://host:port/metrics")
-    num_queued: int = 0
-    num_running: int = 0
-    kv_usage: float = 0.0
-    num_held_blocks: int = 0
-    num_requests_served: int = 0
+    transfer_address: str | None = Field(default=None, max_length=300)
+    metrics_address: str | None = Field(default=None, max_length=300,
+                                        description="Prometheus endpoint, http://host:port/metrics")
+    num_queued: int = Field(default=0, ge=0)
+    num_running: int = Field(default=0, ge=0)
+    kv_usage: float = Field(default=0.0, ge=0.0, le=1.0)
+    num_held_blocks: int = Field(default=0, ge=0)
+    num_requests_served: int = Field(default=0, ge=0)
     kv_event_seq: int = Field(default=0, ge=0, description="seq of the last KVEvent this worker published (the "
                               "broker asks for a snapshot when it stays behind it)")
-    interval_s: float = Field(gt=0)
+    interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
     sent_at: float
     started_at: float
 
@@ -196,7 +203,8 @@ class PrefillRequest(Message):
 
 
 class KVReady(Message):
-    """Prefill done: the first token and where its KV waits (also published for the broker)."""
+    """Prefill done: the first token and where its KV waits, with the transfer token (the reply to the router's
+    prefill request only: it grants reading the request's KV)."""
 
     type: Literal["kv_ready"] = "kv_ready"
     request_id: str
@@ -211,6 +219,18 @@ class KVReady(Message):
     prefill_ms: float = 0.0
 
 
+class KVHeld(Message):
+    """A prefill worker holds a request's KV for a decode worker (for the broker and observers: no token)."""
+
+    type: Literal["kv_held"] = "kv_held"
+    request_id: str
+    worker_id: str
+    num_blocks: int = Field(ge=0)
+    num_prompt_tokens: int = Field(ge=0)
+    num_cached_tokens: int = Field(default=0, ge=0)
+    lease_expires_at: float | None = None
+
+
 class DecodeRequest(Message):
     type: Literal["decode_request"] = "decode_request"
     request_id: str
@@ -222,6 +242,8 @@ class DecodeRequest(Message):
     )
     kv_transfer_params: KVTransferParams | None = None
     stream_subject: str
+    stream_token: str = Field(min_length=16, description="secret of this attempt: the router accepts chunks only "
+                              "with it, so nobody but the chosen decode worker can write into the stream")
     deadline: float
     resume_token_ids: tuple[int, ...] = Field(
         default=(), description="tokens an earlier decode worker streamed before it failed: prefill prompt + "
@@ -241,6 +263,7 @@ class TokenChunk(Message):
     type: Literal["token_chunk"] = "token_chunk"
     request_id: str
     worker_id: str = Field(default="", description="the decode worker that sent it (one stream per attempt)")
+    stream_token: str = Field(default="", description="DecodeRequest.stream_token of the attempt")
     seq: int = Field(ge=0)
     token_ids: tuple[int, ...] = ()
     text: str = ""

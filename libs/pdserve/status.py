@@ -26,6 +26,7 @@ import orjson
 from pdserve import config as cfg
 from pdserve import subjects
 from pdserve.bus import Bus, BusError
+from pdserve.membership import subscribe_membership
 from pdserve.protocol import Goodbye, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ class HeartbeatCollector:
         self._seen: dict[str, Seen] = {}
 
     async def start(self, bus: Bus) -> None:
-        await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, self._on_heartbeat)
-        await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self._on_goodbye)
+        await subscribe_membership(bus, self._on_heartbeat, self._on_goodbye)
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
         self._seen[hb.worker_id] = Seen(hb, time.time(), time.monotonic())
@@ -76,9 +76,18 @@ class HeartbeatCollector:
                       key=lambda s: (_ROLE_ORDER.get(s.heartbeat.role, 9), s.heartbeat.worker_id))
 
 
-def bus_options(nats: str | None) -> cfg.BusOptions:
-    """--nats, else PDSERVE_NATS, else the default; credentials and TLS from PDSERVE_NATS_* as services do."""
-    return cfg.build(cfg.BusOptions, {"nats": nats})
+def bus_options(nats: str | None, credentials_file: str | None = None) -> cfg.BusOptions:
+    """--nats, else PDSERVE_NATS, else the default; the identity from --nats-credentials-file, else credentials
+    and TLS from PDSERVE_NATS_* as services take them."""
+    return cfg.build(cfg.BusOptions, {"nats": nats, "nats_credentials_file": credentials_file})
+
+
+def add_nats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats", default=None,
+                        help=f"NATS server URL(s), comma-separated [env PDSERVE_NATS; default {cfg.DEFAULT_NATS}]")
+    parser.add_argument("--nats-credentials-file", default=None,
+                        help="NATS identity to use, e.g. the observer's file that `pdserve up` prints "
+                             "[env PDSERVE_NATS_CREDENTIALS_FILE]")
 
 
 async def connect(options: cfg.BusOptions, name: str, timeout_s: float) -> Bus:
@@ -155,8 +164,7 @@ def render(members: list[Seen], nats_url: str, listen_s: float, as_json: bool) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", default=None,
-                        help=f"NATS server URL(s), comma-separated [env PDSERVE_NATS; default {cfg.DEFAULT_NATS}]")
+    add_nats_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list of workers (one list per line with --watch)")
     parser.add_argument("--watch", nargs="?", type=float, const=DEFAULT_WATCH_S, default=None, metavar="SECONDS",
                         help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C")
@@ -169,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`pdserve status`; returns the exit status."""
     try:
-        options = bus_options(args.nats)
+        options = bus_options(args.nats, args.nats_credentials_file)
     except cfg.ConfigError as e:
         print(f"pdserve status: {e}", file=sys.stderr)
         return 2

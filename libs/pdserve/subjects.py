@@ -1,6 +1,7 @@
 """Every NATS subject, queue group and header name pdserve uses, in one place.
 
-Operators watch everything with `nats sub 'pdserve.>'`. Subjects that address one worker carry its
+Operators watch with `nats sub 'pdserve.>'` (as the observer identity, which sees lifecycle events only:
+nats_auth.py says which subject each role may use). Subjects that address one worker carry its
 `worker_id` so the router can choose the worker (least load, KV-aware) instead of a queue group choosing
 at random.
 """
@@ -53,7 +54,9 @@ def token_streams(router_id: str) -> str:
 CANCEL = f"{PREFIX}.request.cancel"
 
 # KV broker.
-KV_READY = f"{PREFIX}.kv.ready"
+# Prefill -> broker and observers: a request's KV is held for a decode worker (no token, no transfer secret:
+# those go only to the router, in the prefill request's reply).
+KV_HELD = f"{PREFIX}.kv.held"
 KV_TRANSFER_DONE = f"{PREFIX}.kv.transfer_done"
 KV_EVENTS_ALL = f"{PREFIX}.kv.events.>"
 KV_LOOKUP = f"{PREFIX}.kv.lookup"

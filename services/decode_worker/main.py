@@ -14,6 +14,7 @@ import logging
 import time
 
 from pdserve import subjects, tracing
+from pdserve.cancels import EarlyCancels
 from pdserve.config import WorkerConfig
 from pdserve.engine.base import KVLoadReport
 from pdserve.engine.mock import EngineFull
@@ -31,11 +32,19 @@ class DecodeHandlers:
         self.rt = rt
         self._requests: dict[str, DecodeRequest] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        # A request whose cancel came first is refused on arrival, not decoded to max_tokens for nobody.
+        self._cancelled_early = EarlyCancels(rt.config.kv_lease_s)
         rt.engine.on_kv_loaded = self._on_kv_loaded
         rt.cancel_hooks.append(self.on_cancel)
 
     async def on_decode(self, req: DecodeRequest) -> Message:
         rt = self.rt
+        if self._cancelled_early.take(req.request_id):
+            log.info("request %s: cancelled before it arrived; not decoded", req.request_id)
+            if req.kv_transfer_params:  # the prefill worker may free its copy now, not at lease end
+                self._send_release(req, ok=False)
+            # retryable: a router that still wants it (it resent after a NATS blip) may try another worker
+            return ErrorReply(code="cancelled", message=f"request {req.request_id} was cancelled", retryable=True)
         refusal = rt.refusal(req.model, req.deadline)
         if refusal is not None:
             return refusal
@@ -94,8 +103,9 @@ class DecodeHandlers:
                     usage = None
                     if out.finish_reason is not None:
                         usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens)
-                    chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, seq=seq, token_ids=out.token_ids,
-                                       text=out.text, finish_reason=out.finish_reason, usage=usage)
+                    chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, stream_token=req.stream_token,
+                                       seq=seq, token_ids=out.token_ids, text=out.text,
+                                       finish_reason=out.finish_reason, usage=usage)
                     await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
                     seq += 1
             rt.num_requests_served += 1
@@ -115,8 +125,8 @@ class DecodeHandlers:
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
 
     async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
-        chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, seq=seq, finish_reason="error",
-                           error=error)
+        chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, stream_token=req.stream_token,
+                           seq=seq, finish_reason="error", error=error)
         await self.rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
 
     def _on_kv_loaded(self, request_id: str, report: KVLoadReport) -> None:
@@ -146,6 +156,8 @@ class DecodeHandlers:
         task = self._tasks.get(request_id)
         if task:
             task.cancel()
+        else:  # not here yet (or over already: then the entry just ages out)
+            self._cancelled_early.remember(request_id)
 
 
 async def serve(config: WorkerConfig) -> None:

@@ -1,7 +1,7 @@
 """KV broker: the global view of cached KV blocks and the book of KV handovers.
 
 Life: config -> tracing -> NATS -> follow worker membership (a worker that leaves drops out of the index) ->
-record KV stored/removed events, KV-ready events and transfer completions -> ask every worker for a snapshot
+record KV stored/removed events, KV held for decode and transfer completions -> ask every worker for a snapshot
 of its blocks (KVResync: a restarted broker rebuilds its index from the workers themselves, the only ones that
 know what they hold) -> answer lookups (queue group, so several brokers can share the load; one span each) ->
 heartbeat as role "broker" -> SIGTERM -> goodbye, drain -> flush spans.
@@ -17,8 +17,8 @@ import time
 from pdserve import subjects, tracing
 from pdserve.bus import Bus
 from pdserve.config import BrokerConfig
-from pdserve.membership import HeartbeatPublisher, Membership
-from pdserve.protocol import Goodbye, Heartbeat, KVEvent, KVLookup, KVLookupReply, KVReady, KVResync, KVTransferDone
+from pdserve.membership import HeartbeatPublisher, Membership, subscribe_membership
+from pdserve.protocol import Goodbye, Heartbeat, KVEvent, KVLookup, KVHeld, KVLookupReply, KVResync, KVTransferDone
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from services.kv_broker.index import BlockIndex
@@ -40,7 +40,7 @@ class Broker:
         self.membership.on_gone.append(self.on_worker_gone)
         self.membership.on_join.append(self.on_worker_join)
         self.started_at = time.time()
-        self.num_kv_ready = 0
+        self.num_kv_held = 0
         self.num_transfers_ok = 0
         self.num_transfers_failed = 0
         self.num_bytes_transferred = 0
@@ -54,10 +54,10 @@ class Broker:
         """Follow membership and KV events, serve lookups, then ask every worker for a snapshot."""
         self._bus = bus
         await self.membership.start(bus)
-        await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, self.on_heartbeat)
-        await bus.subscribe(subjects.GOODBYE_ALL, Goodbye, self.on_goodbye)
-        await bus.subscribe(subjects.KV_EVENTS_ALL, KVEvent, self.on_kv_event)
-        await bus.subscribe(subjects.KV_READY, KVReady, self.on_kv_ready)
+        await subscribe_membership(bus, self.on_heartbeat, self.on_goodbye)
+        await bus.subscribe(subjects.KV_EVENTS_ALL, KVEvent, self.on_kv_event,
+                            subject_of=lambda event: subjects.kv_events(event.worker_id))
+        await bus.subscribe(subjects.KV_HELD, KVHeld, self.on_kv_held)
         await bus.subscribe(subjects.KV_TRANSFER_DONE, KVTransferDone, self.on_transfer_done)
         await bus.serve(subjects.KV_LOOKUP, KVLookup, self.on_lookup, queue=subjects.BROKER_QUEUE)
         await self.ask_snapshot(None)
@@ -130,8 +130,8 @@ class Broker:
             log.warning("KV events of worker %s: got %d after a gap; asking for a snapshot", event.worker_id, event.seq)
             await self.ask_snapshot(event.worker_id)
 
-    async def on_kv_ready(self, ready: KVReady) -> None:
-        self.num_kv_ready += 1
+    async def on_kv_held(self, held: KVHeld) -> None:
+        self.num_kv_held += 1
 
     async def on_transfer_done(self, done: KVTransferDone) -> None:
         if done.ok:
@@ -153,7 +153,7 @@ class Broker:
             return KVLookupReply(num_matched_blocks=num_matched, broker_id=self.config.broker_id)
 
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(worker_id=self.config.broker_id, role="broker", num_requests_served=self.num_kv_ready,
+        return Heartbeat(worker_id=self.config.broker_id, role="broker", num_requests_served=self.num_kv_held,
                          interval_s=self.config.heartbeat_interval_s, sent_at=time.time(), started_at=self.started_at)
 
 

@@ -8,29 +8,33 @@ flush spans.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections import OrderedDict
 
 from pdserve import subjects, tracing
+from pdserve.cancels import EarlyCancels
 from pdserve.engine.mock import EngineFull
-from pdserve.protocol import ErrorReply, KVReady, KVRelease, Message, PrefillRequest
+from pdserve.protocol import ErrorReply, KVHeld, KVReady, KVRelease, Message, PrefillRequest
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
 from pdserve.config import WorkerConfig
 
 log = logging.getLogger(__name__)
-_MAX_EARLY_CANCELS = 10_000
 
 
 class PrefillHandlers:
     def __init__(self, rt: WorkerRuntime):
         self.rt = rt
         self._tasks: dict[str, asyncio.Task] = {}  # request_id -> the task computing its prefill
-        # Cancels that came before their request (NATS does not order two subjects): request_id -> when. Such a
-        # request is refused on arrival instead of computed and held for a decode worker that never comes.
-        self._cancelled_early: OrderedDict[str, float] = OrderedDict()
+        # Such a request is refused on arrival instead of computed and held for a decode worker that never comes.
+        self._cancelled_early = EarlyCancels(rt.config.kv_lease_s)
+        # request_id -> transfer_id of the KV held for it: a release must name it (a late release of an earlier
+        # attempt must not free the KV of a later one, nor can anyone who never saw the KV-ready free it).
+        # Entries outlive a lease by little: the engine frees unreleased KV when its lease ends.
+        self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request_id -> (transfer_id, lease end)
         rt.cancel_hooks.append(self.on_cancel)
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
@@ -45,7 +49,7 @@ class PrefillHandlers:
 
     async def _prefill(self, req: PrefillRequest, span: tracing.Span) -> Message:
         rt = self.rt
-        if self._cancelled_early.pop(req.request_id, None) is not None:
+        if self._cancelled_early.take(req.request_id):
             log.info("request %s: cancelled before it arrived; not computed", req.request_id)
             # retryable: should a router still want it, another worker may serve it; this one was told to drop it
             return ErrorReply(code="cancelled", message=f"request {req.request_id} was cancelled", retryable=True)
@@ -84,28 +88,38 @@ class PrefillHandlers:
             span.set_attributes({"queue_wait_ms": result.queue_ms, "prefill_compute_ms": prefill_ms - result.queue_ms})
         log.info("request %s: prefilled %d tokens in %.1f ms, %d blocks held for decode", req.request_id,
                  len(req.prompt_token_ids), prefill_ms, num_blocks)
-        rt.spawn(rt.bus.publish(subjects.KV_READY, ready, request_id=req.request_id))
+        params = result.kv_transfer_params
+        if params is not None:
+            self._hold(req.request_id, params.transfer_id, params.lease_expires_at)
+        held = KVHeld(request_id=req.request_id, worker_id=rt.worker_id, num_blocks=num_blocks,
+                      num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=result.num_cached_tokens,
+                      lease_expires_at=params.lease_expires_at if params else None)
+        rt.spawn(rt.bus.publish(subjects.KV_HELD, held, request_id=req.request_id))
         return ready
 
     def on_cancel(self, request_id: str) -> None:
         """Stop a prefill still computing (the engine frees its blocks): left to finish, it would write KV into
         blocks another request may hold by then and announce KV-ready for a request nobody waits for."""
         task = self._tasks.get(request_id)
+        self._held.pop(request_id, None)  # the runtime has the engine free it
         if task is not None:
             task.cancel()
         else:  # not here yet, or done already (then it never comes again and the entry just ages out)
-            self._remember_early_cancel(request_id)
+            self._cancelled_early.remember(request_id)
 
-    def _remember_early_cancel(self, request_id: str) -> None:
-        """Kept for one KV lease (a request arriving later than that has passed its deadline anyway), at most
-        _MAX_EARLY_CANCELS of them: a flood of cancels for unknown ids costs bounded memory."""
-        now = time.monotonic()
-        self._cancelled_early[request_id] = now
-        while self._cancelled_early and (len(self._cancelled_early) > _MAX_EARLY_CANCELS or
-                                         next(iter(self._cancelled_early.values())) < now - self.rt.config.kv_lease_s):
-            self._cancelled_early.popitem(last=False)
+    def _hold(self, request_id: str, transfer_id: str, lease_expires_at: float) -> None:
+        self._held.pop(request_id, None)
+        self._held[request_id] = (transfer_id, lease_expires_at)
+        now = time.time()
+        while self._held and next(iter(self._held.values()))[1] < now - 1.0:
+            self._held.popitem(last=False)
 
     async def on_release(self, msg: KVRelease) -> None:
+        transfer_id, _ = self._held.get(msg.request_id, ("", 0.0))
+        if not transfer_id or not hmac.compare_digest(transfer_id.encode(), msg.transfer_id.encode()):
+            log.info("request %s: release of a transfer this worker does not hold for it; ignored", msg.request_id)
+            return
+        del self._held[msg.request_id]
         freed = await self.rt.engine.release_kv(msg.request_id)
         log.info("request %s: decode %s the KV; blocks %s", msg.request_id,
                  "pulled" if msg.ok else "gave up", "freed" if freed else "were already free")

@@ -88,14 +88,16 @@ def create_app(
 
     def serve(request: Request, body: ChatCompletionRequest | CompletionRequest, fmt: _Format) -> Response:
         request_id = _request_id_of(request)
-        log = _RequestLog(request_id, body.model, bool(body.stream))
+        client_request_id = getattr(request.state, "client_request_id", None)
+        log = _RequestLog(request_id, body.model, bool(body.stream), client_request_id)
         if not inflight.acquire():
             busy = TooManyRequests(f"The server is serving its limit of {inflight.limit} requests at once; retry "
                                    "after the time in the Retry-After header.", retry_after_s=INFLIGHT_RETRY_AFTER_S)
             log.done(busy.status, error=busy.message)
             return response_for(busy)
         try:
-            generate_request = _build_request(request, request_id, body, fmt, models, backend, request_timeout_s)
+            generate_request = _build_request(request, request_id, client_request_id, body, fmt, models, backend,
+                                              request_timeout_s)
         except (APIError, BackendError) as e:
             inflight.release()
             log.done(e.status, error=e.message)
@@ -135,7 +137,8 @@ def create_app(
         except Exception:
             logger.exception("health check failed")
             report = {"status": "error", "error": "health check failed; the router's log has the details"}
-        return _json(report, 200 if report.get("status") == "ok" else 503)
+        # 200 while requests can be served (also "degraded" with a reason, e.g. no KV broker), else 503
+        return _json(report, 200 if report.get("status") == "ok" or report.get("serving") else 503)
 
     return app
 
@@ -209,8 +212,9 @@ _CHAT = _Format("chat.completion", "chat.completion.chunk", "messages", chat=Tru
 _COMPLETION = _Format("text_completion", "text_completion", "prompt", chat=False)
 
 
-def _build_request(request: Request, request_id: str, body: ChatCompletionRequest | CompletionRequest,
-                   fmt: _Format, models: _Models, backend: Backend, request_timeout_s: float) -> GenerateRequest:
+def _build_request(request: Request, request_id: str, client_request_id: str | None,
+                   body: ChatCompletionRequest | CompletionRequest, fmt: _Format, models: _Models, backend: Backend,
+                   request_timeout_s: float) -> GenerateRequest:
     if body.n not in (None, 1):
         raise InvalidRequest(f"n={body.n}: {SEVERAL_PROMPTS}", param="n")
     card = models.resolve(body.model)
@@ -232,6 +236,7 @@ def _build_request(request: Request, request_id: str, body: ChatCompletionReques
     traceparent = request.headers.get("traceparent")
     return GenerateRequest(
         request_id=request_id,
+        client_request_id=client_request_id,
         model=card.name,
         prompt_token_ids=tuple(prompt_token_ids),
         sampling=sampling,
@@ -292,8 +297,9 @@ def _max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: in
 class _RequestLog:
     """The one INFO line per request, written once however the request ends."""
 
-    def __init__(self, request_id: str, model: str, stream: bool):
+    def __init__(self, request_id: str, model: str, stream: bool, client_request_id: str | None = None):
         self.request_id, self.model, self.stream = request_id, model, stream
+        self.client_request_id = client_request_id
         self.num_prompt_tokens = 0
         self.max_tokens = 0
         self._started = time.perf_counter()
@@ -305,9 +311,9 @@ class _RequestLog:
             return
         self._written = True
         logger.info(
-            "request_id=%s model=%s num_prompt_tokens=%d max_tokens=%d stream=%s status=%d duration_ms=%.1f "
-            "finish_reason=%s num_completion_tokens=%d error=%s trace_id=%s",
-            self.request_id, self.model, self.num_prompt_tokens, self.max_tokens, self.stream, status,
+            "request_id=%s client_request_id=%s model=%s num_prompt_tokens=%d max_tokens=%d stream=%s status=%d "
+            "duration_ms=%.1f finish_reason=%s num_completion_tokens=%d error=%s trace_id=%s",
+            self.request_id, self.client_request_id or "-", self.model, self.num_prompt_tokens, self.max_tokens, self.stream, status,
             (time.perf_counter() - self._started) * 1000, finish_reason, num_completion_tokens, error,
             tracing.trace_id_hex() or "-",
         )
@@ -568,11 +574,14 @@ class _RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # The id that keys work, subjects and cancels is always this router's own: two clients that send the
+        # same X-Request-Id stay independent. The client's id is a label: logged, in spans, echoed back.
         incoming = Headers(scope=scope).get(REQUEST_ID_HEADER)
-        sane = incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming)
-        request_id = incoming if sane else _new_request_id(scope["path"])
-        scope.setdefault("state", {})["request_id"] = request_id
-        stamp = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
+        client_request_id = incoming if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming) else None
+        request_id = _new_request_id(scope["path"])
+        state = scope.setdefault("state", {})
+        state["request_id"], state["client_request_id"] = request_id, client_request_id
+        stamp = (REQUEST_ID_HEADER.lower().encode(), (client_request_id or request_id).encode())
 
         async def send_stamped(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -17,6 +17,7 @@ class GenerateRequest:
     sampling: SamplingParams
     deadline: float  # unix time; the whole request must end by then
     traceparent: str | None = None
+    client_request_id: str | None = None  # the client's X-Request-Id: a label only (logs, spans), never a key
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,21 @@ class NoWorkerError(BackendError):
 
     status = 503
     code = "no_worker"
+
+
+class BusUnavailable(BackendError):
+    """The router's NATS connection is down (it reconnects by itself): 503 at once, with Retry-After."""
+
+    status = 503
+    code = "bus_unavailable"
+    retry_after_s = 1.0
+
+
+class RequestTooLarge(BackendError):
+    """The request does not fit in one message on the bus (413)."""
+
+    status = 413
+    code = "payload_too_large"
 
 
 class Overloaded(BackendError):

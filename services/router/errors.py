@@ -181,7 +181,8 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Runs in Starlette's outermost middleware, outside the one that stamps X-Request-Id, so stamp it here.
     request_id = _request_id(request)
     logger.error("request_id=%s status=500 unexpected error", request_id, exc_info=exc)
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    echoed = getattr(request.state, "client_request_id", None) or request_id
+    headers = {REQUEST_ID_HEADER: echoed} if echoed else None
     return error_response(500, internal_error_message(request_id), code="internal_error", headers=headers)
 
 

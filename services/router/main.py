@@ -24,6 +24,7 @@ from pdserve.service import shutdown_event
 from pdserve.tracing import setup_tracing, shutdown_tracing
 from services.router.api import create_app
 from services.router.auth import ApiKeys
+from services.router.http_limits import limited_http_protocol
 from services.router.metrics_http import count_responses, metrics_endpoint
 from services.router.orchestrator import Orchestrator
 from services.router.trace_http import trace_requests
@@ -63,7 +64,8 @@ async def _serve(config: RouterConfig, tracing_on: bool) -> None:
         app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
         traced = trace_requests(app) if tracing_on else app  # off: the client's traceparent still travels
         counted = count_responses(traced, orchestrator.metrics)
-        server = _Server(uvicorn.Config(counted, host=config.host, port=config.port, log_config=None,
+        http = limited_http_protocol(header_timeout_s=config.header_timeout_s, max_header_bytes=config.max_header_bytes)
+        server = _Server(uvicorn.Config(counted, host=config.host, port=config.port, log_config=None, http=http,
                                         access_log=False, timeout_graceful_shutdown=10))
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():

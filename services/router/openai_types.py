@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-from pydantic import field_validator
+from pydantic import AfterValidator, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
@@ -33,9 +33,22 @@ def _invalid(error_type: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(error_type, message)
 
 
+def _encodable(value: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800") that no UTF-8 text can hold: no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _invalid("invalid_text", f"text that cannot be encoded as UTF-8 (a lone surrogate "
+                                       f"{value[e.start]!a} at character {e.start}); send valid Unicode text")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +61,7 @@ class ChatMessage(BaseModel):
     @classmethod
     def _text_only(cls, value: Any) -> Any:
         if value is None or isinstance(value, str):
-            return value
+            return value if value is None else _encodable(value)
         if not isinstance(value, list):
             raise _invalid("invalid_content", "content must be a string or a list of text parts")
         for part in value:
@@ -61,6 +74,7 @@ class ChatMessage(BaseModel):
                 )
             if not isinstance(part.get("text"), str):
                 raise _invalid("invalid_content", "a text content part needs a string 'text'")
+            _encodable(part["text"])
         return value
 
     def text(self) -> str:
@@ -80,7 +94,7 @@ class _SamplingFields(BaseModel):
     """Fields chat and text completions share."""
 
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr
+    model: Text
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -89,7 +103,7 @@ class _SamplingFields(BaseModel):
     n: StrictInt | None = Field(default=1, description="only 1 is supported")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     ignore_eos: StrictBool | None = Field(default=False, description="vLLM's extension: generate max_tokens "
                                           "tokens even past the end-of-sequence token (benchmarks use it)")
 
@@ -105,6 +119,8 @@ class _SamplingFields(BaseModel):
             raise _invalid("invalid_stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         if any(s == "" for s in stops):
             raise _invalid("invalid_stop", "stop strings must not be empty")
+        for stop in stops:
+            _encodable(stop)
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -146,7 +162,7 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _one_prompt(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return value
+            return _encodable(value)
         if not isinstance(value, list):
             raise _invalid("invalid_prompt", f"prompt must be {PROMPT_SHAPE}")
         if not value:
@@ -156,6 +172,8 @@ class CompletionRequest(_SamplingFields):
                 raise _invalid("several_prompts", SEVERAL_PROMPTS)
             if isinstance(value[0], list):
                 _check_token_ids(value[0])
+            else:
+                _encodable(value[0])
             return value
         _check_token_ids(value)
         return value

@@ -34,12 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from pdserve import subjects, tracecontext, tracing
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
+from pdserve.protocol import encode
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
 from pdserve.kv.hashing import block_hashes
@@ -47,8 +51,8 @@ from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Hear
                               KVReady, ModelCard, PrefillRequest, TokenChunk, Usage)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
 from pdserve.metrics import RequestTimer, RouterMetrics
-from services.router.backend import (BackendError, GenerateDelta, GenerateRequest, NoWorkerError, Overloaded,
-                                     UpstreamError, UpstreamTimeout)
+from services.router.backend import (BackendError, BusUnavailable, GenerateDelta, GenerateRequest, NoWorkerError,
+                                     Overloaded, RequestTooLarge, UpstreamError, UpstreamTimeout)
 from pdserve.tracing import Span, SpanKind
 from services.router.policy import CostWeights, KVAwarePolicy, RoutePlan
 
@@ -89,6 +93,12 @@ class _DecodeFailed(Exception):
         self.overloaded = overloaded
         self.not_listening = not_listening
 
+
+# What _refuse_if_too_large adds to a decode request's encoded size: ids still to come (block ids of at least
+# 16 tokens each, resumed tokens) at their longest, and room for the KV location, headers and trace context.
+_MAX_ID_BYTES = 11
+_MIN_BLOCK_SIZE = 16
+_ENVELOPE_BYTES = 4096
 
 # How long a request waits before it tries again workers that were not listening (see _Candidates).
 NOT_LISTENING_PAUSE_S = 0.25
@@ -134,6 +144,14 @@ class _WorkerGone(BusError):
     """The worker a request waits on missed its heartbeats: its answer will not come."""
 
 
+@dataclass
+class _Stream:
+    """The token chunks of one decode attempt, and the secret only its decode worker was given."""
+
+    chunks: asyncio.Queue  # TokenChunk, None (the worker is gone) or _RECONNECTED
+    token: str
+
+
 class Orchestrator:
     def __init__(self, config: RouterConfig, bus: Bus, membership: Membership, metrics: RouterMetrics):
         self.config = config
@@ -146,8 +164,9 @@ class Orchestrator:
             config.routing, config.local_prefill_max_tokens, config.prefill_queue_limit)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
-        self._streams: dict[tuple[str, str], asyncio.Queue[TokenChunk]] = {}  # (request_id, worker_id)
+        self._streams: dict[tuple[str, str], _Stream] = {}  # (request_id, worker_id)
         self._gone_waiters: dict[str, set[asyncio.Future]] = {}  # worker_id -> requests waiting on its answer
+        self._reconnect_waiters: set[asyncio.Future] = set()  # requests waiting on an answer over NATS
         membership.on_join.append(self._on_worker_joined)
         membership.on_gone.append(self._on_worker_gone)
         bus.on_reconnect.append(self._on_reconnect)
@@ -194,10 +213,18 @@ class Orchestrator:
                    for hb in live if hb.role != "broker"]
         brokers = [hb.worker_id for hb in live if hb.role == "broker"]
         roles = {w["role"] for w in workers}
-        tokenizers_ready = all(hb.model.tokenizer in self._tokenizers for hb in live if hb.model)
-        ok = self.bus.connected and {"prefill", "decode"} <= roles and tokenizers_ready
-        return {"status": "ok" if ok else "degraded", "router_id": self.config.router_id,
-                "nats_connected": self.bus.connected, "workers": workers, "kv_brokers": brokers}
+        problems = []  # each names what is missing and what it costs
+        if not self.bus.connected:
+            problems.append("NATS: this router lost its connection and is reconnecting; requests get 503 meanwhile")
+        problems += [f"no live {role} worker: requests get 503" for role in ("prefill", "decode") if role not in roles]
+        if not all(hb.model.tokenizer in self._tokenizers for hb in live if hb.model):
+            problems.append("loading a model's tokenizer")
+        serving = not problems
+        if not brokers and self.config.routing == "kv":
+            problems.append("no live KV broker: KV-aware routing is off, requests are routed by load alone")
+        return {"status": "ok" if not problems else "degraded", "serving": serving, "problems": problems,
+                "router_id": self.config.router_id, "nats_connected": self.bus.connected, "workers": workers,
+                "kv_brokers": brokers}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         timer = RequestTimer(self.metrics)
@@ -225,8 +252,14 @@ class Orchestrator:
 
     async def _generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         attributes = {"request_id": req.request_id, "model": req.model, "num_prompt_tokens": len(req.prompt_token_ids)}
+        if req.client_request_id:
+            attributes["client_request_id"] = req.client_request_id
         with tracing.span("route", attributes=attributes) as route:
             started = time.monotonic()
+            if not self.bus.connected:
+                raise BusUnavailable("The router has lost its connection to NATS and is reconnecting by itself; "
+                                     "retry after the time in the Retry-After header.")
+            self._refuse_if_too_large(req)
             for role in ("prefill", "decode"):
                 if not self.membership.live(role, req.model):
                     raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
@@ -419,15 +452,17 @@ class Orchestrator:
         stream_subject = subjects.token_stream(self.config.router_id, req.request_id)
         chunks: asyncio.Queue[TokenChunk | None | object] = asyncio.Queue()  # None: the worker is gone; or _RECONNECTED
         stream_key = (req.request_id, worker_id)  # a late chunk of an earlier attempt finds no queue
-        self._streams[stream_key] = chunks
+        stream = _Stream(chunks, secrets.token_hex(16))  # a new secret per attempt: only this worker has it
+        self._streams[stream_key] = stream
         finished = False
+        delivered = True  # whether the worker may have the request (then a cancel must follow, unless it finished)
         num_chunks = 0
         try:
             msg = DecodeRequest(
                 request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                 sampling=req.sampling, first_token_id=ready.first_token_id if ready else None,
                 kv_transfer_params=ready.kv_transfer_params if ready else None, stream_subject=stream_subject,
-                deadline=req.deadline, resume_token_ids=resume_token_ids,
+                stream_token=stream.token, deadline=req.deadline, resume_token_ids=resume_token_ids,
             )
             timeout_s = min(self.config.decode_accept_timeout_s, self._remaining(req))
             try:
@@ -435,9 +470,11 @@ class Orchestrator:
                     subjects.decode_request(worker_id), msg, DecodeAccepted, timeout_s=timeout_s,
                     request_id=req.request_id))
             except RemoteError as e:
+                delivered = False  # refused: it holds nothing of the request
                 raise _DecodeFailed(f"refused: {e.reply.message}", retryable=e.reply.retryable,
                                     overloaded=e.reply.code in OVERLOAD_CODES) from e
             except BusError as e:
+                delivered = not isinstance(e, NoResponders)  # nobody got it: nothing to cancel
                 raise _DecodeFailed(str(e), retryable=True, timeout=isinstance(e, BusTimeout),
                                     not_listening=isinstance(e, NoResponders)) from e
             held: TokenChunk | None | object = _NOTHING  # a chunk taken while coalescing, not yet checked
@@ -474,7 +511,7 @@ class Orchestrator:
                     return
         finally:
             self._streams.pop(stream_key, None)
-            if not finished:  # failed, stalled, or the client went away: stop the work and free its KV
+            if not finished and delivered:  # failed, stalled, or the client went away: stop the work, free its KV
                 await self._cancel(req.request_id, worker_id)
 
     async def start(self) -> None:
@@ -499,27 +536,43 @@ class Orchestrator:
     def _on_reconnect(self) -> None:
         """This router's NATS connection came back: token chunks published meanwhile (or before our
         subscription was back) are lost; tell every stream in flight."""
-        for queue in list(self._streams.values()):
-            queue.put_nowait(_RECONNECTED)
+        for stream in list(self._streams.values()):
+            stream.chunks.put_nowait(_RECONNECTED)
+        for reconnected in list(self._reconnect_waiters):
+            if not reconnected.done():
+                reconnected.set_result(None)
 
     def _on_worker_gone(self, worker_id: str) -> None:
         """Wake every request still waiting on a worker that died (for its answer or its next chunk): it moves
         on now, not at its deadline (a prefill deadline is long: a worker killed -9 would cost all of it)."""
-        for (_, stream_worker_id), queue in list(self._streams.items()):
+        for (_, stream_worker_id), stream in list(self._streams.items()):
             if stream_worker_id == worker_id:
-                queue.put_nowait(None)
+                stream.chunks.put_nowait(None)
         for gone in self._gone_waiters.pop(worker_id, ()):
             if not gone.done():
                 gone.set_result(None)
 
     async def _unless_gone(self, worker_id: str, request: Awaitable[T]) -> T:
-        """request's answer, or _WorkerGone as soon as worker_id is declared gone (its request is dropped)."""
-        gone = asyncio.get_running_loop().create_future()
+        """request's answer, or _WorkerGone as soon as worker_id is declared gone (its request is dropped).
+
+        Also _WorkerGone when this router's NATS connection came back meanwhile and the answer does not come
+        within the time a silent worker takes to be declared gone: a reply published while the router was away
+        is lost, and waiting out the request's whole deadline (a minute for a prefill) would add it to the outage.
+        """
+        loop = asyncio.get_running_loop()
+        gone, reconnected = loop.create_future(), loop.create_future()
         waiters = self._gone_waiters.setdefault(worker_id, set())
         waiters.add(gone)
+        self._reconnect_waiters.add(reconnected)
         answer = asyncio.ensure_future(request)
         try:
-            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((answer, gone, reconnected), return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and not gone.done():
+                grace_s = max(self._silence_allowance_s(worker_id), NOT_LISTENING_PAUSE_S)
+                await asyncio.wait((answer, gone), timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+                if not answer.done() and not gone.done():
+                    raise _WorkerGone(f"no answer from worker {worker_id} within {grace_s:.1f}s after the router "
+                                      "reconnected to NATS (the answer was lost meanwhile)")
             if not answer.done():
                 raise _WorkerGone(f"worker {worker_id} is gone (missed heartbeats)")
             return answer.result()
@@ -528,15 +581,21 @@ class Orchestrator:
                 answer.cancel()
                 answer.add_done_callback(lambda task: task.cancelled() or task.exception())
             waiters.discard(gone)
+            self._reconnect_waiters.discard(reconnected)
             if not waiters and self._gone_waiters.get(worker_id) is waiters:
                 del self._gone_waiters[worker_id]
 
     async def _on_chunk(self, chunk: TokenChunk) -> None:
-        queue = self._streams.get((chunk.request_id, chunk.worker_id))
-        if queue is None:
-            log.debug("request %s: dropped a chunk from %s (request over or moved)", chunk.request_id, chunk.worker_id)
+        stream = self._streams.get((chunk.request_id, chunk.worker_id))
+        if stream is None:
+            log.debug("request %s: dropped a chunk from %s (request over or moved)", chunk.request_id[:200],
+                      chunk.worker_id[:200])
             return
-        queue.put_nowait(chunk)
+        if not hmac.compare_digest(stream.token.encode(), chunk.stream_token.encode()):
+            log.warning("request %s: dropped a chunk that claims to be from %s without its stream token",
+                        chunk.request_id, chunk.worker_id)
+            return
+        stream.chunks.put_nowait(chunk)
 
     async def _cancel(self, request_id: str, worker_id: str) -> None:
         try:
@@ -544,6 +603,23 @@ class Orchestrator:
                                    request_id=request_id)
         except Exception as e:  # NATS down: leases and deadlines free the rest
             log.warning("request %s: cancel to %s not sent: %s", request_id, worker_id, e)
+
+    def _refuse_if_too_large(self, req: GenerateRequest) -> None:
+        """RequestTooLarge (413) when the request's largest message on the bus would exceed the NATS server's
+        max_payload: the decode request, with the prompt's token ids, the stop strings, the KV's block ids and,
+        on a resume, every token generated (counted at their longest, 10 digits and a comma each)."""
+        probe = DecodeRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
+                              sampling=req.sampling, stream_subject=subjects.token_stream(self.config.router_id,
+                                                                                          req.request_id),
+                              stream_token="0" * 32, deadline=req.deadline)
+        num_ids_later = req.sampling.max_tokens + len(req.prompt_token_ids) // _MIN_BLOCK_SIZE + 1
+        size = len(encode(probe)) + _MAX_ID_BYTES * num_ids_later + _ENVELOPE_BYTES
+        if size > self.bus.max_payload:
+            raise RequestTooLarge(
+                f"This request needs about {size} bytes as one message on the bus (its prompt as token ids, stop "
+                f"strings and up to max_tokens generated tokens), more than the NATS server's max_payload of "
+                f"{self.bus.max_payload} bytes. Shorten the prompt, the stop strings or max_tokens; operators raise "
+                "max_payload in nats-server's configuration (pdserve up starts its own with 8 MiB).")
 
     def _refuse_if_late(self, req: GenerateRequest) -> None:
         """Overloaded (429) when the prefill queue alone outlasts the request's deadline (config.early_refusal)."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import AsyncIterator
 
 from pdserve import subjects
 from pdserve.engine.base import TokenOutput
-from pdserve.protocol import DecodeRequest, KVLayout, KVRelease, KVTransferParams, SamplingParams
+from pdserve.protocol import DecodeRequest, ErrorReply, KVLayout, KVRelease, KVTransferParams, SamplingParams
 from services.decode_worker.main import DecodeHandlers
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bf16", dtype_bytes=2, block_size=16)
@@ -52,6 +53,7 @@ class FakeRuntime:
     """The parts of WorkerRuntime the decode handlers use."""
 
     worker_id = "decode-1"
+    config = SimpleNamespace(kv_lease_s=30.0)
 
     def __init__(self) -> None:
         self.engine = FakeEngine()
@@ -76,7 +78,8 @@ def request(request_id: str, with_kv: bool) -> DecodeRequest:
                               lease_expires_at=time.time() + 30) if with_kv else None
     return DecodeRequest(request_id=request_id, model="m", prompt_token_ids=tuple(range(20)),
                          sampling=SamplingParams(max_tokens=5, temperature=0), first_token_id=97 if with_kv else None,
-                         kv_transfer_params=params, stream_subject="s", deadline=time.time() + 30)
+                         kv_transfer_params=params, stream_subject="s", stream_token="t" * 32,
+                         deadline=time.time() + 30)
 
 
 async def test_a_request_cancelled_before_its_task_ran_is_no_longer_counted_and_its_kv_is_released():
@@ -106,3 +109,22 @@ async def test_requests_cancelled_while_running_or_served_to_the_end_are_no_long
         hook("cancelled")
     await asyncio.sleep(0.1)
     assert rt.num_in_flight == 0 and rt.num_requests_served == 1 and not rt.engine.running
+
+
+async def test_a_cancel_that_overtakes_its_request_makes_the_worker_refuse_it():
+    """NATS orders no two subjects: the router's cancel of a dropped stream can arrive before its decode request.
+    The request is then refused on arrival (nothing decoded for nobody) and the prefill's KV released at once."""
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    for hook in rt.cancel_hooks:
+        hook("overtaken")
+    reply = await handlers.on_decode(request("overtaken", with_kv=True))
+    assert isinstance(reply, ErrorReply) and reply.code == "cancelled"
+    await asyncio.sleep(0.05)
+    assert rt.num_in_flight == 0 and not rt.engine.running and rt.num_requests_served == 0
+    releases = [m for s, m in rt.bus.published if s == subjects.kv_release("prefill-1")]
+    assert [(r.request_id, r.ok) for r in releases] == [("overtaken", False)]
+    # remembered once: the same id later is another request (a router resending after a NATS blip)
+    await handlers.on_decode(request("overtaken", with_kv=False))
+    await asyncio.sleep(0.1)
+    assert rt.num_requests_served == 1

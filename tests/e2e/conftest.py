@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,9 +134,29 @@ class Service:
 
 class PdserveUp(Service):
     def __init__(self, tmp_path, port: int, *args: str, name: str = "up", env: dict | None = None):
-        super().__init__(["up", "--engine", "mock", "--port", str(port), *args], str(tmp_path / f"{name}.log"), env)
+        # Its own run directory, so that tests find the NATS identities of the roles (when it starts its NATS).
+        self.run_dir = tmp_path / f"{name}-run"
+        super().__init__(["up", "--engine", "mock", "--port", str(port), "--run-dir", str(self.run_dir), *args],
+                         str(tmp_path / f"{name}.log"), env)
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
+
+    @property
+    def nats_url(self) -> str:
+        match = re.search(r"NATS at (nats://\S+);", self.output())
+        assert match, self.output()
+        return match.group(1)
+
+    def credentials_file(self, role: str) -> str:
+        """The NATS identity of a role (router, prefill, decode, broker, observer) of its own NATS."""
+        return str(self.run_dir / "nats-credentials" / f"{role}.env")
+
+    def credentials(self, role: str) -> dict:
+        """Keyword arguments for Bus.connect / nats.connect as that role."""
+        from pdserve import nats_auth
+
+        user, password = nats_auth.read_credentials_file(self.credentials_file(role))
+        return {"user": user, "password": password}
 
     def wait_ready(self, num_prefill: int, num_decode: int, timeout_s: float = 60) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -413,7 +413,7 @@ class Fault:
     until: float  # time.time() it was over (the same as `at` for a kill)
 
 
-# A process of its own that has nothing else to do, so that it reacts to the KV-ready event within a fraction of a
+# A process of its own that has nothing else to do, so that it reacts to the KV-held event within a fraction of a
 # millisecond: sooner than the router can pass the KV on to a decode worker and that worker can start pulling.
 # It signals only the pids the test gives it (workers the test started).
 SIGNAL_ON_KV_READY = """
@@ -430,7 +430,7 @@ async def main(url, signum, targets):
         except orjson.JSONDecodeError:
             return
         worker_id = ready.get("worker_id")
-        if not fired.done() and worker_id in targets and ready.get("kv_transfer_params"):
+        if not fired.done() and worker_id in targets and ready.get("num_blocks"):
             os.kill(targets[worker_id], signum)
             fired.set_result(f"{worker_id} {time.time()}")
 
@@ -451,7 +451,7 @@ async def signal_on_kv_ready(cluster: Cluster, worker_ids: set[str], sig: signal
     and when it was signalled."""
     targets = ",".join(f"{i}={cluster.service_of(i).process.pid}" for i in sorted(worker_ids))
     agent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SIGNAL_ON_KV_READY, cluster.nats_url, str(int(sig)), targets, subjects.KV_READY,
+        sys.executable, "-c", SIGNAL_ON_KV_READY, cluster.nats_url, str(int(sig)), targets, subjects.KV_HELD,
         stdout=asyncio.subprocess.PIPE)
     try:
         armed = await asyncio.wait_for(agent.stdout.readline(), timeout_s)

@@ -45,7 +45,6 @@ def system(tmp_path_factory):
     env = {"PDSERVE_PREFIX_CACHING": "1", "PDSERVE_LOCAL_PREFILL_MAX_TOKENS": str(LOCAL_PREFILL_MAX_TOKENS),
            "PDSERVE_PREFILL_QUEUE_LIMIT": str(PREFILL_QUEUE_LIMIT), "PDSERVE_ROUTING": "kv"}
     up = PdserveUp(tmp, free_port(), "--nats", nats.url, "--prefill", "2", "--decode", "2", env=env)
-    up.nats_url = nats.url
     try:
         up.wait_ready(2, 2)
         yield up

@@ -192,7 +192,7 @@ def test_spans_carry_the_glossary_attributes(traced_requests):
 
 def test_router_log_line_names_the_trace(traced_requests):
     request_ids, _, output = traced_requests
-    line = next(line for line in output.splitlines() if f"request_id={request_ids[0]} model=" in line)
+    line = next(line for line in output.splitlines() if f"request_id={request_ids[0]} client_request_id=" in line)
     assert f"trace_id={CLIENT_TRACEPARENT.split('-')[1]}" in line
 
 

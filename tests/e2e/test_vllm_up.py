@@ -44,10 +44,8 @@ def client(vllm_system):
 def worker_stats(up: PdserveUp, role: str) -> WorkerStats:
     _, health = get_json(f"{up.base_url}/health")
     (worker_id,) = [w["worker_id"] for w in health["workers"] if w["role"] == role]
-    nats_url = next(line.split("NATS at ")[1].split(";")[0] for line in up.output().splitlines() if "NATS at " in line)
-
     async def ask() -> WorkerStats:
-        bus = await Bus.connect(nats_url, "test")
+        bus = await Bus.connect(up.nats_url, "test", **up.credentials("observer"))
         try:
             return await bus.request(subjects.worker_stats(worker_id), StatsRequest(), WorkerStats, timeout_s=10)
         finally:

@@ -1,8 +1,9 @@
 """Malformed and hostile NATS messages on every subject the services of `pdserve up --engine mock` listen on.
 
-A raw NATS client (no pdserve Bus: it must be able to send anything) sends garbage bytes, JSON that is not
-an object, unknown and wrong message types, wrong schema versions, missing and mistyped fields, huge
-strings and garbage headers to the router's token streams, both workers' request, release and stats
+Raw NATS clients (no pdserve Bus: they must be able to send anything), each holding the identity of the role
+that may publish on a subject (NATS refuses everyone else: test_least_privilege.py), send garbage bytes, JSON
+that is not an object, unknown and wrong message types, wrong schema versions, missing and mistyped fields,
+huge strings and garbage headers to the router's token streams, both workers' request, release and stats
 subjects, the cancel subject, heartbeats and goodbyes, and the broker's subjects. Then: every service is
 still up and announced, each said in its log that it dropped what it could not read, request/reply
 subjects answered an ErrorReply instead of leaving the caller to time out, a normal request is served
@@ -21,6 +22,7 @@ import orjson
 import pytest
 
 from pdserve import subjects
+from pdserve.nats_auth import inbox_prefix
 from pdserve.config import MOCK_MODEL
 from pdserve.engine.mock_model import predict
 from pdserve.protocol import (SCHEMA_VERSION, CancelRequest, ErrorReply, Goodbye, KVLookup, SamplingParams,
@@ -30,7 +32,7 @@ from tests.e2e.conftest import PdserveUp, free_port, get_json
 
 pytestmark = pytest.mark.e2e
 
-HUGE = "A" * (400 * 1024)  # two of them stay under NATS' default 1 MiB max_payload
+HUGE = "A" * (400 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +41,16 @@ def system(tmp_path_factory):
         yield up
 
 
-def nats_url(up: PdserveUp) -> str:
-    match = re.search(r"NATS at (nats://\S+);", up.output())
-    assert match, up.output()
-    return match.group(1)
+async def connect_as(up: PdserveUp, role: str, errors: list[str] | None = None) -> nats.NATS:
+    """A raw NATS client with the identity of `role`; errors the server reports (permission violations) are
+    appended to `errors`."""
+    async def on_error(e: Exception) -> None:
+        if errors is not None:
+            errors.append(str(e))
+
+    credentials = up.credentials(role)
+    return await nats.connect(up.nats_url, name=f"hostile-{role}", inbox_prefix=inbox_prefix(credentials["user"]),
+                              error_cb=on_error, **credentials)
 
 
 def malformed(expected_type: str) -> list[bytes]:
@@ -91,69 +99,77 @@ def hostile_but_valid(prefill_address: str) -> dict[str, list[dict]]:
                             "block_size": 32}}
     decode = [
         {"request_id": "hostile-decode-late", "model": MOCK_MODEL, "prompt_token_ids": [1], "sampling": sampling,
-         "stream_subject": "hostile.sink", "deadline": now - 1},
+         "stream_subject": "hostile.sink", "stream_token": "s" * 32, "deadline": now - 1},
         {"request_id": "hostile-decode-bad-kv", "model": MOCK_MODEL, "prompt_token_ids": [1, 2, 3],
          "sampling": sampling, "first_token_id": 5, "kv_transfer_params": params,
-         "stream_subject": "hostile.sink", "deadline": now + 60},
+         "stream_subject": "hostile.sink", "stream_token": "s" * 32, "deadline": now + 60},
     ]
     return {"prefill_request": prefill, "decode_request": decode}
 
 
-async def send_everything(url: str, health: dict) -> dict[str, list]:
-    """Sends every hostile message; returns the replies of request/reply subjects by subject."""
+async def send_everything(up: PdserveUp, health: dict) -> dict[str, list]:
+    """Sends every hostile message, each as the role allowed to send it; returns the replies of request/reply
+    subjects by subject."""
     router_id = health["router_id"]
     workers = {w["role"]: w for w in health["workers"]}
     prefill_id, decode_id = workers["prefill"]["worker_id"], workers["decode"]["worker_id"]
     prefill_address = workers["prefill"]["transfer_address"]
-    served = {  # request/reply: subject -> the message type it expects
-        subjects.worker_stats(prefill_id): "stats_request",
-        subjects.worker_stats(decode_id): "stats_request",
-        subjects.prefill_request(prefill_id): "prefill_request",
-        subjects.decode_request(decode_id): "decode_request",
-        subjects.KV_LOOKUP: "kv_lookup",
+    served = {  # request/reply: subject -> (the role that may ask, the message type it expects)
+        subjects.worker_stats(prefill_id): ("observer", "stats_request"),
+        subjects.worker_stats(decode_id): ("observer", "stats_request"),
+        subjects.prefill_request(prefill_id): ("router", "prefill_request"),
+        subjects.decode_request(decode_id): ("router", "decode_request"),
+        subjects.KV_LOOKUP: ("router", "kv_lookup"),
     }
-    published = {  # fire and forget
-        subjects.token_stream(router_id, "hostile-unknown"): "token_chunk",
-        subjects.kv_release(prefill_id): "kv_release",
-        subjects.CANCEL: "cancel",
-        subjects.heartbeat("prefill", "hostile-ghost"): "heartbeat",
-        subjects.heartbeat("broker", "hostile-ghost"): "heartbeat",
-        subjects.goodbye("decode", "hostile-ghost"): "goodbye",
-        subjects.KV_READY: "kv_ready",
-        subjects.KV_TRANSFER_DONE: "kv_transfer_done",
-        subjects.kv_events(prefill_id): "kv_event",
+    published = {  # fire and forget: subject -> (the role that may publish, the message type expected)
+        subjects.token_stream(router_id, "hostile-unknown"): ("decode", "token_chunk"),
+        subjects.kv_release(prefill_id): ("decode", "kv_release"),
+        subjects.CANCEL: ("router", "cancel"),
+        subjects.heartbeat("prefill", "hostile-ghost"): ("prefill", "heartbeat"),
+        subjects.heartbeat("broker", "hostile-ghost"): ("broker", "heartbeat"),
+        subjects.goodbye("decode", "hostile-ghost"): ("decode", "goodbye"),
+        subjects.KV_HELD: ("prefill", "kv_held"),
+        subjects.KV_TRANSFER_DONE: ("decode", "kv_transfer_done"),
+        subjects.kv_events(prefill_id): ("prefill", "kv_event"),
     }
     garbage_headers = {"traceparent": "00-zz-garbage", subjects.HEADER_REQUEST_ID: "r" * 10_000}
     replies: dict[str, list] = {s: [] for s in served}
-    nc = await nats.connect(url, name="hostile")
+    violations: list[str] = []
+    clients = {role: await connect_as(up, role, violations)
+               for role in ("router", "prefill", "decode", "broker", "observer")}
     try:
-        for subject, expected in published.items():
+        for subject, (role, expected) in published.items():
+            nc = clients[role]
             for payload in malformed(expected) + other_types():
                 await nc.publish(subject, payload)
                 await nc.publish(subject, payload, headers=garbage_headers)
             await nc.flush()
-        for subject, expected in served.items():
+        for subject, (role, expected) in served.items():
+            nc = clients[role]
             for payload in malformed(expected) + other_types():
                 replies[subject].append(await nc.request(subject, payload, timeout=10))
             replies[subject].append(await nc.request(subject, b"\x00", timeout=10, headers=garbage_headers))
+        router = clients["router"]
         for kind, bodies in hostile_but_valid(prefill_address).items():
             subject = subjects.prefill_request(prefill_id) if kind == "prefill_request" else subjects.decode_request(decode_id)
             for body in bodies:
                 data = orjson.dumps({"type": kind, "schema_version": SCHEMA_VERSION, **body})
-                replies[subject].append(await nc.request(subject, data, timeout=30))
+                replies[subject].append(await router.request(subject, data, timeout=30))
         # Whatever the hostile requests got a worker to hold is given back by the cancel any router would send.
         for body in [b for bodies in hostile_but_valid(prefill_address).values() for b in bodies]:
-            await nc.publish(subjects.CANCEL, encode(CancelRequest(request_id=body["request_id"])))
-        await nc.flush()
+            await router.publish(subjects.CANCEL, encode(CancelRequest(request_id=body["request_id"])))
+        await router.flush()
     finally:
-        await nc.close()
+        for nc in clients.values():
+            await nc.close()
+    assert not violations, f"each message was sent by the role allowed to: {violations[:3]}"
     return replies
 
 
 def test_hostile_messages_leave_every_service_serving(system):
     status, health = get_json(f"{system.base_url}/health")
     assert status == 200
-    replies = asyncio.run(send_everything(nats_url(system), health))
+    replies = asyncio.run(send_everything(system, health))
 
     # Request/reply subjects answered every message (none left its sender to time out); the malformed ones
     # with ErrorReply(bad_request), the well-formed hostile ones with a refusal or an answer.
@@ -190,11 +206,11 @@ def test_hostile_messages_leave_every_service_serving(system):
     assert r.choices[0].text == expected.text and r.usage.completion_tokens == 12
 
     # Nothing stays held: every worker's held blocks return to 0 (the leak accounting surface).
-    asyncio.run(assert_nothing_held(nats_url(system), health))
+    asyncio.run(assert_nothing_held(system, health))
 
 
-async def assert_nothing_held(url: str, health: dict, timeout_s: float = 15) -> None:
-    nc = await nats.connect(url, name="hostile-check")
+async def assert_nothing_held(up: PdserveUp, health: dict, timeout_s: float = 15) -> None:
+    nc = await connect_as(up, "observer")
     try:
         for worker in health["workers"]:
             deadline = time.monotonic() + timeout_s

@@ -12,13 +12,16 @@ import asyncio
 import datetime
 import ipaddress
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import nats
 import pytest
 
 from pdserve import config as cfg
-from pdserve import nats_server
+from pdserve import nats_auth, nats_server
 from pdserve.bus import Bus, BusError
 from pdserve.config import MOCK_MODEL
 from pdserve.protocol import StatsRequest, WorkerStats
@@ -110,20 +113,30 @@ def test_pdserve_up_without_credentials_fails_clearly(auth_nats, tmp_path):
     assert "--nats-user" in out
 
 
-def test_pdserve_up_own_nats_asks_for_the_token(tmp_path):
-    up = PdserveUp(tmp_path, free_port(), "--nats-token", TOKEN)
+def test_pdserve_up_own_nats_has_an_identity_per_role_and_refuses_anonymous(tmp_path):
+    up = PdserveUp(tmp_path, free_port())
     with up.running(1, 1):
         assert_serves(up)
-        url = re.search(r"NATS at (nats://\S+);", up.output()).group(1)
 
         async def anonymous() -> None:
-            with pytest.raises(Exception):
-                nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+            with pytest.raises(Exception, match="Authorization Violation"):
+                nc = await nats.connect(up.nats_url, allow_reconnect=False, connect_timeout=2)
                 await nc.close()
 
         asyncio.run(anonymous())
-        # `pdserve up` itself has what the user typed; its children get the env
-        assert_not_in_argv(up.children_seen, TOKEN)
+        # every role's password sits in a private file, and in no process's argv
+        for role in ("router", "prefill", "decode", "broker", "observer"):
+            path = up.run_dir / "nats-credentials" / f"{role}.env"
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+            assert_not_in_argv({up.process.pid, *up.children_seen}, up.credentials(role)["password"])
+    assert up.run_dir.exists(), "a --run-dir the user gave stays"
+
+
+def test_pdserve_up_shared_credentials_are_for_an_external_nats(tmp_path):
+    up = PdserveUp(tmp_path, free_port(), "--nats-token", TOKEN)
+    assert up.process.wait(timeout=30) == 2
+    up.stop()
+    assert "--nats-user/--nats-token/--nats-credentials-dir are for an external NATS" in up.output()
 
 
 def assert_not_in_argv(pids, secret: str) -> None:
@@ -229,3 +242,34 @@ def test_tls_settings_are_checked_at_start(tmp_path):
     with pytest.raises(cfg.ConfigError, match="--nats-user"):
         cfg.build(cfg.BusOptions, {"nats_password": "x"}, env={})
     assert PASSWORD not in repr(cfg.build(cfg.BusOptions, {"nats_user": USER, "nats_password": PASSWORD}, env={}))
+
+
+def test_nats_config_for_a_nats_users_run(tmp_path):
+    """`pdserve nats-config` output included in a nats-server's own configuration; `pdserve up --nats URL
+    --nats-credentials-dir` gives each service its role's identity; the observer can watch, not serve."""
+    creds = tmp_path / "creds"
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "nats-config", "--out", str(creds)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "include nats-authorization.conf" in done.stdout
+    again = subprocess.run([sys.executable, "-m", "pdserve.cli", "nats-config", "--out", str(creds)],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "--force" in again.stderr  # never overwrites identities in use
+    store = tmp_path / "nats"
+    store.mkdir()
+    shutil.copy(creds / "nats-authorization.conf", store / "nats-authorization.conf")
+    server = nats_server.start(store_dir=str(store), die_with_parent=True,
+                               authorization="include ./nats-authorization.conf\n")
+    try:
+        up = PdserveUp(tmp_path, free_port(), "--nats", server.url, "--nats-credentials-dir", str(creds))
+        with up.running(1, 1):
+            assert_serves(up)
+            for role in ("router", "prefill", "decode", "broker", "observer"):
+                assert_not_in_argv(up.children_seen, nats_auth.read_credentials_file(
+                    str(creds / f"{role}.env"))[1])
+        status = subprocess.run([sys.executable, "-m", "pdserve.cli", "status", "--nats", server.url,
+                                 "--nats-credentials-file", str(creds / "observer.env"), "--listen-s", "0.2"],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+    finally:
+        server.stop()

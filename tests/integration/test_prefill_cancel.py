@@ -12,7 +12,7 @@ import time
 from pdserve import subjects
 from pdserve.bus import Bus
 from pdserve.config import MOCK_MODEL
-from pdserve.protocol import (CancelRequest, Heartbeat, KVReady, PrefillRequest, SamplingParams, StatsRequest,
+from pdserve.protocol import (CancelRequest, Heartbeat, KVHeld, KVReady, PrefillRequest, SamplingParams, StatsRequest,
                               WorkerStats)
 from tests.e2e.conftest import Service
 
@@ -25,17 +25,17 @@ async def test_a_prefill_cancelled_while_it_computes_stops_and_announces_nothing
     bus = await Bus.connect(nats.url, "test", connect_timeout_s=5)
     try:
         joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        kv_ready: list[KVReady] = []
+        kv_held: list[KVHeld] = []
 
         async def on_heartbeat(hb: Heartbeat) -> None:
             if not joined.done():
                 joined.set_result(hb.worker_id)
 
-        async def on_kv_ready(ready: KVReady) -> None:
-            kv_ready.append(ready)
+        async def on_kv_held(held: KVHeld) -> None:
+            kv_held.append(held)
 
         await bus.subscribe(subjects.HEARTBEAT_ALL, Heartbeat, on_heartbeat)
-        await bus.subscribe(subjects.KV_READY, KVReady, on_kv_ready)
+        await bus.subscribe(subjects.KV_HELD, KVHeld, on_kv_held)
         worker_id = await asyncio.wait_for(joined, 60)
 
         async def stats() -> WorkerStats:
@@ -60,7 +60,7 @@ async def test_a_prefill_cancelled_while_it_computes_stops_and_announces_nothing
 
         await asyncio.sleep(200 * MS_PER_PROMPT_TOKEN / 1000 + 0.5)  # when `doomed` would have been computed
         after = await stats()
-        assert [r.request_id for r in kv_ready] == ["next"], "a cancelled prefill announced KV it does not hold"
+        assert [r.request_id for r in kv_held] == ["next"], "a cancelled prefill announced KV it does not hold"
         assert after.num_requests_served == 1
         assert after.num_held_blocks == len(ready.kv_transfer_params.block_ids)  # only `next` holds blocks
     finally:

@@ -204,12 +204,19 @@ async def test_default_max_tokens_is_capped_remaining_context(backend):
         assert b.requests[-1].sampling.temperature == 1.0 and b.requests[-1].sampling.top_p == 1.0
 
 
-async def test_request_id_header_honoured_only_when_sane(client, backend):
-    r = await client.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": "abc.DEF_1-2"})
-    assert r.headers["x-request-id"] == "abc.DEF_1-2" == r.json()["id"] == backend.requests[-1].request_id
-    for bad in ("has space", "x" * 129, "semi;colon"):
+async def test_client_request_id_is_a_label_echoed_never_the_internal_key(client, backend):
+    ids = set()
+    for _ in range(2):  # two clients sending the same id get two requests of their own
+        r = await client.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": "abc.DEF_1-2"})
+        request = backend.requests[-1]
+        assert r.headers["x-request-id"] == "abc.DEF_1-2" == request.client_request_id
+        assert r.json()["id"] == request.request_id and request.request_id.startswith("cmpl-")
+        ids.add(request.request_id)
+    assert len(ids) == 2
+    for bad in ("has space", "x" * 129, "semi;colon"):  # not echoed, not kept
         r = await client.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": bad})
         assert r.headers["x-request-id"].startswith("cmpl-") and r.json()["id"] == r.headers["x-request-id"]
+        assert backend.requests[-1].client_request_id is None
 
 
 async def test_malformed_traceparent_is_dropped(client, backend):

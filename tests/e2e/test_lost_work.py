@@ -1,0 +1,102 @@
+"""No work lost to another client, none done for nobody: `pdserve up --engine mock --prefill 2 --decode 2`.
+
+- Two clients that send the same X-Request-Id are independent (the id that keys work is the router's own; the
+  client's is a label, echoed back).
+- 100 streams dropped right after their first chunk leave no decode running: the router's cancel may overtake
+  its decode request (NATS orders no two subjects), and the decode worker remembers such a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+import pytest
+
+from pdserve import subjects
+from pdserve.bus import Bus
+from pdserve.config import MOCK_MODEL
+from pdserve.engine.mock_model import predict
+from pdserve.protocol import SamplingParams, StatsRequest, WorkerStats
+from pdserve.tokenizer import ByteTokenizer
+from tests.e2e.conftest import PdserveUp, free_port, get_json
+
+pytestmark = pytest.mark.e2e
+
+MS_PER_DECODE_STEP = 20
+MAX_TOKENS = 200  # a stream decoded to the end for nobody would run 4 s
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    env = {"PDSERVE_MOCK_MS_PER_DECODE_STEP": str(MS_PER_DECODE_STEP)}
+    with PdserveUp(tmp_path_factory.mktemp("lostwork"), free_port(), "--prefill", "2", "--decode", "2",
+                   env=env).running(2, 2) as up:
+        yield up
+
+
+def expected(prompt: str, max_tokens: int) -> str:
+    return predict(ByteTokenizer().encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0)).text
+
+
+async def test_two_clients_with_the_same_request_id_are_independent(system):
+    async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, str, float]:
+        started = time.monotonic()
+        text = []
+        async with http.stream("POST", f"{system.base_url}/v1/completions", headers={"X-Request-Id": "same-id"},
+                               json={"model": MOCK_MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0,
+                                     "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["x-request-id"] == "same-id"
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    event = orjson.loads(line[6:])
+                    assert "error" not in event, event
+                    text += [c["text"] for c in event["choices"]]
+        return "".join(text), prompt, time.monotonic() - started
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        results = await asyncio.gather(*(one(http, f"user {i} asks something") for i in range(4)))
+    for text, prompt, seconds in results:
+        assert text == expected(prompt, 40)
+        assert seconds < 5, f"a stream took {seconds:.1f}s: the requests were not independent"
+    log = system.output()
+    assert log.count("client_request_id=same-id") >= 4  # kept as a label on the request's log line
+    assert "already decodes" not in log
+
+
+async def decode_stats(up: PdserveUp) -> list[WorkerStats]:
+    _, health = get_json(f"{up.base_url}/health")
+    bus = await Bus.connect(up.nats_url, "test-stats", **up.credentials("observer"))
+    try:
+        return [await bus.request(subjects.worker_stats(w["worker_id"]), StatsRequest(), WorkerStats, timeout_s=5)
+                for w in health["workers"] if w["role"] == "decode"]
+    finally:
+        await bus.close()
+
+
+async def test_a_hundred_streams_dropped_after_their_first_chunk_leave_no_decode_running(system):
+    async def drop_after_first_chunk(http: httpx.AsyncClient, i: int) -> None:
+        async with http.stream("POST", f"{system.base_url}/v1/completions",
+                               json={"model": MOCK_MODEL, "prompt": f"dropped stream {i}", "max_tokens": MAX_TOKENS,
+                                     "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    return  # closing the response drops the connection
+
+    before = sum(s.num_requests_served for s in await decode_stats(system))
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        await asyncio.gather(*(drop_after_first_chunk(http, i) for i in range(100)))
+    dropped_at = time.monotonic()
+    # Decoding a stream to the end takes MAX_TOKENS x MS_PER_DECODE_STEP = 4 s: any left running shows up here.
+    while True:
+        stats = await decode_stats(system)
+        if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
+            break
+        assert time.monotonic() - dropped_at < 2.0, f"decodes still running for dropped streams: {stats}"
+        await asyncio.sleep(0.1)
+    served = sum(s.num_requests_served for s in await decode_stats(system)) - before
+    assert served == 0, f"{served} dropped streams were decoded to the end for nobody"
