@@ -20,5 +20,5 @@ def test_wildcards_cover_the_per_worker_subjects():
 
 
 def test_fixed_subjects_are_distinct():
-    fixed = [subjects.CANCEL, subjects.KV_READY, subjects.KV_TRANSFER_DONE, subjects.KV_LOOKUP]
+    fixed = [subjects.CANCEL, subjects.KV_HELD, subjects.KV_TRANSFER_DONE, subjects.KV_LOOKUP, subjects.KV_RESYNC]
     assert len(set(fixed)) == len(fixed)

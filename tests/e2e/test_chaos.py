@@ -275,6 +275,7 @@ class Record:
     error: str | None = None
     problems: list[str] = field(default_factory=list)
     max_gap_s: float = 0.0  # the longest wait the client had for its next event (the first one included)
+    retry_after_s: float = 0.0  # the answer's Retry-After
 
     @property
     def latency_s(self) -> float:
@@ -299,6 +300,7 @@ async def run_request(client: httpx.AsyncClient, base_url: str, rec: Record) -> 
     if not spec.stream:
         r = await client.post(base_url + spec.path, json=spec.body(), headers=headers)
         rec.status = r.status_code
+        rec.retry_after_s = float(r.headers.get("retry-after", 0))
         body = r.json()
         if r.status_code == 200:
             choice = body["choices"][0]
@@ -314,6 +316,7 @@ async def run_request(client: httpx.AsyncClient, base_url: str, rec: Record) -> 
         return
     async with client.stream("POST", base_url + spec.path, json=spec.body(), headers=headers) as r:
         rec.status = r.status_code
+        rec.retry_after_s = float(r.headers.get("retry-after", 0))
         if r.status_code != 200:
             body = json.loads(await r.aread())
             rec.error = error_message(body)
@@ -398,6 +401,9 @@ async def run_load(base_url: str, records: list[Record], enough: asyncio.Event) 
                     rec.problems.append(f"{type(e).__name__}: {e}")
                 rec.end = time.time()
                 check(rec)
+                # As OpenAI's clients do: a 429 / 503 that says when to come back (the router while NATS is
+                # away, or while every worker is full) is waited out rather than hammered.
+                await asyncio.sleep(min(rec.retry_after_s, 5.0))
 
         await asyncio.gather(*(client_loop() for _ in range(CONCURRENCY)))
 

@@ -26,7 +26,7 @@ from tests.e2e.conftest import PdserveUp, free_port, get_json
 pytestmark = pytest.mark.e2e
 
 MS_PER_DECODE_STEP = 20
-MAX_TOKENS = 200  # a stream decoded to the end for nobody would run 4 s
+MAX_TOKENS = 400  # a stream decoded to the end for nobody would run 8 s
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +91,13 @@ async def test_a_hundred_streams_dropped_after_their_first_chunk_leave_no_decode
     async with httpx.AsyncClient(timeout=30, limits=limits) as http:
         await asyncio.gather(*(drop_after_first_chunk(http, i) for i in range(100)))
     dropped_at = time.monotonic()
-    # Decoding a stream to the end takes MAX_TOKENS x MS_PER_DECODE_STEP = 4 s: any left running shows up here.
+    # Decoding a stream to the end takes MAX_TOKENS x MS_PER_DECODE_STEP = 8 s: any left running shows up here
+    # (and in `served` below), however loaded the machine is.
     while True:
         stats = await decode_stats(system)
         if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
             break
-        assert time.monotonic() - dropped_at < 2.0, f"decodes still running for dropped streams: {stats}"
+        assert time.monotonic() - dropped_at < 5.0, f"decodes still running for dropped streams: {stats}"
         await asyncio.sleep(0.1)
     served = sum(s.num_requests_served for s in await decode_stats(system)) - before
     assert served == 0, f"{served} dropped streams were decoded to the end for nobody"
