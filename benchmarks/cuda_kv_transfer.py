@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pdserve.kv.transfer import TransferClient, TransferEndpoint
+from pdserve.kv import TransferClient, TransferEndpoint
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.protocol import KVLayout
 

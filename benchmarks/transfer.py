@@ -1,5 +1,5 @@
-"""KV transfer throughput: TransferEndpoint/TransferClient vs Mooncake's transfer engine (TCP) vs a raw TCP
-socket vs memcpy, side by side.
+"""KV transfer throughput: TransferEndpoint/TransferClient over TCP and over the same-host shm path vs Mooncake's
+transfer engine (TCP) vs a raw TCP socket vs memcpy, side by side.
 
 The prefill side (a pool of random bytes, one TransferEndpoint per --batch-blocks value, a Mooncake transfer
 engine and a raw TCP sender) runs in a child process, as it would in production; the decode side pulls into
@@ -13,6 +13,10 @@ repetition: a fast wrong transfer does not count.
                the ceiling for any transport over this link.
   pdserve, pdserve/batch=N: (pdserve: the default batch for the layout) a full pull() per repetition, timed around `await pull()` (token check, credit-based
                messages, xxh3 per block on both sides, one copy into place on the decode side).
+  shm        : the same pull over the same-host path: the decode side copies the blocks out of the prefill
+               process's memory (process_vm_readv), checksums on both sides as over TCP.
+  memcpy     : the same bytes copied from a replica of the source pool in this process into the destination
+               pool (numpy, one thread): the ceiling for shm.
   mooncake   : Mooncake's TransferEngine, TCP protocol, P2P handshake; one batch_transfer_sync_read per
                repetition with one entry per segment array (benchmarks/mooncake_tcp.py says how it is
                driven). No integrity check of its own. Reported as unavailable, with the reason, where it
@@ -125,7 +129,8 @@ def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
                     peer.sendall(chunk)
 
     threading.Thread(target=raw_sender, daemon=True).start()
-    conn.send(([ep.address for ep in endpoints], listener.getsockname()[1], mooncake_peer, pool_digest(pool)))
+    conn.send(([ep.address for ep in endpoints], listener.getsockname()[1], mooncake_peer, pool_digest(pool),
+               endpoints[0].host_id, endpoints[0].transports))
     while conn.recv() == "cpu":  # the decode side asks for our CPU time around each repetition
         conn.send(time.process_time())
     for ep in endpoints:
@@ -156,10 +161,13 @@ async def bench_layout(layout: str, args) -> dict:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=serve_prefill, args=(child, layout, num_blocks, args), daemon=True)
     proc.start()
-    addresses, raw_port, mooncake_peer, digest = parent.recv()
+    addresses, raw_port, mooncake_peer, digest, peer_host_id, peer_transports = parent.recv()
     local = make_pool(layout, num_blocks, random=False)
-    client = TransferClient(io_threads=args.io_threads, window_messages=args.window,
+    replica = make_pool(layout, num_blocks, random=True)  # the source's bytes, here: memcpy's source
+    client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
                             tune_malloc=not args.no_tune_malloc)
+    shm_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="shm",
+                                tune_malloc=not args.no_tune_malloc)
     raw = socket.create_connection(("127.0.0.1", raw_port))
     ids = list(range(num_blocks))
     mooncake, mooncake_reason = None, None
@@ -192,6 +200,16 @@ async def bench_layout(layout: str, args) -> dict:
     def pull(address):
         return lambda: client.pull(address, "bench", TOKEN, ids, local, ids, timeout_s=60)
 
+    async def shm_run():
+        result = await shm_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60,
+                                       peer_host_id=peer_host_id, peer_transports=peer_transports)
+        if result.transport != "shm":
+            raise RuntimeError(f"the shm variant went over {result.transport}; see the WARNING above")
+
+    async def memcpy_run():
+        for src, dst in zip(replica._arrays, local._arrays):
+            np.copyto(dst, src)
+
     async def mooncake_run():
         mooncake.read(ids, ids)
 
@@ -199,6 +217,8 @@ async def bench_layout(layout: str, args) -> dict:
         raw_receive(raw, local, args.raw_chunk_kib << 10)
 
     samples: dict[str, list[tuple[float, float, float]]] = {pdserve_label(b): [] for b in args.batch_blocks}
+    samples["shm"] = []
+    samples["memcpy"] = []
     samples["mooncake"] = []
     samples["raw"] = []
     num_rounds = args.warmup + args.reps
@@ -220,15 +240,25 @@ async def bench_layout(layout: str, args) -> dict:
             await measure("raw", raw_run, rep)
             if checked and not delivered():
                 raise RuntimeError("the raw socket delivered wrong bytes")
+            if "shm" in peer_transports:
+                await measure("shm", shm_run, rep)
+                if checked and not delivered():
+                    raise RuntimeError("shm delivered wrong bytes")
+            await measure("memcpy", memcpy_run, rep)
+            if checked and not delivered():
+                raise RuntimeError("memcpy delivered wrong bytes")
     finally:
         if mooncake is not None:
             mooncake.close()
         raw.close()
         client.close()
+        shm_client.close()
         parent.send("stop")
         proc.join(timeout=10)
     if mooncake_reason is not None:
         del samples["mooncake"]
+    if not samples["shm"]:
+        del samples["shm"]
     result = summarize_layout(samples, num_blocks * block_nbytes, mooncake_reason)
     return dict(block_nbytes=block_nbytes, num_segments=num_segments, num_blocks=num_blocks,
                 payload_bytes=num_blocks * block_nbytes, **result)
@@ -252,9 +282,10 @@ def summarize_layout(samples: dict[str, list[tuple[float, float, float]]], paylo
                               cpu_recv_ms_per_gb=statistics.median(s[1] for s in ss) / gb * 1e3,
                               cpu_send_ms_per_gb=statistics.median(s[2] for s in ss) / gb * 1e3,
                               cpu_ms_per_gb=statistics.median(s[1] + s[2] for s in ss) / gb * 1e3)
-    raw, mc = variants["raw"], variants.get("mooncake")
+    raw, mc, memcpy = variants["raw"], variants.get("mooncake"), variants["memcpy"]
     for v in variants.values():
-        v.update(ratio_best_to_raw=v["best_gbps"] / raw["best_gbps"],
+        v.update(ratio_median_to_memcpy=v["median_gbps"] / memcpy["median_gbps"],
+                 ratio_best_to_raw=v["best_gbps"] / raw["best_gbps"],
                  ratio_median_to_raw=v["median_gbps"] / raw["median_gbps"],
                  cpu_ratio_to_raw=v["cpu_ms_per_gb"] / raw["cpu_ms_per_gb"],
                  ratio_median_to_mooncake=v["median_gbps"] / mc["median_gbps"] if mc else None,
@@ -265,7 +296,7 @@ def summarize_layout(samples: dict[str, list[tuple[float, float, float]]], paylo
     else:
         pdserve_over_mooncake = {name: dict(median_gbps=v["ratio_median_to_mooncake"],
                                             cpu_per_gb=v["cpu_ratio_to_mooncake"])
-                                 for name, v in variants.items() if name.split("/")[0] == "pdserve"}
+                                 for name, v in variants.items() if name.split("/")[0] in ("pdserve", "shm")}
     return dict(variants=variants, pdserve_over_mooncake=pdserve_over_mooncake)
 
 
@@ -304,7 +335,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9, help="measured repetitions per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-blocks", type=int, nargs="+", default=[0, 32],
-                        help="one endpoint per value; 0: pdserve's default for the layout (kv.transfer.default_batch_blocks)")
+                        help="one endpoint per value; 0: pdserve's default for the layout (kv.endpoint.default_batch_blocks)")
     parser.add_argument("--window", type=int, default=8, help="messages (~2 MiB) in flight per pull (client credit)")
     parser.add_argument("--io-threads", type=int, default=1, help="zmq io threads on each side")
     parser.add_argument("--raw-chunk-kib", type=int, default=1024, help="sendall/recv_into size of the raw baseline")
@@ -333,6 +364,13 @@ def main() -> None:
     for layout in args.layouts:
         layouts[layout] = asyncio.run(bench_layout(layout, args))
         print_layout(layout, layouts[layout])
+    first = layouts[args.layouts[0]]["variants"]
+    ratios = {"tcp/raw_socket": first["pdserve"]["ratio_median_to_raw"] if "pdserve" in first else None,
+              "shm/memcpy": first["shm"]["ratio_median_to_memcpy"] if "shm" in first else None}
+    print(f"# ratios of medians, layout {args.layouts[0]}")
+    for name, value in ratios.items():
+        if value is not None:
+            print(f"ratio {name} {value:.2f}")
     if args.out:
         report = dict(
             benchmark="kv-transfer",
@@ -351,6 +389,7 @@ def main() -> None:
                           api=mooncake_tcp.API, note=mooncake_tcp.NOTE,
                           env={k: v for k, v in os.environ.items() if k.startswith("MC_")}),
             reference=dict(memcpy_gbps=copy_gbps, xxh3_gbps=hash_gbps),
+            ratios=dict(layout=args.layouts[0], **{k: v for k, v in ratios.items() if v is not None}),
             layouts=layouts,
         )
         with open(args.out, "w") as f:

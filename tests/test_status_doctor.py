@@ -173,19 +173,21 @@ def test_members():
 
 def test_table_has_one_row_per_member_and_dashes_for_a_brokers_engine_columns():
     members = [make_seen(make_heartbeat("p1", num_queued=3, num_running=2, kv_usage=0.25, num_held_blocks=7,
-                                        num_requests_served=11)),
+                                        num_requests_served=11, kv_transports=("tcp", "shm"),
+                                        num_kv_pulls={"shm": 4, "tcp": 0})),
                make_seen(make_heartbeat("b1", "broker", model=None, transfer_address=None, num_requests_served=5))]
     text = status.render(members, "nats://x:4222", 1.5, as_json=False)
     header, p1, b1 = text.splitlines()[:3]
     assert header.split() == ["WORKER", "ROLE", "MODEL", "TRANSFER", "QUEUED", "RUNNING", "KV%", "HELD", "LAST_HB",
-                              "SERVED"]
+                              "SERVED", "KV_PATHS", "KV_PULLS"]
     assert p1.split()[:8] == ["p1", "prefill", "m", "tcp://127.0.0.1:5555", "3", "2", "25.0", "7"]
-    assert p1.split()[-1] == "11"
-    assert b1.split()[:8] == ["b1", "broker", "-", "-", "-", "-", "-", "-"] and b1.split()[-1] == "5"
+    assert p1.split()[-3:] == ["11", "tcp+shm", "shm:4"]
+    assert b1.split()[:8] == ["b1", "broker", "-", "-", "-", "-", "-", "-"] and b1.split()[-3:] == ["5", "-", "-"]
     assert "1 prefill, 1 broker" in text
     rows = json.loads(status.render(members, "nats://x:4222", 1.5, as_json=True))
     assert set(rows[0]) == {"worker_id", "role", "model", "transfer_address", "num_queued", "num_running", "kv_usage",
-                            "num_held_blocks", "num_requests_served", "last_heartbeat_s"}
+                            "num_held_blocks", "num_requests_served", "last_heartbeat_s", "kv_transports",
+                            "num_kv_pulls"}
     assert rows[0]["kv_usage"] == 0.25 and rows[1]["model"] is None
 
 

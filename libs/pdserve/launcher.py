@@ -56,6 +56,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help=f"vllm: a local Hugging Face directory [default {DEFAULT_VLLM_MODEL}, "
                                                     f"pulled once]; mock: the name to serve [default {MOCK_MODEL}]")
     parser.add_argument("--advertise-host", default=None, help="address workers advertise [default: detected]")
+    parser.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "shm"],
+                        help="how pulled KV travels between workers [default auto: shm on one host, tcp across hosts]")
     parser.add_argument("--startup-timeout-s", type=float, default=None,
                         help="how long to wait for every service to come up [default 60 mock, 600 vllm]")
     parser.add_argument("--log-level", default="INFO", help="log level of every service [default INFO]")
@@ -126,6 +128,8 @@ class System:
             worker += ["--model", a.model]
         if a.advertise_host:
             worker += ["--advertise-host", a.advertise_host]
+        if a.kv_transport:
+            worker += ["--kv-transport", a.kv_transport]
         self._spawn("kv-broker", ["kv-broker", *common])
         cores = sorted(os.sched_getaffinity(0))
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode

@@ -81,12 +81,18 @@ class RequestTimer:
 class WorkerCollector(Collector):
     """Reads a worker's counters at scrape time; `stats()` returns the WorkerStats field names."""
 
-    _COUNTERS = {
+    _COUNTERS = {  # stats key -> (metric, help, (label, value) or None)
         "num_requests_served": ("pdserve_worker_requests_served", "Requests this worker finished", None),
-        "num_kv_blocks_sent": ("pdserve_kv_transfer_blocks", "KV blocks moved", "sent"),
-        "num_kv_blocks_received": ("pdserve_kv_transfer_blocks", "KV blocks moved", "received"),
-        "num_kv_bytes_sent": ("pdserve_kv_transfer_bytes", "KV bytes moved", "sent"),
-        "num_kv_bytes_received": ("pdserve_kv_transfer_bytes", "KV bytes moved", "received"),
+        "num_kv_blocks_sent": ("pdserve_kv_transfer_blocks", "KV blocks moved", ("direction", "sent")),
+        "num_kv_blocks_received": ("pdserve_kv_transfer_blocks", "KV blocks moved", ("direction", "received")),
+        "num_kv_bytes_sent": ("pdserve_kv_transfer_bytes", "KV bytes moved", ("direction", "sent")),
+        "num_kv_bytes_received": ("pdserve_kv_transfer_bytes", "KV bytes moved", ("direction", "received")),
+        "num_kv_pulls_tcp": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
+                             ("transport", "tcp")),
+        "num_kv_pulls_shm": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
+                             ("transport", "shm")),
+        "num_kv_transport_fallbacks": ("pdserve_kv_transport_fallbacks", "Pulls that could not take the same-host "
+                                       "path they were meant to and went over TCP (the log says why)", None),
         "num_recomputes": ("pdserve_kv_recomputes", "Prefills recomputed locally after a failed KV load", None),
         "num_transfers_refused": ("pdserve_kv_transfers_refused", "KV pulls refused (token, released, unknown)", None),
         "num_local_prefills": ("pdserve_worker_local_prefills", "Requests this decode worker prefilled itself", None),
@@ -107,13 +113,12 @@ class WorkerCollector(Collector):
         stats = self._stats()
         names, values = list(self._labels), list(self._labels.values())
         families: dict[str, CounterMetricFamily] = {}
-        for key, (name, doc, direction) in self._COUNTERS.items():
+        for key, (name, doc, label) in self._COUNTERS.items():
             if key not in stats:
                 continue
-            extra = ["direction"] if direction else []
             family = families.get(name) or families.setdefault(
-                name, CounterMetricFamily(name, doc, labels=names + extra))
-            family.add_metric(values + ([direction] if direction else []), float(stats[key]))
+                name, CounterMetricFamily(name, doc, labels=names + ([label[0]] if label else [])))
+            family.add_metric(values + ([label[1]] if label else []), float(stats[key]))
         yield from families.values()
         for key, (name, doc) in self._GAUGES.items():
             if key in stats:
@@ -129,7 +134,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(WorkerCollector(stats, labels))
         self.kv_transfer_seconds = Histogram("pdserve_kv_transfer_duration_seconds", "One request's KV pull",
-                                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+                                             ["transport"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self._server = None
 
     def serve(self, host: str) -> int:

@@ -132,6 +132,9 @@ class Heartbeat(Message):
     num_requests_served: int = Field(default=0, ge=0)
     kv_event_seq: int = Field(default=0, ge=0, description="seq of the last KVEvent this worker published (the "
                               "broker asks for a snapshot when it stays behind it)")
+    kv_transports: tuple[str, ...] = Field(default=(), max_length=8, description="paths its endpoint offers")
+    num_kv_pulls: dict[str, int] = Field(default_factory=dict, max_length=8,
+                                         description="KV pulls this worker made, by the path the bytes took")
     interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
     sent_at: float
     started_at: float
@@ -171,6 +174,9 @@ class WorkerStats(Message):
     num_kv_blocks_received: int = 0
     num_kv_bytes_received: int = 0
     kv_transfer_ms: float = 0.0
+    num_kv_pulls_tcp: int = 0
+    num_kv_pulls_shm: int = 0
+    num_kv_transport_fallbacks: int = 0
     num_transfers_refused: int = 0
     num_recomputes: int = 0
     num_local_prefills: int = 0
@@ -191,6 +197,9 @@ class KVTransferParams(BaseModel):
     num_tokens: int = Field(ge=0, description="prompt tokens whose KV the blocks hold")
     kv_layout: KVLayout
     lease_expires_at: float
+    host_id: str = Field(default="", description="the prefill endpoint's host identity (kv/host.py): a puller with "
+                         "the same one may take a same-host path")
+    transports: tuple[str, ...] = Field(default=("tcp",), description="paths the endpoint offers: tcp, shm")
 
 
 class PrefillRequest(Message):

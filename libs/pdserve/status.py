@@ -118,6 +118,8 @@ def row(seen: Seen) -> dict:
         "kv_usage": hb.kv_usage,
         "num_held_blocks": hb.num_held_blocks,
         "num_requests_served": hb.num_requests_served,
+        "kv_transports": list(hb.kv_transports),
+        "num_kv_pulls": dict(hb.num_kv_pulls),
         "last_heartbeat_s": round(seen.age_s, 2),
     }
 
@@ -133,10 +135,12 @@ _COLUMNS = (  # (header, row key, formatter)
     ("HELD", "num_held_blocks", str),
     ("LAST_HB", "last_heartbeat_s", lambda v: f"{v:.1f}s"),
     ("SERVED", "num_requests_served", str),
+    ("KV_PATHS", "kv_transports", lambda v: "+".join(v) or "-"),
+    ("KV_PULLS", "num_kv_pulls", lambda v: " ".join(f"{k}:{n}" for k, n in sorted(v.items()) if n) or "-"),
 )
 
 
-_WORKER_ONLY = {"num_queued", "num_running", "kv_usage", "num_held_blocks"}
+_WORKER_ONLY = {"num_queued", "num_running", "kv_usage", "num_held_blocks", "kv_transports", "num_kv_pulls"}
 
 
 def format_table(rows: list[dict]) -> str:

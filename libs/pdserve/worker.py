@@ -105,6 +105,8 @@ class WorkerRuntime:
             num_queued=values["num_queued"], num_running=int(values["num_running"]),
             kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
+            kv_transports=tuple(values.get("kv_transports", ())),
+            num_kv_pulls={t: int(values.get(f"num_kv_pulls_{t}", 0)) for t in ("tcp", "shm")},
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

@@ -142,9 +142,11 @@ class DecodeHandlers:
         if report.recomputed:
             tracing.current_span().set_attributes({"kv_recomputed": True, "kv_error": report.error or ""})
         if not report.recomputed:
-            self.rt.metrics.kv_transfer_seconds.observe(report.transfer_ms / 1000)
-            log.info("request %s: pulled %d KV blocks (%d bytes) from %s in %.2f ms", request_id, report.num_blocks,
-                     report.num_bytes, params.worker_id, report.transfer_ms)
+            self.rt.metrics.kv_transfer_seconds.labels(transport=report.transport or "tcp").observe(
+                report.transfer_ms / 1000)
+            tracing.current_span().set_attribute("kv_transport", report.transport)
+            log.info("request %s: pulled %d KV blocks (%d bytes) from %s over %s in %.2f ms", request_id,
+                     report.num_blocks, report.num_bytes, params.worker_id, report.transport or "tcp", report.transfer_ms)
 
     def _send_release(self, req: DecodeRequest, *, ok: bool) -> None:
         params = req.kv_transfer_params

@@ -56,9 +56,9 @@ def test_every_layout_has_raw_pdserve_and_mooncake(quick_run):
     assert layouts and sorted(report["layouts"]) == sorted(layouts)
     pdserve = {"pdserve" if b == 0 else f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
     for layout, entry in report["layouts"].items():
-        assert set(entry["variants"]) == pdserve | {"raw", "mooncake"}, layout
+        assert set(entry["variants"]) == pdserve | {"shm", "memcpy", "raw", "mooncake"}, layout
         assert entry["payload_bytes"] == entry["num_blocks"] * entry["block_nbytes"] > 0
-        for name in pdserve | {"raw"}:
+        for name in pdserve | {"shm", "memcpy", "raw"}:
             assert entry["variants"][name]["available"], (layout, name)
         for name in entry["variants"]:
             assert any(line.startswith(layout) and f" {name} " in line for line in stdout.splitlines()), \
@@ -72,7 +72,8 @@ def test_mooncake_runs_where_its_engine_imports(quick_run):
         mooncake = entry["variants"]["mooncake"]
         if engine_imports:
             assert mooncake["available"], (layout, mooncake.get("reason"))
-            assert set(entry["pdserve_over_mooncake"]) == {n for n in entry["variants"] if n.split("/")[0] == "pdserve"}
+            assert set(entry["pdserve_over_mooncake"]) == {n for n in entry["variants"]
+                                                           if n.split("/")[0] in ("pdserve", "shm")}
         else:
             assert not mooncake["available"] and mooncake["reason"], layout
             assert entry["pdserve_over_mooncake"] is None
@@ -98,6 +99,7 @@ def test_ratios_agree_with_the_figures(quick_run):
             if not v["available"]:
                 continue
             assert close(v["ratio_median_to_raw"], v["median_gbps"] / raw["median_gbps"]), (layout, name)
+            assert close(v["ratio_median_to_memcpy"], v["median_gbps"] / variants["memcpy"]["median_gbps"])
             assert close(v["ratio_best_to_raw"], v["best_gbps"] / raw["best_gbps"]), (layout, name)
             assert close(v["cpu_ratio_to_raw"], v["cpu_ms_per_gb"] / raw["cpu_ms_per_gb"]), (layout, name)
             if mooncake["available"]:
@@ -108,3 +110,13 @@ def test_ratios_agree_with_the_figures(quick_run):
         for name, ratios in (entry["pdserve_over_mooncake"] or {}).items():
             assert close(ratios["median_gbps"], variants[name]["median_gbps"] / mooncake["median_gbps"])
             assert close(ratios["cpu_per_gb"], variants[name]["cpu_ms_per_gb"] / mooncake["cpu_ms_per_gb"])
+
+
+def test_it_ends_with_one_ratio_line_per_path(quick_run):
+    report, stdout = quick_run
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("ratio ")]
+    assert [line[1] for line in lines] == ["tcp/raw_socket", "shm/memcpy"]
+    first = report["layouts"][report["ratios"]["layout"]]["variants"]
+    assert float(lines[0][2]) == round(first["pdserve"]["ratio_median_to_raw"], 2)
+    assert float(lines[1][2]) == round(first["shm"]["ratio_median_to_memcpy"], 2)
+    assert report["ratios"]["shm/memcpy"] == first["shm"]["ratio_median_to_memcpy"]

@@ -97,10 +97,11 @@ def thaw_and_stop(up: "PdserveUp") -> None:
 class Service:
     """A pdserve command in its own process group; stop() sends SIGTERM and checks nothing is left."""
 
-    def __init__(self, argv: list[str], log_path: str, env: dict | None = None):
+    def __init__(self, argv: list[str], log_path: str, env: dict | None = None, wrapper: tuple[str, ...] = ()):
+        """wrapper: a command that execs the service, e.g. ("ip", "netns", "exec", NS) to run it on another host."""
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", *argv], stdout=self.log,
+        self.process = subprocess.Popen([*wrapper, sys.executable, "-m", "pdserve.cli", *argv], stdout=self.log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                         env={**os.environ, **(env or {})})
         self.children_seen: set[int] = set()

@@ -185,6 +185,7 @@ def test_spans_carry_the_glossary_attributes(traced_requests):
         assert transfer.attributes["num_blocks"] == prefill.attributes["num_blocks"]
         assert transfer.attributes["num_bytes"] > 0 and transfer.attributes["gbps"] > 0
         assert transfer.attributes["duration_ms"] > 0
+        assert transfer.attributes["kv_transport"] == "shm"  # pdserve up: every worker on this host
     decode = one(trace, "decode", "pdserve-decode-worker")
     assert decode.attributes["ttft_ms"] > 0 and decode.attributes["tpot_ms"] > 0
     assert decode.attributes["num_tokens"] == 6
@@ -240,5 +241,6 @@ def test_vllm_request_is_one_trace(tmp_path_factory):
     for transfer in (kv_pull, kv_serve):
         assert transfer.attributes["num_blocks"] > 0 and transfer.attributes["gbps"] > 0, transfer
         assert transfer.attributes["duration_ms"] > 0, transfer
+        assert transfer.attributes["kv_transport"] == "shm", transfer  # vLLM's KV tensors read in place
     assert kv_serve.attributes["num_bytes"] == kv_pull.attributes["num_bytes"]
     assert kv_serve.attributes["request_id"] == kv_pull.attributes["request_id"] == request_id

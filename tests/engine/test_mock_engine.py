@@ -55,7 +55,8 @@ async def test_kv_moves_and_decode_continues_from_the_first_token(engines):
     assert prefill.stats()["num_held_blocks"] == 4
     rest = await run_decode(decode, PROMPT, result.first_token_id, result.kv_transfer_params)
     assert result.first_text + rest == predict(PROMPT, SAMPLING).text
-    assert loads == [KVLoadReport(4, 4 * LAYOUT.bytes_per_block, loads[0].transfer_ms, recomputed=False)]
+    # two engines of one process: same host, so the bytes take the shm path
+    assert loads == [KVLoadReport(4, 4 * LAYOUT.bytes_per_block, loads[0].transfer_ms, recomputed=False, transport="shm")]
     stats = decode.stats()
     assert stats["num_kv_blocks_received"] == 4 and stats["num_recomputes"] == 0
     assert stats["num_held_blocks"] == 0  # decode frees everything when the request ends

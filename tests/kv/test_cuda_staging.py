@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from pdserve.kv.cuda_staging import CudaStagingPool, StagingFull  # noqa: E402
-from pdserve.kv.transfer import TransferClient, TransferEndpoint  # noqa: E402
+from pdserve.kv import TransferClient, TransferEndpoint  # noqa: E402
 from pdserve.kv.vllm_pool import make_kv_block_pool  # noqa: E402
 from pdserve.protocol import KVLayout  # noqa: E402
 

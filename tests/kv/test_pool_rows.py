@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pdserve.kv.pool import ArrayBlockPool, batch_pieces
-from pdserve.kv.transfer import TransferClient, TransferEndpoint
+from pdserve.kv import TransferClient, TransferEndpoint
 
 
 class SlotPool:

@@ -21,6 +21,7 @@ from pdserve.kv import (
     TransferRefused,
     TransferTimeout,
 )
+from pdserve.kv.host import host_id
 from pdserve.kv.pool import BatchStream, batch_pieces, segment_checksums
 
 TAG = "test-model/float16/bs16"
@@ -66,11 +67,47 @@ def endpoints():
         ep.stop()
 
 
+class PathClient:
+    """A TransferClient that pulls over one path (the test's parameter) and checks that it did: the behaviour
+    suite runs over every path this machine has, unchanged."""
+
+    def __init__(self, path: str, **kwargs):
+        self.path = path
+        self._client = TransferClient(transport=path, **kwargs)
+
+    async def pull(self, *args, **kwargs):
+        result = await self._client.pull(*args, peer_host_id=host_id(), peer_transports=("tcp", "shm"), **kwargs)
+        assert result.transport == self.path
+        return result
+
+    def close(self):
+        self._client.close()
+
+    def __getattr__(self, name):  # the rest of the client, for tests that look inside
+        return getattr(self._client, name)
+
+
+@pytest.fixture(params=["tcp", "shm"])
+def path(request):
+    return request.param
+
+
 @pytest.fixture
-def client():
-    c = TransferClient()
-    yield c
-    c.close()
+def make_client(path):
+    made = []
+
+    def make(**kwargs):
+        made.append(PathClient(path, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
 
 
 def allow(ep, transfer_id="t1", block_ids=range(16), token=TOKEN, ttl_s=30.0):
@@ -164,7 +201,7 @@ async def test_pull_of_a_subset_of_the_allowed_blocks(endpoints, client):
     assert local.block_bytes(0) == remote.block_bytes(4) and local.block_bytes(1) == remote.block_bytes(2)
 
 
-async def test_on_pull_sees_traceparent_and_sizes(endpoints, client):
+async def test_on_pull_sees_traceparent_sizes_and_path(endpoints, client, path):
     seen = []
     ep = endpoints(make_pool(seed=4), on_pull=lambda *args: seen.append(args))
     allow(ep, block_ids=[0, 1])
@@ -174,16 +211,17 @@ async def test_on_pull_sees_traceparent_and_sizes(endpoints, client):
         if seen:
             break
         await asyncio.sleep(0.01)
-    ((transfer_id, traceparent, num_blocks, num_bytes, seconds),) = seen
-    assert (transfer_id, traceparent, num_blocks, num_bytes) == ("t1", tp, 2, 2 * 4096) and seconds >= 0
+    ((transfer_id, traceparent, num_blocks, num_bytes, seconds, transport),) = seen
+    assert (transfer_id, traceparent, num_blocks, num_bytes, transport) == ("t1", tp, 2, 2 * 4096, path)
+    assert seconds >= 0
 
 
-async def test_many_concurrent_pulls_from_one_endpoint(endpoints):
+async def test_many_concurrent_pulls_from_one_endpoint(endpoints, make_client):
     remote = make_pool((50_000, 3000), num_blocks=64, seed=5)
     local = make_pool((50_000, 3000), num_blocks=64)
     ep = endpoints(remote, batch_blocks=2)
     # Fewer threads than pulls, so some wait their turn; one message of credit, so every message waits for one.
-    client = TransferClient(max_concurrent_pulls=8, window_messages=1)
+    client = make_client(max_concurrent_pulls=8, window_messages=1)
     try:
         pulls = []
         for i in range(32):
@@ -234,7 +272,7 @@ async def test_released_transfer_refused(endpoints, client):
     assert err.reason == "released"
 
 
-async def test_release_during_a_pull_stops_it(endpoints):
+async def test_release_during_a_pull_stops_it(endpoints, make_client):
     class SlowPool(BytearrayPool):  # the decode side takes 50 ms per block, so the pull is still running
         def segments(self, block_id):
             time.sleep(0.05)
@@ -242,7 +280,7 @@ async def test_release_during_a_pull_stops_it(endpoints):
 
     ep = endpoints(make_pool(seed=15), batch_blocks=1)
     allow(ep, block_ids=range(8))
-    client = TransferClient(window_messages=1)
+    client = make_client(window_messages=1)
     try:
         task = asyncio.create_task(
             client.pull(ep.address, "t1", TOKEN, list(range(8)), SlowPool((4096,), 8), list(range(8)), timeout_s=5))

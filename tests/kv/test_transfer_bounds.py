@@ -16,7 +16,7 @@ import orjson
 import zmq
 
 from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint
-from pdserve.kv.transfer import _SEND_QUEUE_MESSAGES, PROTOCOL_VERSION
+from pdserve.kv.wire import PROTOCOL_VERSION, SEND_QUEUE_MESSAGES as _SEND_QUEUE_MESSAGES
 
 TAG = "bounds/float16/bs16"
 TOKEN = "s3cret-token"
@@ -108,14 +108,14 @@ async def test_refusal_logs_are_bounded_and_cut_short(caplog):
     huge_id = "T" * 200
     try:
         sock.connect(ep.address)
-        with caplog.at_level(logging.WARNING, logger="pdserve.kv.transfer"):
+        with caplog.at_level(logging.WARNING, logger="pdserve.kv.endpoint"):
             for i in range(2000):
                 sock.send(bad_pull(i, huge_id))
                 if i % 100 == 0:  # read as we go: the peer is well-behaved, only wrong
                     while sock.poll(0):
                         sock.recv()
             wait_for(lambda: ep.stats()["num_transfers_refused"] == 2000)
-        lines = [r.getMessage() for r in caplog.records if r.name == "pdserve.kv.transfer"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "pdserve.kv.endpoint"]
         assert 1 <= len(lines) <= 40, len(lines)
         assert all(len(line) < 1500 for line in lines) and huge_id not in "".join(lines)
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdserve.kv.transfer import TransferClient, TransferEndpoint  # noqa: E402
+from pdserve.kv import TransferClient, TransferEndpoint  # noqa: E402
 from pdserve.kv.vllm_pool import CpuKVPool, block_segments, make_kv_block_pool  # noqa: E402
 from pdserve.protocol import KVLayout  # noqa: E402
 

@@ -44,6 +44,7 @@ class KVLoadReport:
     transfer_ms: float
     recomputed: bool
     error: str | None = None
+    transport: str = ""  # the path the bytes took (tcp, shm); "" when nothing was pulled
 
 
 class KVLoadError(Exception):

@@ -31,7 +31,7 @@ from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
-from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError, TransferResult
+from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
 from pdserve.tracing import SpanKind
 
@@ -57,6 +57,7 @@ class MockEngine(Engine):
     def __init__(
         self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,
         ms_per_decode_step: float, advertise_host: str, bind_host: str, kv_pull_timeout_s: float,
+        kv_transport: str = "auto",
         prefix_caching: bool = False,
     ):
         self.worker_id = worker_id
@@ -75,11 +76,12 @@ class MockEngine(Engine):
         self._held: dict[str, _Held] = {}
         self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host,
                                           on_pull=self._on_pull)
-        self._client = TransferClient()
+        self._client = TransferClient(transport=kv_transport)
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
-                          "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0}
+                          "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0,
+                          "num_kv_pulls_tcp": 0, "num_kv_pulls_shm": 0}
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -126,7 +128,8 @@ class MockEngine(Engine):
         params = KVTransferParams(
             worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id,
             token=token_secret, block_ids=tuple(held.block_ids), num_tokens=len(prompt_token_ids),
-            kv_layout=self._layout, lease_expires_at=expires_at,
+            kv_layout=self._layout, lease_expires_at=expires_at, host_id=self._endpoint.host_id,
+            transports=self._endpoint.transports,
         )
         return PrefillResult(token, text, None, params, num_cached_tokens=num_cached_tokens, queue_ms=queue_ms)
 
@@ -197,8 +200,10 @@ class MockEngine(Engine):
                     self._counters["num_kv_blocks_received"] += result.num_blocks
                     self._counters["num_kv_bytes_received"] += result.num_bytes
                     self._counters["kv_transfer_ms"] += result.seconds * 1000
+                    self._counters[f"num_kv_pulls_{result.transport}"] += 1
                     self._report_load(request_id, KVLoadReport(result.num_blocks, result.num_bytes,
-                                                               result.seconds * 1000, recomputed=False))
+                                                               result.seconds * 1000, recomputed=False,
+                                                               transport=result.transport))
                     return
             except TransferError as e:
                 error = f"{type(e).__name__}: {e}"
@@ -216,18 +221,20 @@ class MockEngine(Engine):
         with tracing.span("kv pull", kind=SpanKind.CLIENT, attributes=attributes) as span:
             result = await self._client.pull(
                 params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
-                timeout_s=self._kv_pull_timeout_s, traceparent=tracecontext.current())
+                timeout_s=self._kv_pull_timeout_s, traceparent=tracecontext.current(), peer_host_id=params.host_id,
+                peer_transports=params.transports)
             span.set_attributes(tracing.transfer_attributes(result.num_blocks, result.num_bytes, result.seconds))
+            span.set_attribute("kv_transport", result.transport)
             return result
 
     def _on_pull(self, transfer_id: str, traceparent: str | None, num_blocks: int, num_bytes: int,
-                 seconds: float) -> None:
+                 seconds: float, transport: str) -> None:
         """On the endpoint's thread, after a pull was served: the "kv serve" span, child of the puller's span."""
         if not tracing.enabled():
             return
         request_id = next((r for r, h in list(self._held.items()) if h.transfer_id == transfer_id), "")
         attributes = {"request_id": request_id, "worker_id": self.worker_id, "transfer_id": transfer_id,
-                      **tracing.transfer_attributes(num_blocks, num_bytes, seconds)}
+                      "kv_transport": transport, **tracing.transfer_attributes(num_blocks, num_bytes, seconds)}
         tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=seconds,
                             context=tracecontext.context_of(traceparent), attributes=attributes)
 
@@ -359,6 +366,8 @@ class MockEngine(Engine):
             "num_kv_blocks_sent": endpoint["num_blocks_sent"],
             "num_kv_bytes_sent": endpoint["num_bytes_sent"],
             "num_transfers_refused": endpoint["num_transfers_refused"],
+            "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()),
+            "kv_transports": list(self._endpoint.transports),
         }
 
 

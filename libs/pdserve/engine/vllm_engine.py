@@ -42,6 +42,7 @@ class VllmEngine(Engine):
     def __init__(
         self, *, worker_id: str, model_path: Path, served_model_name: str, max_model_len: int, block_size: int,
         dtype: str, advertise_host: str, bind_host: str, kv_lease_s: float, kv_pull_timeout_s: float,
+        kv_transport: str = "auto",
         kv_cache_gib: int, cpu_cores: str | None, enforce_eager: bool, prefix_caching: bool = False,
     ):
         self.worker_id = worker_id
@@ -54,6 +55,7 @@ class VllmEngine(Engine):
         self._bind_host = bind_host
         self._kv_lease_s = kv_lease_s
         self._kv_pull_timeout_s = kv_pull_timeout_s
+        self._kv_transport = kv_transport
         self._kv_cache_gib = kv_cache_gib
         self._cpu_cores = cpu_cores
         self._enforce_eager = enforce_eager
@@ -106,6 +108,7 @@ class VllmEngine(Engine):
                     "worker_id": self.worker_id, "model_name": self._served_model_name,
                     "advertise_host": self._advertise_host, "bind_host": self._bind_host,
                     "lease_s": self._kv_lease_s, "pull_timeout_s": self._kv_pull_timeout_s,
+                    "transport": self._kv_transport,
                     "stats_path": self._stats_path,
                 },
             ),
@@ -194,6 +197,7 @@ class VllmEngine(Engine):
         if tracing.enabled():
             for pull in report["served"]:
                 attributes = {"request_id": request_id, "worker_id": self.worker_id,
+                              "kv_transport": pull.get("transport", "tcp"),
                               **tracing.transfer_attributes(pull["num_blocks"], pull["num_bytes"], pull["seconds"])}
                 tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=pull["seconds"],
                                     end_ns=pull["ended_at_ns"], context=tracecontext.context_of(pull["traceparent"]),
@@ -267,6 +271,7 @@ class VllmEngine(Engine):
             else:
                 pull_span.set_attributes(tracing.transfer_attributes(
                     report["num_blocks"], report["num_bytes"], report["transfer_ms"] / 1000))
+                pull_span.set_attribute("kv_transport", report.get("transport", "tcp"))
             pull_span.end()
         if report is None:
             log.warning("request %s: the connector has no load report", request_id)
@@ -274,7 +279,7 @@ class VllmEngine(Engine):
         if self.on_kv_loaded:
             self.on_kv_loaded(request_id, KVLoadReport(
                 num_blocks=report["num_blocks"], num_bytes=report["num_bytes"], transfer_ms=report["transfer_ms"],
-                recomputed=report["recomputed"], error=report.get("error")))
+                recomputed=report["recomputed"], error=report.get("error"), transport=report.get("transport") or ""))
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:

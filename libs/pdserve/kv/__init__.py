@@ -1,18 +1,23 @@
-"""KV cache data plane: block pools and the ZeroMQ block transfer between prefill and decode."""
+"""KV cache data plane: block pools and the block transfer between prefill and decode.
 
-from pdserve.kv.pool import ArrayBlockPool, BlockPool
-from pdserve.kv.transfer import (
+endpoint.py serves a pool's blocks, client.py pulls them; wire.py is their protocol; the bytes take the path
+the peers share: TCP frames over ZeroMQ anywhere, or on one host the peer's memory itself (shm.py, host.py).
+"""
+
+from pdserve.kv.client import TRANSPORTS, TransferClient
+from pdserve.kv.endpoint import TransferEndpoint, default_batch_blocks
+from pdserve.kv.errors import (
     LayoutMismatch,
-    TransferClient,
-    TransferEndpoint,
     TransferError,
     TransferIntegrityError,
     TransferRefused,
     TransferResult,
     TransferTimeout,
 )
+from pdserve.kv.pool import ArrayBlockPool, BlockPool
 
 __all__ = [
+    "TRANSPORTS",
     "ArrayBlockPool",
     "BlockPool",
     "LayoutMismatch",
@@ -23,4 +28,5 @@ __all__ = [
     "TransferRefused",
     "TransferResult",
     "TransferTimeout",
+    "default_batch_blocks",
 ]

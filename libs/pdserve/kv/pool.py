@@ -75,6 +75,7 @@ class ArrayBlockPool:
         self.num_blocks: int = counts.pop()
         self.segment_nbytes: tuple[int, ...] = tuple(int(rows.shape[1]) for rows in self._rows)
         self.layout_tag: str = layout_tag
+        self._iov_table: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, num_blocks: int, block_nbytes: int, layout_tag: str = "") -> ArrayBlockPool:
@@ -94,6 +95,19 @@ class ArrayBlockPool:
             raise IndexError(f"blocks {first_block}..{first_block + num_blocks - 1} are outside the pool of "
                              f"{self.num_blocks}")
         return memoryview(self._rows[segment_index][first_block:first_block + num_blocks].reshape(-1))
+
+    def segment_iov(self, block_ids: Sequence[int]) -> np.ndarray:
+        """[address, length] of every segment of the blocks in this process's memory, segment-major (the order of
+        batch_pieces), computed at once: the shm path describes a batch with it. Optional for pools."""
+        if self._iov_table is None:  # per segment array: base address, row stride, row length
+            self._iov_table = np.array([[rows.ctypes.data, rows.strides[0], rows.shape[1]] for rows in self._rows],
+                                       dtype=np.uint64)
+        bases, strides, lengths = self._iov_table[:, 0:1], self._iov_table[:, 1:2], self._iov_table[:, 2:3]
+        rows = np.asarray(block_ids, dtype=np.uint64)[None, :]
+        iov = np.empty((len(self._rows), rows.shape[1], 2), dtype=np.uint64)
+        iov[:, :, 0] = bases + rows * strides
+        iov[:, :, 1] = lengths
+        return iov.reshape(-1, 2)
 
     def block_bytes(self, block_id: int) -> bytes:
         """The block's segments concatenated (a copy; for tests and debugging)."""
@@ -124,12 +138,16 @@ def segment_checksums(pool: BlockPool, block_ids: Sequence[int]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _spans_agree_with_segments(cls: type) -> bool:
-    """Whether cls has segment_span() from the same class as its segments(): a subclass that overrides only
-    segments() (a staging pool, say) must not be read around through the parent's spans."""
+def _agrees_with_segments(cls: type, method: str) -> bool:
+    """Whether cls has `method` (segment_span, segment_iov) from the same class as its segments(): a subclass that
+    overrides only segments() (a staging pool, say) must not be read around through the parent's method."""
     def owner(name: str) -> type | None:
         return next((c for c in cls.__mro__ if name in vars(c)), None)
-    return owner("segment_span") is not None and owner("segment_span") is owner("segments")
+    return owner(method) is not None and owner(method) is owner("segments")
+
+
+def _spans_agree_with_segments(cls: type) -> bool:
+    return _agrees_with_segments(cls, "segment_span")
 
 
 def batch_pieces(pool: BlockPool, block_ids: Sequence[int]) -> list[tuple[memoryview, int, range]]:
@@ -196,3 +214,31 @@ class BatchStream:
         """One xxh3_64 per segment index of the pool."""
         assert self.nbytes_left == 0, "checksums of a batch walked only in part"
         return [h.intdigest() for h in self._hashers]
+
+
+def pieces_checksums(pieces: Sequence[tuple[memoryview, int, range]], num_segments: int) -> list[int]:
+    """xxh3_64 of each segment index over batch_pieces() (what BatchStream.checksums() gives for a batch)."""
+    hashers = [xxhash.xxh3_64() for _ in range(num_segments)]
+    for view, segment_index, _ in pieces:
+        hashers[segment_index].update(view)
+    return [h.intdigest() for h in hashers]
+
+
+def batch_iov(pool: BlockPool, block_ids: Sequence[int]) -> np.ndarray:
+    """[address, length] of the batch's bytes in this process's memory, in batch_pieces order (the pool's own
+    segment_iov() where it has one and no staging rows; else from the pieces' views)."""
+    if _agrees_with_segments(type(pool), "segment_iov") and not hasattr(pool, "row_of"):
+        return coalesced(pool.segment_iov(block_ids))
+    return coalesced(np.array([[np.frombuffer(view, dtype=np.uint8).ctypes.data, view.nbytes]
+                               for view, _, _ in batch_pieces(pool, block_ids)], dtype=np.uint64).reshape(-1, 2))
+
+
+def coalesced(pieces: np.ndarray) -> np.ndarray:
+    """Adjacent pieces (one ends where the next starts: rows of consecutive blocks) joined: the kernel pins the
+    pages of each piece on its own, so 6 KiB pieces cost it far more than the bytes do (measured: 2 GB/s)."""
+    if len(pieces) < 2:
+        return pieces
+    starts_run = np.ones(len(pieces), dtype=bool)
+    starts_run[1:] = pieces[1:, 0] != pieces[:-1, 0] + pieces[:-1, 1]
+    first = np.flatnonzero(starts_run)
+    return np.stack([pieces[first, 0], np.add.reduceat(pieces[:, 1], first)], axis=1)

@@ -63,7 +63,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pdserve import tracecontext
-from pdserve.kv.transfer import TransferClient, TransferEndpoint, TransferError, TransferRefused
+from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.protocol import KVLayout, KVTransferParams
 
@@ -121,9 +121,12 @@ def kv_layout_from_config(kv_cache_config: "KVCacheConfig") -> KVLayout:
 
 @dataclass
 class PdserveHandshake(KVConnectorHandshakeMetadata):
-    """Worker -> scheduler at start-up: where this engine's transfer endpoint listens."""
+    """Worker -> scheduler at start-up: where this engine's transfer endpoint listens, its host identity and the
+    paths it offers (they go to pullers in KVTransferParams)."""
 
     address: str
+    host_id: str = ""
+    transports: tuple[str, ...] = ("tcp",)
 
 
 @dataclass
@@ -289,6 +292,7 @@ class _SchedulerSide:
         self.hold_mode = hold_mode
         self.block_pool: "VllmBlockPool | None" = None
         self.address: str | None = None
+        self.host_id, self.transports = "", ("tcp",)
         self._plans: dict[str, _LoadPlan] = {}
         self._attempted: set[str] = set()  # one load per request: a retry after failure computes locally
         self._loading: set[str] = set()  # loads started and not yet reported finished
@@ -309,10 +313,12 @@ class _SchedulerSide:
             self._usage = None
 
     def set_handshake(self, metadata: dict) -> None:
-        addresses = {m.address for m in metadata.values() if isinstance(m, PdserveHandshake)}
+        handshakes = [m for m in metadata.values() if isinstance(m, PdserveHandshake)]
+        addresses = {m.address for m in handshakes}
         if len(addresses) != 1:
             raise ValueError(f"pdserve expects one KV transfer endpoint per engine (one worker), got {sorted(addresses)}")
         self.address = addresses.pop()
+        self.host_id, self.transports = handshakes[0].host_id, tuple(handshakes[0].transports)
         logger.info("kv connector: this engine serves KV from %s (%s, %s holds)", self.address, self.layout,
                     self.hold_mode)
 
@@ -395,7 +401,8 @@ class _SchedulerSide:
         self._meta.holds.append(hold)
         kv_params = KVTransferParams(
             worker_id=self.worker_id, address=self.address, transfer_id=hold.transfer_id, token=hold.token,
-            block_ids=tuple(held), num_tokens=num_tokens, kv_layout=self.layout, lease_expires_at=expires_at)
+            block_ids=tuple(held), num_tokens=num_tokens, kv_layout=self.layout, lease_expires_at=expires_at,
+            host_id=self.host_id, transports=self.transports)
         out = {"pdserve": kv_params.model_dump(mode="json")}
         if self.hold_mode == "delay_free":
             return True, out
@@ -468,6 +475,7 @@ class _WorkerSide:
         self.bind_host = str(extra.get("bind_host", "127.0.0.1"))
         self.advertise_host = str(extra.get("advertise_host", "127.0.0.1"))
         self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
+        self.transport = str(extra.get("transport", "auto"))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self.pool = None
         self.endpoint: TransferEndpoint | None = None
@@ -484,7 +492,8 @@ class _WorkerSide:
         self._recv_failed: set[str] = set()
         self._load_error_blocks: set[int] = set()
         self._reports: dict[str, dict] = {}
-        self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0)
+        self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
+                              num_kv_pulls_tcp=0, num_kv_pulls_shm=0)
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None
         # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
@@ -503,7 +512,7 @@ class _WorkerSide:
         self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
                                          on_pull=self._on_pull_served)
         self.endpoint.start()
-        self._client = TransferClient()
+        self._client = TransferClient(transport=self.transport)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-pulls", daemon=True)
         self._loop_thread.start()
@@ -516,7 +525,7 @@ class _WorkerSide:
 
     def handshake(self) -> PdserveHandshake:
         assert self.endpoint is not None, "register_kv_caches() comes first"
-        return PdserveHandshake(self.endpoint.address)
+        return PdserveHandshake(self.endpoint.address, self.endpoint.host_id, self.endpoint.transports)
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -592,9 +601,9 @@ class _WorkerSide:
         return {"released": self._end_hold(rid, "released"), "served": served}
 
     def _on_pull_served(self, transfer_id: str, traceparent: str | None, num_blocks: int, num_bytes: int,
-                        seconds: float) -> None:
+                        seconds: float, transport: str) -> None:
         record = dict(traceparent=traceparent, num_blocks=num_blocks, num_bytes=num_bytes, seconds=seconds,
-                      ended_at_ns=time.time_ns())
+                      transport=transport, ended_at_ns=time.time_ns())
         with self._served_lock:
             self._served.setdefault(transfer_id, []).append(record)
             while len(self._served) > _MAX_REPORTS:  # transfers never released (leases that expired)
@@ -642,7 +651,7 @@ class _WorkerSide:
                     result = await self._client.pull(
                         params.address, params.transfer_id, params.token, spec.remote_block_ids, self.pool,
                         spec.local_block_ids, timeout_s=max(deadline - time.monotonic(), 0.001),
-                        traceparent=spec.traceparent)
+                        traceparent=spec.traceparent, peer_host_id=params.host_id, peer_transports=params.transports)
                     break
                 except TransferRefused as e:
                     waited = time.monotonic() - started
@@ -681,8 +690,9 @@ class _WorkerSide:
                 self._counters["num_kv_blocks_received"] += result.num_blocks
                 self._counters["num_kv_bytes_received"] += result.num_bytes
                 self._counters["kv_transfer_ms"] += ms
+                self._counters[f"num_kv_pulls_{result.transport}"] += 1
                 self._add_report(rid, dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes,
-                                           transfer_ms=ms, recomputed=False, error=None))
+                                           transfer_ms=ms, recomputed=False, error=None, transport=result.transport))
                 logger.debug("request %s: pulled %d blocks, %d B in %.1f ms", rid, result.num_blocks,
                              result.num_bytes, ms)
             elif load.cancelled:
@@ -749,6 +759,8 @@ class _WorkerSide:
             "num_held_blocks": sum(len(h.block_ids) for h in holds),
             "num_held_transfers": len(holds),
             "num_transfers_refused": endpoint.get("num_transfers_refused", 0),
+            "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()) if self._client is not None else 0,
+            "kv_transports": list(self.endpoint.transports) if self.endpoint is not None else [],
             "num_loads_in_flight": len(self._loads),
             "num_total_blocks": self.num_blocks,
         }

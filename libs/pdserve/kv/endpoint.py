@@ -1,0 +1,470 @@
+"""The prefill side of a KV transfer: a ZeroMQ ROUTER that serves a pool's blocks to pulls presenting an
+allowed transfer id and its token (wire.py has the protocol), over TCP frames or, to a puller on this host, as
+descriptors of its own memory (shm.py)."""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import orjson
+import zmq
+
+from pdserve.kv import shm, wire
+from pdserve.kv.errors import describe_layout
+from pdserve.kv.host import host_id
+from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
+from pdserve.throttled_log import ThrottledLog, clip
+
+logger = logging.getLogger(__name__)
+
+_MIN_SPAN_NBYTES = 768 << 10  # see default_batch_blocks()
+_FORGET_EXPIRED_AFTER_S = 600.0  # an allowed transfer nobody released is dropped this long after expiry
+_REMEMBER_GONE = 4096  # released/expired ids kept so late pulls get the precise reason
+# One shm message describes this much of a batch: small enough that the endpoint checksums the next batch
+# while the puller copies this one, large enough that the per-message work is a small part of it.
+SHM_BATCH_NBYTES = 8 << 20
+
+
+@dataclass
+class _Allowed:
+    token: bytes
+    block_ids: frozenset[int]
+    expires_at: float
+    released: bool = False
+
+
+@dataclass
+class _Pull:
+    identity: bytes
+    nonce: str
+    transfer_id: str
+    allowed: _Allowed
+    block_ids: list[int]
+    traceparent: str | None
+    credit: int  # messages the client will still take
+    deadline: float  # monotonic; past it the client has stopped granting credit and is gone
+    path: str = "tcp"  # how the bytes go: tcp frames, or shm descriptors (wire.py)
+    started: float = field(default_factory=time.monotonic)
+    batch: BatchStream | None = None  # the batch being sent
+    batch_first: int = 0  # its first position in block_ids
+    next_index: int = 0  # first position of the next batch
+    num_bytes: int = 0
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def default_batch_blocks(pool: BlockPool) -> int:
+    """32 blocks, or more where segments are small, so that one segment of a run of blocks is a frame of
+    at least ~768 KiB. Measured on a 16-core host (benchmarks/transfer.py, SmolLM2 as 60 segments of 6 KiB
+    per block): 0.84x the raw socket with 32-block batches (192 KiB frames), 0.96x with 128."""
+    return max(32, math.ceil(_MIN_SPAN_NBYTES / max(1, min(pool.segment_nbytes))))
+
+
+class TransferEndpoint:
+    """Serves a pool's blocks to pulls that present an allowed transfer id and its token.
+
+    One thread owns the ROUTER socket; allow()/release()/stats() may be called from any thread.
+    batch_blocks: blocks per batch, the unit of checksums and of consecutive-block runs (runs of per-layer
+    segments move as one frame, so larger batches help layouts with small segments; memory in flight is
+    bounded by the client's credit, not by this). None: default_batch_blocks(pool). on_pull(transfer_id, traceparent, num_blocks, num_bytes,
+    seconds, transport) is called on the serving thread after each pull served; keep it short.
+    tune_malloc: see wire.tune_malloc_for_transfers(). offer_shm: let pullers on this host read the pool's memory
+    themselves (the shm path), where the kernel allows it; `transports` and `host_id` say what is offered, and
+    go to pullers in KV-ready (KVTransferParams).
+    """
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        bind_host: str = "0.0.0.0",
+        advertise_host: str = "127.0.0.1",
+        batch_blocks: int | None = None,
+        io_threads: int = 1,
+        on_pull: Callable[[str, str | None, int, int, float, str], None] | None = None,
+        tune_malloc: bool = True,
+        offer_shm: bool = True,
+    ) -> None:
+        # An explicit batch_blocks is the unit of both paths; by default each path has its own.
+        self.shm_batch_blocks = batch_blocks or max(1, SHM_BATCH_NBYTES // max(1, sum(pool.segment_nbytes)))
+        batch_blocks = default_batch_blocks(pool) if batch_blocks is None else batch_blocks
+        if batch_blocks < 1:
+            raise ValueError(f"batch_blocks must be >= 1, got {batch_blocks}")
+        self.pool = pool
+        self.bind_host = bind_host
+        self.advertise_host = advertise_host
+        self.batch_blocks = batch_blocks
+        self.on_pull = on_pull
+        self._io_threads = io_threads
+        self._tune_malloc = tune_malloc
+        self._lock = threading.Lock()
+        self._cutting = threading.Lock()  # held while a message is cut from pool memory; see release()
+        self._allowed: dict[str, _Allowed] = {}
+        self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._stats = dict(num_blocks_sent=0, num_bytes_sent=0, num_transfers_served=0, num_transfers_refused=0)
+        self._pulls: list[_Pull] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._address: str | None = None
+        self._paused_until = 0.0
+        self._corrupt_next = False
+        self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
+        # A pull request names each block once at most (a few bytes each) and a few fields: anything much larger is
+        # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
+        self.max_request_nbytes = 64 * 1024 + 12 * (pool.num_blocks + len(pool.segment_nbytes))
+        self.transports: tuple[str, ...] = ("tcp", "shm") if offer_shm and shm.offer() else ("tcp",)
+        self.host_id = host_id()
+
+    # ---- lifecycle
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            raise RuntimeError("TransferEndpoint.address is known only after start()")
+        return self._address
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("TransferEndpoint.start() called twice; create a new endpoint to restart")
+        if self._tune_malloc:
+            wire.tune_malloc_for_transfers()
+        self._ctx = zmq.Context(self._io_threads)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.router_mandatory = 1  # a vanished client raises EHOSTUNREACH instead of silently eating batches
+        # Credit bounds the data queued per pull (and a peer's pulls are bounded), so a well-behaved peer never
+        # reaches this; one that sends requests and never reads finds its queue full and gets nothing more.
+        sock.sndhwm = wire.SEND_QUEUE_MESSAGES
+        sock.maxmsgsize = self.max_request_nbytes
+        if ":" in self.bind_host:
+            sock.ipv6 = True
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        sock.bind(f"tcp://{host}:0")
+        port = int(sock.last_endpoint.decode().rsplit(":", 1)[1])
+        adv = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
+        self._address = f"tcp://{adv}:{port}"
+        self._coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, sock.copy_threshold)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name=f"kv-endpoint-{port}", daemon=True)
+        self._thread.start()
+        logger.info("kv transfer endpoint serving on %s (bound %s:%d; paths %s)", self._address, self.bind_host, port,
+                    "+".join(self.transports))
+
+    def stop(self) -> None:
+        if self._thread is None or self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._thread.join(timeout=5.0)
+        if self._thread.is_alive():
+            logger.error("kv transfer endpoint %s: serving thread did not stop within 5 s", self._address)
+            return  # closing a socket another thread still uses would crash; the thread is a daemon
+        self._sock.close(linger=0)
+        self._ctx.term()
+        logger.info("kv transfer endpoint %s stopped", self._address)
+
+    # ---- book-keeping (any thread)
+
+    def allow(self, transfer_id: str, token: str, block_ids: Sequence[int], expires_at: float) -> None:
+        """Let a pull presenting `token` read `block_ids` until `expires_at` (time.time() based)."""
+        bad = [b for b in block_ids if not 0 <= b < self.pool.num_blocks]
+        if bad:
+            raise ValueError(f"transfer {transfer_id}: block ids {bad[:8]} outside the pool of {self.pool.num_blocks}")
+        if not token:
+            raise ValueError(f"transfer {transfer_id}: an empty token would let anyone read the blocks")
+        with self._lock:
+            if transfer_id in self._allowed:
+                raise ValueError(f"transfer {transfer_id} is already allowed; transfer ids must be unique")
+            self._gone.pop(transfer_id, None)
+            self._allowed[transfer_id] = _Allowed(token.encode(), frozenset(block_ids), expires_at)
+
+    def release(self, transfer_id: str) -> bool:
+        """Forget the transfer: later pulls are refused ("released"), one in progress at its next message.
+        Once this returns, the endpoint reads none of the transfer's blocks again (the caller may reuse
+        them). Returns False if it was unknown or already released."""
+        with self._lock:
+            allowed = self._allowed.pop(transfer_id, None)
+            if allowed is None:
+                return False
+            allowed.released = True
+            self._remember_gone(transfer_id, "released")
+        with self._cutting:  # a message being cut right now may still read the blocks: wait for it
+            pass
+        return True
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self._stats, num_transfers_allowed=len(self._allowed))
+
+    def _remember_gone(self, transfer_id: str, reason: str) -> None:
+        self._gone[transfer_id] = reason
+        while len(self._gone) > _REMEMBER_GONE:
+            self._gone.popitem(last=False)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self._stats[k] += v
+
+    # ---- test hooks
+
+    def pause_for_tests(self, seconds: float) -> None:
+        """Test hook: the serving thread neither reads nor sends for `seconds` (a stalled prefill)."""
+        self._paused_until = time.monotonic() + seconds
+
+    def _corrupt_next_send_for_tests(self) -> None:
+        """Test hook: flip a byte of the next message sent, after its blocks' checksums were fed."""
+        self._corrupt_next = True
+
+    # ---- serving thread
+
+    def _serve(self) -> None:
+        next_reap = 0.0
+        while not self._stopping.is_set():
+            ready = any(p.credit > 0 for p in self._pulls)
+            try:
+                readable = self._sock.poll(0 if ready else wire.POLL_MS)
+                if self._paused_until > time.monotonic():  # checked after poll: pausing may race with it
+                    self._stopping.wait(min(self._paused_until - time.monotonic(), wire.POLL_MS / 1000))
+                    continue
+                if readable:
+                    self._receive_all()
+                self._send_round()
+            except Exception:  # one bad message or peer must not take the endpoint down
+                logger.exception("kv transfer endpoint %s: unexpected error in serving loop", self._address)
+            now = time.monotonic()
+            if now >= next_reap:
+                self._reap(now)
+                next_reap = now + 1.0
+
+    def _receive_all(self) -> None:
+        for _ in range(256):  # bounded, so sending is never starved by a flood of requests
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._complaints.warning("kv transfer endpoint: dropped a message of %d frames", len(frames))
+                continue
+            identity, raw = frames
+            header = None
+            try:
+                header = orjson.loads(raw)
+                if not isinstance(header, dict):
+                    raise _BadRequest("header is not an object")
+                op = header.get("op")
+                if op == "pull":
+                    self._on_pull_request(identity, header)
+                elif op == "credit":
+                    self._on_credit(identity, header)
+                else:
+                    raise _BadRequest(f"unknown op {op!r}")
+            except (orjson.JSONDecodeError, _BadRequest, KeyError, TypeError, ValueError) as e:
+                nonce = header.get("nonce") if isinstance(header, dict) else None
+                tid = header.get("transfer_id") if isinstance(header, dict) else None
+                self._complaints.warning("transfer %s: bad request from peer: %s", clip(tid), clip(e))
+                self._count(num_transfers_refused=1)
+                self._send_error(identity, nonce if isinstance(nonce, str) else None, "bad_request",
+                                 f"malformed pull request ({clip(e)}); client and endpoint must run the same pdserve "
+                                 "version")
+
+    def _on_pull_request(self, identity: bytes, h: dict) -> None:
+        if h.get("v") != wire.PROTOCOL_VERSION:
+            raise _BadRequest(f"protocol version {h.get('v')!r}, endpoint speaks {wire.PROTOCOL_VERSION}")
+        nonce, tid, token = h["nonce"], h["transfer_id"], h.get("token") or ""
+        block_ids, segment_nbytes, layout_tag = h["block_ids"], h["segment_nbytes"], h["layout_tag"]
+        if not (isinstance(nonce, str) and isinstance(tid, str) and isinstance(token, str)
+                and isinstance(layout_tag, str) and isinstance(block_ids, list) and block_ids
+                and all(type(b) is int for b in block_ids)
+                and isinstance(segment_nbytes, list) and all(type(s) is int for s in segment_nbytes)):
+            raise _BadRequest("fields of the wrong type, or no block ids")
+        window = min(max(int(h.get("window", 2)), 1), wire.MAX_WINDOW)
+        timeout_s = min(max(float(h.get("timeout_s", 60.0)), 0.0), 3600.0)
+        if len(nonce) > 64 or len(tid) > 256 or len(token) > 256:
+            raise _BadRequest("nonce, transfer_id or token longer than any pdserve sends")
+        if len(self._pulls) >= wire.MAX_PULLS or sum(p.identity == identity for p in self._pulls) >= wire.MAX_PULLS_PER_PEER:
+            return self._refuse(identity, nonce, tid, "busy", f"transfer {tid}: the endpoint serves its limit of pulls "
+                                f"({wire.MAX_PULLS_PER_PEER} per connection, {wire.MAX_PULLS} in all); retry or recompute")
+
+        with self._lock:
+            allowed = self._allowed.get(tid)
+            gone = self._gone.get(tid)
+        if allowed is None:
+            reason = gone or "unknown"
+            why = {"unknown": "it was never allowed here (wrong address, or the prefill worker restarted)",
+                   "released": "the prefill side already released it (pulled, cancelled, or lease ended)",
+                   "expired": "its lease expired and the prefill side forgot it"}[reason]
+            return self._refuse(identity, nonce, tid, reason, f"transfer {tid}: {why}; recompute the prefill")
+        if not hmac.compare_digest(allowed.token, token.encode()):
+            return self._refuse(identity, nonce, tid, "bad_token",
+                                f"transfer {tid}: wrong or missing token; pass the token from its KV-ready message")
+        if time.time() > allowed.expires_at:
+            late = time.time() - allowed.expires_at
+            return self._refuse(identity, nonce, tid, "expired",
+                                f"transfer {tid}: lease expired {late:.3f} s ago; pull before lease_expires_at "
+                                "or lengthen the prefill lease")
+        if tuple(segment_nbytes) != self.pool.segment_nbytes or layout_tag != self.pool.layout_tag:
+            msg = (f"transfer {tid}: prefill has {describe_layout(self.pool.segment_nbytes, self.pool.layout_tag)}, "
+                   f"decode has {describe_layout(segment_nbytes, layout_tag)}; "
+                   "both sides must run the same model, dtype and block size")
+            return self._refuse(identity, nonce, tid, "layout", msg)
+        outside = [b for b in block_ids if b not in allowed.block_ids]
+        if outside:
+            return self._refuse(identity, nonce, tid, "bad_block",
+                                f"transfer {tid}: block ids {outside[:8]} were not allowed for it; "
+                                "pull only the block_ids from its KV-ready message")
+        path = h.get("path", "tcp")
+        if path not in self.transports:
+            return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: path {clip(path)!s} is not offered "
+                                f"here (this endpoint offers {', '.join(self.transports)}); pull over tcp")
+        tp = h.get("traceparent")
+        pull = _Pull(identity, nonce, tid, allowed, block_ids, tp if isinstance(tp, str) else None, window,
+                     deadline=time.monotonic() + timeout_s + 5.0, path=path)
+        self._pulls.append(pull)
+        logger.debug("transfer %s: serving %d blocks (traceparent %s)", tid, len(block_ids), pull.traceparent)
+
+    def _on_credit(self, identity: bytes, h: dict) -> None:
+        for p in self._pulls:
+            if p.identity == identity and p.nonce == h["nonce"]:
+                p.credit += int(h.get("n", 1))
+                return  # credit for a pull we dropped is harmless
+
+    def _refuse(self, identity: bytes, nonce: str, tid: str, reason: str, message: str) -> None:
+        self._complaints.warning("transfer %s: refused (%s): %s", clip(tid), reason, clip(message, 400))
+        self._count(num_transfers_refused=1)
+        self._send_error(identity, nonce, reason, message)
+
+    def _send_error(self, identity: bytes, nonce: str | None, reason: str, message: str) -> None:
+        header = orjson.dumps({"k": "error", "nonce": nonce, "reason": reason, "message": clip(message, 1000)})
+        try:
+            self._sock.send_multipart([identity, header], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the peer left, or does not read what it asked for: nobody takes this answer
+            logger.debug("could not deliver refusal %s: %s", reason, e)
+
+    def _send_round(self) -> None:
+        """One message for each pull that has credit: pulls in flight share the link message by message."""
+        for pull in list(self._pulls):
+            if pull.credit <= 0:
+                continue
+            try:
+                with self._cutting:
+                    if pull.allowed.released:
+                        self._pulls.remove(pull)
+                        self._refuse(pull.identity, pull.nonce, pull.transfer_id, "released",
+                                     f"transfer {pull.transfer_id}: released by the prefill side during the pull; "
+                                     "recompute the prefill")
+                        continue
+                    message = self._cut_message(pull)
+                self._sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:
+                self._pulls.remove(pull)
+                logger.warning("transfer %s: client went away mid-pull (%s); dropped", pull.transfer_id, e)
+                continue
+            except Exception as e:  # e.g. the pool failed: drop this pull, or the loop would retry it forever
+                self._pulls.remove(pull)
+                logger.exception("transfer %s: serving failed; pull dropped", pull.transfer_id)
+                self._refuse(pull.identity, pull.nonce, pull.transfer_id, "internal",
+                             f"transfer {pull.transfer_id}: the prefill endpoint failed while sending ({e!r}); "
+                             "see its log, and recompute the prefill")
+                continue
+            if pull.batch is None and pull.next_index == len(pull.block_ids):
+                self._pulls.remove(pull)
+                self._finish(pull)
+
+    def _cut_message(self, pull: _Pull) -> list:
+        """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
+        if pull.path == "shm":
+            return self._describe_batch(pull)
+        if pull.batch is None:
+            ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
+            pull.batch, pull.batch_first = BatchStream(self.pool, ids), pull.next_index
+            pull.next_index += len(ids)
+        batch = pull.batch
+        frames: list = []
+        small: list[memoryview] = []  # runs of small pieces are joined: zmq would copy each one, slower
+        small_nbytes = 0
+        for view in batch.walk(min(wire.MESSAGE_NBYTES, batch.nbytes_left)):
+            if view.nbytes >= self._coalesce_below:
+                if small:
+                    frames.append(b"".join(small))
+                    small, small_nbytes = [], 0
+                frames.append(view)
+            else:
+                small.append(view)
+                small_nbytes += view.nbytes
+                if small_nbytes >= self._coalesce_below:
+                    frames.append(b"".join(small))
+                    small, small_nbytes = [], 0
+        if small:
+            frames.append(b"".join(small))
+        if self._corrupt_next:  # after the checksums were fed from pool memory
+            self._corrupt_next = False
+            bad = bytearray(frames[0])
+            bad[0] ^= 0xFF
+            frames[0] = bytes(bad)
+        last = batch.nbytes_left == 0
+        header = orjson.dumps({"k": "data", "nonce": pull.nonce, "i": pull.batch_first, "c": batch.num_blocks,
+                               "h": batch.checksums() if last else None})
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        pull.num_bytes += nbytes
+        pull.credit -= 1
+        if last:
+            pull.batch = None
+        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
+        return [pull.identity, header, *frames]
+
+    def _describe_batch(self, pull: _Pull) -> list:
+        """shm: the pull's next batch as where its pieces lie in this process, with their checksums taken now."""
+        ids = pull.block_ids[pull.next_index:pull.next_index + self.shm_batch_blocks]
+        first, pull.next_index = pull.next_index, pull.next_index + len(ids)
+        checksums = pieces_checksums(batch_pieces(self.pool, ids), len(self.pool.segment_nbytes))
+        if self._corrupt_next:  # as if the bytes changed after they were described
+            self._corrupt_next = False
+            checksums[0] ^= 1
+        nbytes = len(ids) * sum(self.pool.segment_nbytes)
+        header = orjson.dumps({"k": "shm", "nonce": pull.nonce, "i": first, "c": len(ids), "pid": os.getpid(),
+                               "iov": batch_iov(self.pool, ids).tolist(), "h": checksums})
+        pull.num_bytes += nbytes
+        pull.credit -= 1
+        self._count(num_bytes_sent=nbytes, num_blocks_sent=len(ids))
+        return [pull.identity, header]
+
+    def _finish(self, pull: _Pull) -> None:
+        # Timed to the last message handed to zmq: at most `window` messages are still on the wire.
+        seconds = time.monotonic() - pull.started
+        self._count(num_transfers_served=1)
+        logger.debug("transfer %s: sent %d blocks, %d bytes in %.4f s", pull.transfer_id,
+                     len(pull.block_ids), pull.num_bytes, seconds)
+        if self.on_pull is not None:
+            try:
+                self.on_pull(pull.transfer_id, pull.traceparent, len(pull.block_ids), pull.num_bytes, seconds, pull.path)
+            except Exception:
+                logger.exception("transfer %s: on_pull callback failed", pull.transfer_id)
+
+    def _reap(self, now: float) -> None:
+        for pull in [p for p in self._pulls if now > p.deadline]:
+            self._pulls.remove(pull)
+            logger.warning("transfer %s: client stopped taking batches (%d of %d sent); dropped the pull",
+                           pull.transfer_id, pull.next_index, len(pull.block_ids))
+        wall = time.time()
+        with self._lock:
+            stale = [t for t, a in self._allowed.items() if wall > a.expires_at + _FORGET_EXPIRED_AFTER_S]
+            for tid in stale:
+                del self._allowed[tid]
+                self._remember_gone(tid, "expired")
+        for tid in stale:
+            logger.warning("transfer %s: never released, forgotten %.0f s after its lease expired",
+                           tid, _FORGET_EXPIRED_AFTER_S)
+
+
