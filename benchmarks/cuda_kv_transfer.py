@@ -1,17 +1,28 @@
-"""KV on a GPU, moved the way pdserve moves it: device -> pinned host -> ZeroMQ -> pinned host -> device.
+"""KV on a GPU, moved the ways pdserve moves it, beside what the device can do with the same bytes.
 
 Tensors are in vLLM's CUDA (flash-attention) layout, one [2, num_blocks, block_size, kv_heads, head_dim]
 tensor per layer, Llama-3-8B-shaped by default (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks:
-2 MiB per block). A scattered set of blocks moves from a "prefill" pool to other block ids of a "decode"
-pool, every stage timed separately and the result checked on the device. Needs CUDA; prints a table.
+2 MiB per block, 64 segments of 32 KiB). A scattered set of blocks moves from a "prefill" pool, in a process of
+its own, to other block ids of a "decode" pool, every result checked on the device:
 
-    python benchmarks/cuda_kv_transfer.py [--blocks 32] [--reps 5]
+  staged     : device -> pinned host (stage out) -> ZeroMQ/TCP -> pinned host -> device (stage in), each stage
+               timed, and end to end (the path between hosts; the stages are not overlapped yet)
+  cuda_ipc   : one whole pull over the cuda-ipc path (IPC handles opened at the first pull, one copy kernel
+               over a table of segment addresses, the endpoint's confirmation), timed around pull()
+  cuda_ipc_kernel: the copy kernel alone over the same table shape, in this process
+  device_copy: one contiguous device-to-device copy of the same number of bytes: the ceiling
+
+Needs CUDA. Ends with `ratio <path>/<reference> <value>` lines (medians).
+
+    python benchmarks/cuda_kv_transfer.py [--blocks 32] [--reps 5] [--out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import multiprocessing
 import statistics
 import time
@@ -19,6 +30,7 @@ import time
 import torch
 
 from pdserve.kv import TransferClient, TransferEndpoint
+from pdserve.kv.cuda_ipc import copy, copy_table, launch
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.protocol import KVLayout
 
@@ -35,7 +47,7 @@ def prefill_side(conn, num_blocks: int, layout: KVLayout) -> None:
     pool = make_kv_block_pool(caches(num_blocks, layout, 1), num_blocks, "llama3-8b", layout)
     endpoint = TransferEndpoint(pool, bind_host="127.0.0.1")
     endpoint.start()
-    conn.send(endpoint.address)
+    conn.send((endpoint.address, endpoint.host_id, endpoint.transports))
     try:
         while (msg := conn.recv()) is not None:
             op, transfer_id, block_ids = msg
@@ -46,12 +58,52 @@ def prefill_side(conn, num_blocks: int, layout: KVLayout) -> None:
                 seconds = time.perf_counter() - t0
                 endpoint.allow(transfer_id, "secret", block_ids, expires_at=time.time() + 60)
                 conn.send(seconds)
+            elif op == "allow":  # cuda-ipc reads the device tensors: nothing to stage
+                endpoint.allow(transfer_id, "secret", block_ids, expires_at=time.time() + 60)
+                conn.send(None)
             else:
                 endpoint.release(transfer_id)
-                pool.unstage(block_ids)
+                if op == "release_staged":
+                    pool.unstage(block_ids)
                 conn.send(None)
     finally:
         endpoint.stop()
+
+
+def timed_on_device(fn, reps: int) -> list[float]:
+    """Seconds per call of fn, CUDA events around each call."""
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1000)
+    return out
+
+
+async def tcp_floor(reps: int) -> float:
+    """Median seconds of a 4 KiB pull over tcp from an endpoint in this process: the control-plane floor."""
+    import numpy as np
+
+    from pdserve.kv import ArrayBlockPool
+
+    src, dst = ArrayBlockPool([np.ones((2, 4096), np.uint8)], "x"), ArrayBlockPool([np.zeros((2, 4096), np.uint8)], "x")
+    endpoint, client = TransferEndpoint(src, bind_host="127.0.0.1"), TransferClient(transport="tcp")
+    endpoint.start()
+    seconds = []
+    try:
+        for rep in range(reps + 1):
+            endpoint.allow(f"f{rep}", "secret", [0], time.time() + 60)
+            t0 = time.perf_counter()
+            await client.pull(endpoint.address, f"f{rep}", "secret", [0], dst, [1], timeout_s=10)
+            if rep:
+                seconds.append(time.perf_counter() - t0)
+    finally:
+        client.close()
+        endpoint.stop()
+    return statistics.median(seconds)
 
 
 def main() -> None:
@@ -59,20 +111,28 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="blocks per transfer (2 MiB each by default)")
     parser.add_argument("--pool-blocks", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", metavar="FILE.json", help="also write every figure as JSON")
     args = parser.parse_args()
     layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", dtype_bytes=2, block_size=16)
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=prefill_side, args=(child_conn, args.pool_blocks, layout), daemon=True)
     child.start()
-    address = conn.recv()
+    address, peer_host, peer_transports = conn.recv()
     source = caches(args.pool_blocks, layout, 1)  # the same seed as the prefill side: the expected bytes
     target = caches(args.pool_blocks, layout, 2)
     dst = make_kv_block_pool(target, args.pool_blocks, "llama3-8b", layout)
-    client = TransferClient()
+    staged_client, ipc_client = TransferClient(transport="tcp"), TransferClient(transport="cuda-ipc")
     nbytes = args.blocks * layout.bytes_per_block
-    rows: dict[str, list[float]] = {"stage out (D2H)": [], "transport": [], "stage in (H2D)": [], "end to end": []}
+    rows: dict[str, list[float]] = {"staged: stage out (D2H)": [], "staged: transport": [], "staged: stage in (H2D)": [],
+                                    "staged: end to end": [], "cuda_ipc: whole pull": []}
     g = torch.Generator().manual_seed(0)
+    loop = asyncio.new_event_loop()  # one loop for every pull, as in a worker
+
+    def check(remote, local) -> None:
+        for name in source:
+            assert torch.equal(source[name][:, remote], target[name][:, local]), f"{name}: bytes differ"
+
     try:
         for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
             perm = torch.randperm(args.pool_blocks, generator=g).tolist()
@@ -82,30 +142,105 @@ def main() -> None:
             stage_out_s = conn.recv()
             t1 = time.perf_counter()
             dst.stage_in_begin(local)
-            result = asyncio.run(client.pull(address, f"t{rep}", "secret", remote, dst, local, timeout_s=60))
+            result = loop.run_until_complete(
+                staged_client.pull(address, f"t{rep}", "secret", remote, dst, local, timeout_s=60))
             t2 = time.perf_counter()
             dst.stage_in_commit(local)
             torch.cuda.synchronize()
             t3 = time.perf_counter()
-            conn.send(("release", f"t{rep}", remote))
+            conn.send(("release_staged", f"t{rep}", remote))
             conn.recv()
             dst.unstage(local)
-            assert result.num_bytes == nbytes
-            for name in source:
-                assert torch.equal(source[name][:, remote], target[name][:, local]), f"{name}: bytes differ"
+            assert result.num_bytes == nbytes and result.transport == "tcp"
+            check(remote, local)
+            for t in target.values():
+                t[:, local] = 0  # so that the next path's result means something
+            conn.send(("allow", f"i{rep}", remote))
+            conn.recv()
+            t4 = time.perf_counter()
+            result = loop.run_until_complete(ipc_client.pull(
+                address, f"i{rep}", "secret", remote, dst, local, timeout_s=60, peer_host_id=peer_host,
+                peer_transports=peer_transports))
+            t5 = time.perf_counter()
+            conn.send(("release", f"i{rep}", remote))
+            conn.recv()
+            assert result.transport == "cuda-ipc", result
+            check(remote, local)
             if rep:
-                for key, seconds in zip(rows, (stage_out_s, t2 - t1, t3 - t2, t3 - t0)):
-                    rows[key].append(nbytes / seconds / 1e9)
+                for key, seconds in zip(rows, (stage_out_s, t2 - t1, t3 - t2, t3 - t0, t5 - t4)):
+                    rows[key].append(seconds)
+        # What a pull costs besides its bytes: one block, the same path.
+        one_block = []
+        for rep in range(args.reps + 1):
+            conn.send(("allow", f"one{rep}", [rep]))
+            conn.recv()
+            t0 = time.perf_counter()
+            loop.run_until_complete(ipc_client.pull(address, f"one{rep}", "secret", [rep], dst, [rep], timeout_s=60,
+                                                    peer_host_id=peer_host, peer_transports=peer_transports))
+            if rep:
+                one_block.append(time.perf_counter() - t0)
+            conn.send(("release", f"one{rep}", [rep]))
+            conn.recv()
+        tcp_floor_ms = loop.run_until_complete(tcp_floor(args.reps)) * 1000
+        # The kernel alone and the ceiling, in this process, over the same bytes and the same table shape.
+        segs = dst.device_segments
+        src_pool = make_kv_block_pool(source, args.pool_blocks, "llama3-8b", layout)
+        table = copy_table([t.data_ptr() for t in src_pool.device_segments],
+                           [t.stride(0) for t in src_pool.device_segments],
+                           [t.data_ptr() for t in segs], [t.stride(0) for t in segs], [t.shape[1] for t in segs],
+                           remote, local)
+        copy(table, segs[0].device)  # compiles the kernel
+        rows["cuda_ipc_kernel (in-process)"] = timed_on_device(lambda: copy(table, segs[0].device), args.reps)
+        check(remote, local)
+        for chunk_kib in (16, 32, 64, 128):  # the kernel alone, its table already on the device
+            t = copy_table([t.data_ptr() for t in src_pool.device_segments],
+                           [t.stride(0) for t in src_pool.device_segments], [t.data_ptr() for t in segs],
+                           [t.stride(0) for t in segs], [t.shape[1] for t in segs], remote, local,
+                           chunk_nbytes=chunk_kib << 10)
+            on_device = torch.from_numpy(t).to(segs[0].device)
+            launch(on_device, chunk_kib << 10)
+            rows[f"kernel only, {chunk_kib} KiB chunks"] = timed_on_device(
+                lambda: launch(on_device, chunk_kib << 10), args.reps)
+        check(remote, local)
+        flat_src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        flat_dst = torch.empty_like(flat_src)
+        flat_dst.copy_(flat_src)
+        rows["device_copy"] = timed_on_device(lambda: flat_dst.copy_(flat_src), args.reps)
     finally:
-        client.close()
+        staged_client.close()
+        ipc_client.close()
+        loop.close()
         conn.send(None)
         child.join(timeout=30)
     print(f"{torch.cuda.get_device_name()}: {args.blocks} blocks x {layout.bytes_per_block} B = {nbytes / 2**20:.0f} MiB "
-          f"per transfer, {layout.num_layers} layers x K,V segments per block, prefill endpoint in its own process, "
+          f"per transfer, {layout.num_layers} layers x K,V segments per block, prefill in its own process, "
           f"{args.reps} reps, bytes verified on the device")
-    print(f"{'stage':18} {'best GB/s':>10} {'median GB/s':>12} {'median ms':>10}")
-    for key, gbps in rows.items():
-        print(f"{key:18} {max(gbps):10.2f} {statistics.median(gbps):12.2f} {nbytes / statistics.median(gbps) / 1e6:10.2f}")
+    print(f"{'stage':30} {'best GB/s':>10} {'median GB/s':>12} {'median ms':>10}")
+    figures: dict = {}
+    for key, seconds in rows.items():
+        median = statistics.median(seconds)
+        figures[key] = dict(best_gbps=nbytes / min(seconds) / 1e9, median_gbps=nbytes / median / 1e9,
+                            median_ms=median * 1000)
+        print(f"{key:30} {figures[key]['best_gbps']:10.2f} {figures[key]['median_gbps']:12.2f} {median * 1000:10.3f}")
+    print(f"cuda_ipc: a 1-block pull takes {statistics.median(one_block) * 1000:.3f} ms (median): the fixed cost; "
+          f"a 4 KiB tcp pull from an endpoint in this process: {tcp_floor_ms:.3f} ms (this machine's round trips)")
+    figures["cuda_ipc: 1-block pull ms"] = statistics.median(one_block) * 1000
+    figures["tcp: 4 KiB pull in-process ms"] = tcp_floor_ms
+    ceiling = figures["device_copy"]["median_gbps"]
+    kernel_best = max(v["median_gbps"] for k, v in figures.items() if k.startswith("kernel only"))
+    ratios = {"cuda_ipc/device_copy": figures["cuda_ipc: whole pull"]["median_gbps"] / ceiling,
+              "cuda_ipc_kernel_only/device_copy": kernel_best / ceiling,
+              "cuda_ipc_kernel/device_copy": figures["cuda_ipc_kernel (in-process)"]["median_gbps"] / ceiling,
+              "staged/device_copy": figures["staged: end to end"]["median_gbps"] / ceiling}
+    for name, value in ratios.items():
+        print(f"ratio {name} {value:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(benchmark="cuda-kv-transfer", device=torch.cuda.get_device_name(),
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           blocks=args.blocks, payload_bytes=nbytes, reps=args.reps, figures=figures, ratios=ratios),
+                      f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,10 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     max_queue: int = _opt(256, "requests waiting or running before new ones are refused")
     kv_lease_s: float = _opt(30.0, "how long prefill keeps a request's KV for the decode worker")
     kv_pull_timeout_s: float = _opt(10.0, "deadline for pulling one request's KV before recomputing locally")
-    kv_transport: Literal["auto", "tcp", "shm"] = _opt(
-        "auto", "how pulled KV travels: auto (shm from a prefill worker on this host, tcp otherwise), tcp, or shm "
-        "(falls back to tcp with a WARNING where it cannot work)")
+    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc"] = _opt(
+        "auto", "how pulled KV travels: auto (from a prefill worker on this host: cuda-ipc between GPUs, shm "
+        "otherwise; tcp across hosts), tcp, shm or cuda-ipc (these two fall back to tcp with a WARNING where they "
+        "cannot work)")
 
     def __post_init__(self) -> None:
         BusOptions.__post_init__(self)

@@ -56,7 +56,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help=f"vllm: a local Hugging Face directory [default {DEFAULT_VLLM_MODEL}, "
                                                     f"pulled once]; mock: the name to serve [default {MOCK_MODEL}]")
     parser.add_argument("--advertise-host", default=None, help="address workers advertise [default: detected]")
-    parser.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "shm"],
+    parser.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "shm", "cuda-ipc"],
                         help="how pulled KV travels between workers [default auto: shm on one host, tcp across hosts]")
     parser.add_argument("--startup-timeout-s", type=float, default=None,
                         help="how long to wait for every service to come up [default 60 mock, 600 vllm]")

@@ -91,6 +91,8 @@ class WorkerCollector(Collector):
                              ("transport", "tcp")),
         "num_kv_pulls_shm": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
                              ("transport", "shm")),
+        "num_kv_pulls_cuda-ipc": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
+                                  ("transport", "cuda-ipc")),
         "num_kv_transport_fallbacks": ("pdserve_kv_transport_fallbacks", "Pulls that could not take the same-host "
                                        "path they were meant to and went over TCP (the log says why)", None),
         "num_recomputes": ("pdserve_kv_recomputes", "Prefills recomputed locally after a failed KV load", None),

@@ -106,7 +106,7 @@ class WorkerRuntime:
             kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
             kv_transports=tuple(values.get("kv_transports", ())),
-            num_kv_pulls={t: int(values.get(f"num_kv_pulls_{t}", 0)) for t in ("tcp", "shm")},
+            num_kv_pulls={t: int(values.get(f"num_kv_pulls_{t}", 0)) for t in ("tcp", "shm", "cuda-ipc")},
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

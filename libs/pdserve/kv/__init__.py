@@ -1,7 +1,8 @@
 """KV cache data plane: block pools and the block transfer between prefill and decode.
 
 endpoint.py serves a pool's blocks, client.py pulls them; wire.py is their protocol; the bytes take the path
-the peers share: TCP frames over ZeroMQ anywhere, or on one host the peer's memory itself (shm.py, host.py).
+the peers share: TCP frames over ZeroMQ anywhere, or on one host the peer's memory itself (shm.py, host.py),
+device to device for GPU KV (cuda_ipc.py, imported only where torch and a GPU are).
 """
 
 from pdserve.kv.client import TRANSPORTS, TransferClient

@@ -18,14 +18,14 @@ import orjson
 import zmq
 
 from pdserve.kv import shm, wire
-from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, TransferError, TransferIntegrityError,
-                               TransferRefused, TransferResult, TransferTimeout)
+from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PathUnavailable, TransferError,
+                               TransferIntegrityError, TransferRefused, TransferResult, TransferTimeout)
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "tcp", "shm")  # what --kv-transport takes
+TRANSPORTS = ("auto", "tcp", "shm", "cuda-ipc")  # what --kv-transport takes
 _MAX_IDLE_SOCKETS_PER_ADDRESS = 4
 
 
@@ -86,6 +86,7 @@ class TransferClient:
         self._executor = ThreadPoolExecutor(max_concurrent_pulls, thread_name_prefix="kv-pull")
         # shm: a batch's checksums are taken here while the pull's thread already copies the next batch.
         self._checker = ThreadPoolExecutor(2, thread_name_prefix="kv-shm-check")
+        self._peer_memory = None  # cuda-ipc: the peers' KV storages opened here (cuda_ipc.PeerMemory)
         self._window = min(max(window_messages, 1), wire.MAX_WINDOW)
         self._closing = threading.Event()
         self._idle_lock = threading.Lock()
@@ -125,24 +126,33 @@ class TransferClient:
         if not remote_block_ids:
             return TransferResult(0, 0, 0.0)
         deadline = time.monotonic() + timeout_s  # taken now: time queued for a worker thread counts too
-        path = self.choose_path(address, peer_host_id, peer_transports)
+        path = self.choose_path(address, peer_host_id, peer_transports, pool)
         try:
             return await self._pull_over(path, address, transfer_id, token, list(remote_block_ids), pool,
                                          list(local_block_ids), timeout_s, deadline, traceparent)
-        except shm.ShmUnavailable as e:
-            self._fall_back(address, str(e))
+        except PathUnavailable as e:
+            self._fall_back(address, str(e), path)
             return await self._pull_over("tcp", address, transfer_id, token, list(remote_block_ids), pool,
                                          list(local_block_ids), timeout_s, deadline, traceparent)
 
-    def choose_path(self, address: str, peer_host_id: str, peer_transports: Sequence[str]) -> str:
-        """shm when the peer is on this host (same host id), offers it, and this process can read its memory;
-        else tcp. With transport="shm" a peer that cannot be reached so falls back to tcp with a WARNING."""
+    def choose_path(self, address: str, peer_host_id: str, peer_transports: Sequence[str],
+                    pool: BlockPool | None = None) -> str:
+        """On this host (same host id): cuda-ipc when both pools are on GPUs and the peer offers it, else shm when
+        the peer offers it and this process can read its memory; else tcp. A path asked for (transport="shm" or
+        "cuda-ipc") that cannot be taken falls back to tcp with a WARNING."""
         if self.transport == "tcp":
             return "tcp"
         why = None
+        on_gpu = getattr(pool, "device_segments", None) is not None
+        wanted = "cuda-ipc" if self.transport == "cuda-ipc" or (self.transport == "auto" and on_gpu) else "shm"
         if not peer_host_id or peer_host_id != host_id():
             why = "the prefill worker is on another host"
-        elif "shm" not in peer_transports:
+        elif wanted == "cuda-ipc" and "cuda-ipc" in peer_transports and on_gpu and address not in self._shm_refused:
+            return "cuda-ipc"
+        elif wanted == "cuda-ipc" and self.transport == "cuda-ipc":
+            why = self._shm_refused.get(address) or (
+                "this worker's KV is not on a GPU" if not on_gpu else "the prefill worker does not offer cuda-ipc")
+        elif "shm" not in peer_transports:  # shm also moves GPU KV through its host staging slots
             why = "the prefill worker does not offer it (its kernel's Yama ptrace_scope, or --kv-transport)"
         elif address in self._shm_refused:
             why = self._shm_refused[address]
@@ -153,17 +163,17 @@ class TransferClient:
                 why = "this process may not call process_vm_readv (a seccomp profile?)"
         if why is None:
             return "shm"
-        if self.transport == "shm":
-            self._fall_back(address, why)
+        if self.transport in ("shm", "cuda-ipc"):
+            self._fall_back(address, why, wanted)
         return "tcp"
 
-    def _fall_back(self, address: str, why: str) -> None:
+    def _fall_back(self, address: str, why: str, wanted: str = "shm") -> None:
         with self._fallbacks_lock:
             first = address not in self._shm_refused
             self._shm_refused.setdefault(address, why)
             self.fallbacks[why] += 1
         if first:
-            logger.warning("kv pulls from %s use tcp instead of shm: %s", address, why)
+            logger.warning("kv pulls from %s use tcp instead of %s: %s", address, wanted, why)
 
     async def _pull_over(self, path, address, transfer_id, token, remote_ids, pool, local_ids, timeout_s, deadline,
                          traceparent) -> TransferResult:
@@ -252,22 +262,32 @@ class TransferClient:
                     raise self._error_from(header, transfer_id, address)
                 first, count, checksums = header.get("i"), header.get("c"), header.get("h")
                 try:
-                    if header.get("k") != ("shm" if path == "shm" else "data") or first != received or not isinstance(
+                    kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
+                    if header.get("k") != kind or first != received or not isinstance(
                             count, int) or not (0 < count <= num_blocks - received):
                         raise ValueError(f"unexpected header {str(header)[:200]}")
-                    if path == "shm":
+                    if path == "cuda-ipc":
+                        self._copy_device(header, pool, local_ids, remote_ids)
+                        confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
+                        if not confirmed:
+                            raise TransferIntegrityError(
+                                f"transfer {transfer_id}: the prefill side released it while its blocks were being "
+                                f"copied from {address} (they may have been reused under the copy); recompute the "
+                                "prefill")
+                        received = num_blocks
+                    elif path == "shm":
                         ids = local_ids[first:first + count]
                         _read_described(header, pool, ids)
                         checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
                         received += count
                     elif batch is None:
                         batch = BatchStream(pool, local_ids[first:first + count])
-                    for frame in frames[1:] if path != "shm" else ():
+                    for frame in frames[1:] if path == "tcp" else ():
                         src, offset = frame.buffer, 0
                         for dst in batch.walk(src.nbytes):
                             dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
                             offset += dst.nbytes
-                    if checksums is not None and path != "shm":
+                    if checksums is not None and path == "tcp":
                         if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
                                 pool.segment_nbytes):
                             raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
@@ -295,6 +315,39 @@ class TransferClient:
         logger.debug("transfer %s: pulled %d blocks, %d bytes over %s in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, path, seconds, result.gbps)
         return result
+
+    def _copy_device(self, header: dict, pool: BlockPool, local_ids: list[int], remote_ids: list[int]) -> None:
+        """cuda-ipc: map the peer's KV tensors (once) and copy the blocks device to device in one kernel."""
+        from pdserve.kv import cuda_ipc  # torch only where pools are on GPUs
+
+        segments, rows = header.get("segments"), header.get("rows")
+        local = pool.device_segments
+        if not (isinstance(segments, list) and len(segments) == len(local) and rows == remote_ids and all(
+                isinstance(d, dict) and d.get("row_nbytes") == t.shape[1] for d, t in zip(segments, local))):
+            raise ValueError(f"bad cuda-ipc description {str(header)[:200]}")
+        with self._fallbacks_lock:
+            if self._peer_memory is None:
+                self._peer_memory = cuda_ipc.PeerMemory()
+        try:
+            src_bases = self._peer_memory.base_addresses(segments)
+        except RuntimeError as e:  # no peer access, another machine's handle, a driver that refuses IPC
+            raise PathUnavailable(f"cannot map the prefill worker's GPU memory ({e})") from e
+        table = cuda_ipc.copy_table(src_bases, [d["stride"] for d in segments], [t.data_ptr() for t in local],
+                                    [t.stride(0) for t in local], [d["row_nbytes"] for d in segments], rows,
+                                    local_ids)
+        cuda_ipc.copy(table, local[0].device)
+
+    def _confirm(self, conn: _Connection, nonce: str, deadline, cancel, transfer_id, num_blocks, timeout_s) -> bool:
+        """cuda-ipc: whether the endpoint still held the transfer once the copy was done."""
+        conn.sock.send(orjson.dumps({"op": "done", "nonce": nonce}), zmq.NOBLOCK)
+        while True:
+            frames = self._receive(conn, deadline, cancel, transfer_id, 0, num_blocks, timeout_s)
+            header = self._parse_header(frames[0], transfer_id, conn.address)
+            if header.get("nonce") != nonce:
+                continue
+            if header.get("k") == "error":
+                raise self._error_from(header, transfer_id, conn.address)
+            return header.get("k") == "done" and header.get("ok") is True
 
     def _receive(self, conn: _Connection, deadline, cancel, transfer_id, received, num_blocks, timeout_s) -> list:
         address = conn.address

@@ -52,6 +52,12 @@ class CudaStagingPool:
         self._free = list(range(self.num_slots - 1, -1, -1))  # a stack: pops give the lowest slot first
         self._streams = threading.local()
 
+    @property
+    def device_segments(self) -> list[torch.Tensor]:
+        """The KV itself, [num_blocks, bytes per block] uint8 per segment array: what the cuda-ipc path copies
+        device to device (host staging is for the tcp path only)."""
+        return self._device
+
     # ---- BlockPool
 
     def segments(self, block_id: int) -> list[memoryview]:

@@ -125,6 +125,10 @@ class TransferEndpoint:
         # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
         self.max_request_nbytes = 64 * 1024 + 12 * (pool.num_blocks + len(pool.segment_nbytes))
         self.transports: tuple[str, ...] = ("tcp", "shm") if offer_shm and shm.offer() else ("tcp",)
+        self._ipc_description: list[dict] | None = None  # cuda-ipc: the KV tensors' IPC handles, made once
+        if getattr(pool, "device_segments", None) and offer_shm:
+            self.transports += ("cuda-ipc",)
+        self._confirming: dict[tuple[bytes, str], _Pull] = {}  # cuda-ipc pulls copied, waiting for their "done"
         self.host_id = host_id()
 
     # ---- lifecycle
@@ -268,6 +272,8 @@ class TransferEndpoint:
                     self._on_pull_request(identity, header)
                 elif op == "credit":
                     self._on_credit(identity, header)
+                elif op == "done":
+                    self._on_done(identity, header)
                 else:
                     raise _BadRequest(f"unknown op {op!r}")
             except (orjson.JSONDecodeError, _BadRequest, KeyError, TypeError, ValueError) as e:
@@ -380,12 +386,15 @@ class TransferEndpoint:
                 continue
             if pull.batch is None and pull.next_index == len(pull.block_ids):
                 self._pulls.remove(pull)
-                self._finish(pull)
+                if pull.path != "cuda-ipc":  # that one ends with the client's confirmation (_on_done)
+                    self._finish(pull)
 
     def _cut_message(self, pull: _Pull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
         if pull.path == "shm":
             return self._describe_batch(pull)
+        if pull.path == "cuda-ipc":
+            return self._describe_device(pull)
         if pull.batch is None:
             ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
             pull.batch, pull.batch_first = BatchStream(self.pool, ids), pull.next_index
@@ -424,6 +433,39 @@ class TransferEndpoint:
         self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
         return [pull.identity, header, *frames]
 
+    def _describe_device(self, pull: _Pull) -> list:
+        """cuda-ipc: the whole pull in one message (the KV tensors' IPC handles and the blocks' rows); the pull
+        then waits for the client's "done" (see _on_done)."""
+        from pdserve.kv import cuda_ipc  # torch only where the pool is on a GPU
+
+        if self._ipc_description is None:
+            self._ipc_description = cuda_ipc.describe(self.pool.device_segments)
+        pull.next_index = len(pull.block_ids)
+        pull.num_bytes = len(pull.block_ids) * sum(self.pool.segment_nbytes)
+        pull.credit -= 1
+        self._confirming[(pull.identity, pull.nonce)] = pull
+        header = orjson.dumps({"k": "cuda", "nonce": pull.nonce, "i": 0, "c": len(pull.block_ids),
+                               "segments": self._ipc_description, "rows": pull.block_ids})
+        return [pull.identity, header]
+
+    def _on_done(self, identity: bytes, h: dict) -> None:
+        """cuda-ipc: the client copied; whether the transfer was held all along (a release meanwhile may have let
+        its blocks be reused under the copy)."""
+        pull = self._confirming.pop((identity, h.get("nonce")), None)
+        if pull is None:
+            return self._send_error(identity, h.get("nonce") if isinstance(h.get("nonce"), str) else None,
+                                    "unknown", "no cuda-ipc pull waits for this confirmation; recompute the prefill")
+        with self._lock:
+            held = not pull.allowed.released and time.time() <= pull.allowed.expires_at
+        self._count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
+        try:
+            self._sock.send_multipart([identity, orjson.dumps({"k": "done", "nonce": pull.nonce, "ok": held})],
+                                      zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.debug("transfer %s: confirmation not delivered: %s", pull.transfer_id, e)
+        if held:
+            self._finish(pull)
+
     def _describe_batch(self, pull: _Pull) -> list:
         """shm: the pull's next batch as where its pieces lie in this process, with their checksums taken now."""
         ids = pull.block_ids[pull.next_index:pull.next_index + self.shm_batch_blocks]
@@ -453,6 +495,8 @@ class TransferEndpoint:
                 logger.exception("transfer %s: on_pull callback failed", pull.transfer_id)
 
     def _reap(self, now: float) -> None:
+        for key in [k for k, p in self._confirming.items() if now > p.deadline]:
+            del self._confirming[key]  # the client never confirmed its copy: nothing more to do for it
         for pull in [p for p in self._pulls if now > p.deadline]:
             self._pulls.remove(pull)
             logger.warning("transfer %s: client stopped taking batches (%d of %d sent); dropped the pull",

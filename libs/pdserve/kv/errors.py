@@ -29,6 +29,11 @@ class TransferRefused(TransferError):
         super().__init__(message or f"{reason}: {self._DEFAULT_MESSAGES.get(reason, 'refused')}")
 
 
+class PathUnavailable(TransferError):
+    """A same-host path cannot work between these two processes (permissions, no Triton, no peer access): the
+    pull goes over TCP instead."""
+
+
 class TransferTimeout(TransferError):
     """No (complete) answer within timeout_s: the endpoint is stalled, gone or unreachable."""
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pdserve.kv.errors import TransferError
+from pdserve.kv.errors import PathUnavailable, TransferError
 from pdserve.kv.host import yama_ptrace_scope
 from pdserve.kv.pool import coalesced
 
@@ -42,7 +42,7 @@ if _process_vm_readv is not None:
                                   ctypes.c_ulong, ctypes.c_ulong]
 
 
-class ShmUnavailable(TransferError):
+class ShmUnavailable(PathUnavailable):
     """This pair of processes cannot read each other's memory (permissions, seccomp): use TCP."""
 
 

@@ -493,7 +493,7 @@ class _WorkerSide:
         self._load_error_blocks: set[int] = set()
         self._reports: dict[str, dict] = {}
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
-                              num_kv_pulls_tcp=0, num_kv_pulls_shm=0)
+                              num_kv_pulls_tcp=0, num_kv_pulls_shm=0, **{"num_kv_pulls_cuda-ipc": 0})
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None
         # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
@@ -659,7 +659,8 @@ class _WorkerSide:
                             or time.monotonic() + _UNKNOWN_RETRY_INTERVAL_S > deadline):
                         raise
                     await asyncio.sleep(_UNKNOWN_RETRY_INTERVAL_S)
-            self.pool.stage_in_commit(spec.local_block_ids)
+            if result.transport != "cuda-ipc":  # that one copied device to device, past the host staging slots
+                self.pool.stage_in_commit(spec.local_block_ids)
             return result
         finally:
             self.pool.unstage(spec.local_block_ids)
