@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pdserve.kv.wire import PATHS
+
 # Latency buckets in seconds: from sub-millisecond control-plane hops to minutes-long CPU generations.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -87,12 +89,8 @@ class WorkerCollector(Collector):
         "num_kv_blocks_received": ("pdserve_kv_transfer_blocks", "KV blocks moved", ("direction", "received")),
         "num_kv_bytes_sent": ("pdserve_kv_transfer_bytes", "KV bytes moved", ("direction", "sent")),
         "num_kv_bytes_received": ("pdserve_kv_transfer_bytes", "KV bytes moved", ("direction", "received")),
-        "num_kv_pulls_tcp": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
-                             ("transport", "tcp")),
-        "num_kv_pulls_shm": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
-                             ("transport", "shm")),
-        "num_kv_pulls_cuda-ipc": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
-                                  ("transport", "cuda-ipc")),
+        **{f"num_kv_pulls_{path}": ("pdserve_kv_pulls", "KV pulls this worker made, by the path the bytes took",
+                                    ("transport", path)) for path in PATHS},
         "num_kv_transport_fallbacks": ("pdserve_kv_transport_fallbacks", "Pulls that could not take the same-host "
                                        "path they were meant to and went over TCP (the log says why)", None),
         "num_recomputes": ("pdserve_kv_recomputes", "Prefills recomputed locally after a failed KV load", None),

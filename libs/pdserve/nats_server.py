@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from pdserve import nats_auth
+
 log = logging.getLogger(__name__)
 
 
@@ -129,9 +131,7 @@ def start(
         f"max_payload: {int(max_payload)}\n" if max_payload else "")
     if config:
         conf = os.path.join(store_dir, "server.conf")
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
+        nats_auth.write_private(conf, config)
         cmd += ["-c", conf]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     try:

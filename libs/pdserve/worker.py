@@ -20,6 +20,7 @@ from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
 from pdserve.engine.factory import create_engine
 from pdserve.kv.events import KVEventRelay
+from pdserve.kv.wire import PATHS
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
 from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
@@ -106,7 +107,7 @@ class WorkerRuntime:
             kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
             kv_transports=tuple(values.get("kv_transports", ())),
-            num_kv_pulls={t: int(values.get(f"num_kv_pulls_{t}", 0)) for t in ("tcp", "shm", "cuda-ipc")},
+            num_kv_pulls={path: int(values.get(f"num_kv_pulls_{path}", 0)) for path in PATHS},
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

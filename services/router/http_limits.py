@@ -17,6 +17,8 @@ import logging
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from services.router.errors import error_payload
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
@@ -94,8 +96,7 @@ class _LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing was asked: nothing to answer
 
     def _answer_and_close(self, status: int, reason: str, message: str) -> None:
-        body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                       "code": None}})
+        body = orjson.dumps(error_payload(status, message))
         head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                 "connection: close\r\n\r\n").encode()
         self.transport.write(head + body)

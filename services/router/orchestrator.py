@@ -43,12 +43,11 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from pdserve import subjects, tracecontext, tracing
 from pdserve.bus import Bus, BusError, BusTimeout, NoResponders, RemoteError
-from pdserve.protocol import encode
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
 from pdserve.kv.hashing import block_hashes
 from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Heartbeat, KVLookup, KVLookupReply,
-                              KVReady, ModelCard, PrefillRequest, TokenChunk, Usage)
+                              KVReady, ModelCard, PrefillRequest, TokenChunk, Usage, encode)
 from pdserve.tokenizer import Tokenizer, load_tokenizer
 from pdserve.metrics import RequestTimer, RouterMetrics
 from services.router.backend import (BackendError, BusUnavailable, GenerateDelta, GenerateRequest, NoWorkerError,
@@ -607,12 +606,17 @@ class Orchestrator:
     def _refuse_if_too_large(self, req: GenerateRequest) -> None:
         """RequestTooLarge (413) when the request's largest message on the bus would exceed the NATS server's
         max_payload: the decode request, with the prompt's token ids, the stop strings, the KV's block ids and,
-        on a resume, every token generated (counted at their longest, 10 digits and a comma each)."""
+        on a resume, every token generated (counted at their longest, 10 digits and a comma each). The request is
+        encoded only when a cheap upper bound does not already fit: not on every request's path."""
+        num_ids_later = req.sampling.max_tokens + len(req.prompt_token_ids) // _MIN_BLOCK_SIZE + 1
+        bound = (_MAX_ID_BYTES * (len(req.prompt_token_ids) + num_ids_later) + _ENVELOPE_BYTES
+                 + 6 * sum(len(s) for s in req.sampling.stop) + len(req.request_id) + len(req.model))
+        if bound <= self.bus.max_payload:  # 6 bytes per character: the longest JSON escape
+            return
         probe = DecodeRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
                               sampling=req.sampling, stream_subject=subjects.token_stream(self.config.router_id,
                                                                                           req.request_id),
                               stream_token="0" * 32, deadline=req.deadline)
-        num_ids_later = req.sampling.max_tokens + len(req.prompt_token_ids) // _MIN_BLOCK_SIZE + 1
         size = len(encode(probe)) + _MAX_ID_BYTES * num_ids_later + _ENVELOPE_BYTES
         if size > self.bus.max_payload:
             raise RequestTooLarge(

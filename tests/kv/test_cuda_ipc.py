@@ -18,23 +18,16 @@ if not torch.cuda.is_available():
 from pdserve.kv import TransferClient, TransferIntegrityError, TransferRefused  # noqa: E402
 from pdserve.kv.cuda_ipc import CHUNK_NBYTES, copy, copy_table  # noqa: E402
 from pdserve.kv.vllm_pool import make_kv_block_pool  # noqa: E402
-from pdserve.protocol import KVLayout  # noqa: E402
+from tests.kv.gpu_kv import LAYOUT, NUM_BLOCKS, gpu_caches  # noqa: E402
 
-NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, LAYERS = 64, 16, 8, 128, 4
-LAYOUT = KVLayout(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16", dtype_bytes=2,
-                  block_size=BLOCK_SIZE)
 
 # The prefill process: a GPU pool (seed 3) behind an endpoint; one JSON command per line on stdin.
-PREFILL = f"""
-import json, sys, threading, time, torch
+PREFILL = """
+import json, sys, threading, time
 from pdserve.kv import TransferEndpoint
 from pdserve.kv.vllm_pool import make_kv_block_pool
-from pdserve.protocol import KVLayout
-layout = KVLayout.model_validate_json({LAYOUT.model_dump_json()!r})
-g = torch.Generator(device="cuda").manual_seed(3)
-caches = {{f"model.layers.{{i}}.self_attn.attn": torch.randn(2, {NUM_BLOCKS}, {BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM},
-          generator=g, device="cuda", dtype=torch.bfloat16) for i in range({LAYERS})}}
-pool = make_kv_block_pool(caches, {NUM_BLOCKS}, "m", layout)
+from tests.kv.gpu_kv import LAYOUT, NUM_BLOCKS, gpu_caches
+pool = make_kv_block_pool(gpu_caches(3), NUM_BLOCKS, "m", LAYOUT)
 ep = TransferEndpoint(pool, bind_host="127.0.0.1")
 describe = ep._describe_device
 def release_right_after(pull):  # as if the prefill side released the transfer during the decode side's copy
@@ -53,13 +46,6 @@ for line in sys.stdin:
         ep._describe_device = release_right_after
     print("ok", flush=True)
 """
-
-
-def gpu_caches(seed: int) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return {f"model.layers.{i}.self_attn.attn": torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM,
-                                                            generator=g, device="cuda", dtype=torch.bfloat16)
-            for i in range(LAYERS)}
 
 
 @pytest.fixture

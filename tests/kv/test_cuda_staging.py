@@ -13,19 +13,7 @@ if not torch.cuda.is_available():
 from pdserve.kv.cuda_staging import CudaStagingPool, StagingFull  # noqa: E402
 from pdserve.kv import TransferClient, TransferEndpoint  # noqa: E402
 from pdserve.kv.vllm_pool import make_kv_block_pool  # noqa: E402
-from pdserve.protocol import KVLayout  # noqa: E402
-
-NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, LAYERS = 64, 16, 8, 128, 4
-LAYOUT = KVLayout(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16", dtype_bytes=2,
-                  block_size=BLOCK_SIZE)
-
-
-def gpu_caches(seed: int) -> dict:
-    """vLLM's flash-attention layout: [2, num_blocks, block_size, num_kv_heads, head_dim] per layer."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return {f"model.layers.{i}.self_attn.attn": torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM,
-                                                            generator=g, device="cuda", dtype=torch.bfloat16)
-            for i in range(LAYERS)}
+from tests.kv.gpu_kv import LAYOUT, NUM_BLOCKS, gpu_caches  # noqa: E402
 
 
 def host_bytes(t) -> bytes:

@@ -32,6 +32,7 @@ from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferResult
+from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
 from pdserve.tracing import SpanKind
 
@@ -81,7 +82,7 @@ class MockEngine(Engine):
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
                           "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0,
-                          "num_kv_pulls_tcp": 0, "num_kv_pulls_shm": 0}
+                          **{f"num_kv_pulls_{path}": 0 for path in PATHS}}
 
     # ---------------------------------------------------------------------------------- lifecycle
 

@@ -25,7 +25,7 @@ from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pie
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "tcp", "shm", "cuda-ipc")  # what --kv-transport takes
+TRANSPORTS = ("auto", *wire.PATHS)  # what --kv-transport takes
 _MAX_IDLE_SOCKETS_PER_ADDRESS = 4
 
 

@@ -352,11 +352,14 @@ class TransferEndpoint:
         self._send_error(identity, nonce, reason, message)
 
     def _send_error(self, identity: bytes, nonce: str | None, reason: str, message: str) -> None:
-        header = orjson.dumps({"k": "error", "nonce": nonce, "reason": reason, "message": clip(message, 1000)})
+        self._send_control(identity, {"k": "error", "nonce": nonce, "reason": reason, "message": clip(message, 1000)})
+
+    def _send_control(self, identity: bytes, header: dict) -> None:
+        """A header-only answer (refusal, confirmation), dropped if the peer cannot take it."""
         try:
-            self._sock.send_multipart([identity, header], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, orjson.dumps(header)], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the peer left, or does not read what it asked for: nobody takes this answer
-            logger.debug("could not deliver refusal %s: %s", reason, e)
+            logger.debug("could not deliver %s: %s", header["k"], e)
 
     def _send_round(self) -> None:
         """One message for each pull that has credit: pulls in flight share the link message by message."""
@@ -458,11 +461,7 @@ class TransferEndpoint:
         with self._lock:
             held = not pull.allowed.released and time.time() <= pull.allowed.expires_at
         self._count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
-        try:
-            self._sock.send_multipart([identity, orjson.dumps({"k": "done", "nonce": pull.nonce, "ok": held})],
-                                      zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            logger.debug("transfer %s: confirmation not delivered: %s", pull.transfer_id, e)
+        self._send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})
         if held:
             self._finish(pull)
 

@@ -65,6 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from pdserve import tracecontext
 from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.vllm_pool import make_kv_block_pool
+from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams
 
 if TYPE_CHECKING:
@@ -493,7 +494,7 @@ class _WorkerSide:
         self._load_error_blocks: set[int] = set()
         self._reports: dict[str, dict] = {}
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
-                              num_kv_pulls_tcp=0, num_kv_pulls_shm=0, **{"num_kv_pulls_cuda-ipc": 0})
+                              **{f"num_kv_pulls_{path}": 0 for path in PATHS})
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None
         # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill

@@ -30,6 +30,7 @@ import platform
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+PATHS = ("tcp", "shm", "cuda-ipc")  # the ways a pull's bytes can go; counted per worker as num_kv_pulls_<path>
 POLL_MS = 100  # the endpoint's idle wake-up: how prompt stop() is, and the only cost of an idle endpoint
 CLIENT_POLL_S = 0.05  # how often a waiting pull notices cancellation, close() or a dropped connection
 MAX_WINDOW = 64  # messages one pull may have queued: 128 MiB on tcp, far above what a link needs
