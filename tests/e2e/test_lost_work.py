@@ -61,6 +61,10 @@ async def test_two_clients_with_the_same_request_id_are_independent(system):
     for text, prompt, seconds in results:
         assert text == expected(prompt, 40)
         assert seconds < 5, f"a stream took {seconds:.1f}s: the requests were not independent"
+    # The router writes a request's log line after its last chunk, and pdserve up relays it: wait for it.
+    deadline = time.monotonic() + 5
+    while system.output().count("client_request_id=same-id") < 4 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     log = system.output()
     assert log.count("client_request_id=same-id") >= 4  # kept as a label on the request's log line
     assert "already decodes" not in log
