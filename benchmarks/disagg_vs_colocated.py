@@ -37,6 +37,8 @@ BASELINE = "vllm"
 # (label, path into a pdserve.bench result, lower is better)
 ROWS = [(f"{m} {q} ms", ("metrics", f"{m}_ms", q), True)
         for m in ("ttft", "tpot", "itl", "e2e") for q in ("p50", "p90", "p99")] + [
+    ("2nd-chunk gap p50 ms", ("handoff", "second_chunk_gap_ms", "p50"), True),
+    ("2nd gap/later ITL p50", ("handoff", "gap_over_later_itl_median", "p50"), True),
     ("requests/s", ("throughput", "requests_per_s"), False),
     ("output tokens/s", ("throughput", "output_tokens_per_s"), False),
     ("goodput req/s", ("goodput", "requests_per_s"), False),
@@ -89,6 +91,21 @@ def ratios(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str,
                 row[label] = a / b if a is not None and b else None
             out.setdefault(name, {})[concurrency] = row
     return out
+
+
+def ratio_lines(results: dict, ratio: dict) -> list[str]:
+    """Script-readable lines, per system and concurrency: its hand-off (second chunk's gap over its later
+    gaps' median, 1.0 = none) and its inter-token p99 over the baseline's."""
+    lines = []
+    for name, by_concurrency in results.items():
+        for concurrency, result in by_concurrency.items():
+            gap = lookup(result, ("handoff", "gap_over_later_itl_median", "p50"))
+            if gap is not None:
+                lines.append(f"ratio {name}_second_gap/later_itl@c{concurrency} {gap:.2f}")
+            p99 = ratio.get(name, {}).get(concurrency, {}).get("itl p99 ms")
+            if name != BASELINE and p99 is not None:
+                lines.append(f"ratio {name}_itl_p99/{BASELINE}_itl_p99@c{concurrency} {p99:.2f}")
+    return lines
 
 
 def print_table(results: dict, ratio: dict, args) -> None:
@@ -149,6 +166,9 @@ def main() -> int:
             print(f"{name}: {e}", file=sys.stderr)
     ratio = ratios(results)
     print_table(results, ratio, args)
+    print()
+    for line in ratio_lines(results, ratio):
+        print(line)
     for name, check in checks.items():
         print(f"\n{name}: {check['num_kv_loads']} of {check['num_requests']} requests loaded their KV on the consumer "
               f"(the rest recomputed the prefill there)")

@@ -141,7 +141,9 @@ class DecodeHandlers:
         self.rt.spawn(self.rt.bus.publish(subjects.KV_TRANSFER_DONE, done, request_id=request_id))
         if report.recomputed:
             tracing.current_span().set_attributes({"kv_recomputed": True, "kv_error": report.error or ""})
-        if not report.recomputed:
+        if not report.recomputed and not report.transport:
+            log.info("request %s: its prompt KV was all in this engine's prefix cache; nothing pulled", request_id)
+        elif not report.recomputed:
             self.rt.metrics.kv_transfer_seconds.labels(transport=report.transport or "tcp").observe(
                 report.transfer_ms / 1000)
             tracing.current_span().set_attribute("kv_transport", report.transport)

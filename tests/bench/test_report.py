@@ -263,3 +263,19 @@ def test_poisson_arrivals_are_deterministic_with_the_asked_rate():
     assert times == arrival_times(seed=2, num_requests=5000, rate=50.0)
     assert times[0] == 0.0 and all(b >= a for a, b in zip(times, times[1:]))
     assert len(times) / times[-1] == pytest.approx(50.0, rel=0.05)
+
+
+def test_handoff_is_the_second_chunks_gap_over_the_later_gaps_median():
+    from pdserve.bench.report import handoff
+
+    results = [make_result(0, gaps_s=(0.09, 0.03, 0.03, 0.06)),  # 90 ms over a median of 30: 3.0
+               make_result(1, gaps_s=(0.02, 0.02, 0.02)),  # no hand-off cost: 1.0
+               make_result(2, gaps_s=(0.05,))]  # one gap only: nothing to compare with, left out
+    out = handoff(results)
+    assert out["second_chunk_gap_ms"]["count"] == out["gap_over_later_itl_median"]["count"] == 2
+    assert out["second_chunk_gap_ms"]["max"] == pytest.approx(90)
+    assert out["gap_over_later_itl_median"]["max"] == pytest.approx(3.0)
+    assert out["gap_over_later_itl_median"]["min"] == pytest.approx(1.0)
+    result = build_result(BenchConfig(endpoint="http://x", num_requests=3), "m", "now", 1.0, results)
+    assert result["handoff"] == out
+    assert "hand-off: 2nd chunk's gap p50" in summary_table(result)

@@ -38,3 +38,4 @@ def test_quick_run_reports_every_system_with_ratios_to_plain_vllm(tmp_path):
     check = report["checks"]["vllm-disagg"]
     assert check["num_requests"] == 4 and 0 <= check["num_kv_loads"] <= 4
     assert "ttft p50 ms" in run.stdout
+    assert "ratio pdserve_second_gap/later_itl@c1 " in run.stdout and "ratio pdserve_itl_p99/vllm_itl_p99@c1 " in run.stdout

@@ -51,13 +51,31 @@ def stats_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def engines(vllm_harness, stats_path):
+def load_reports(vllm_harness):
+    """The decode engine's pushed load reports, read on the engines' loop as the pdserve worker reads them."""
+    from pdserve.kv.vllm_reports import LoadReports, report_endpoint
+
+    reports = LoadReports(report_endpoint(f"test-decode-{os.getpid()}"))
+
+    async def start():
+        reports.start()
+
+    vllm_harness.run(start())
+    try:
+        yield reports
+    finally:
+        vllm_harness.run(reports.stop())
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_harness, stats_path, load_reports):
     cores = ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
     prefill, decode = vllm_harness.start_engines([
         dict(name="prefill-0", cores=cores[0], extra={"lease_s": LEASE_S, "hold_blocks": "refcount",
                                                      "stats_path": stats_path}),
         dict(name="decode-0", cores=cores[1], extra={"lease_s": LEASE_S, "hold_blocks": "delay_free",
-                                                    "pull_timeout_s": PULL_TIMEOUT_S}),
+                                                    "pull_timeout_s": PULL_TIMEOUT_S,
+                                                    "reports_endpoint": load_reports.endpoint}),
     ])
     try:
         yield prefill, decode
@@ -179,7 +197,9 @@ def test_engines_run_pinned_to_their_own_cores(vllm_harness, engines):
 
 
 def test_decode_after_transfer_gives_the_tokens_of_one_engine(vllm_harness, engines, prompts, references, layout,
-                                                              stats_path):
+                                                              stats_path, load_reports):
+    """Also: each load's report is pushed (what the pdserve worker uses, off the token stream) and says what
+    the connector's own record says."""
     prefill_engine, decode_engine = engines
 
     async def scenario():
@@ -191,16 +211,19 @@ def test_decode_after_transfer_gives_the_tokens_of_one_engine(vllm_harness, engi
             assert params.num_tokens == n and len(params.block_ids) == blocks_for(n)
             assert params.kv_layout == layout and params.worker_id == "prefill-0"
             assert params.lease_expires_at > time.time()
+            pushed = load_reports.expect(f"t1-d{n}")
             tokens = await decode(decode_engine, f"t1-d{n}", ids, first, params)
+            pushed = await load_reports.wait(f"t1-d{n}", pushed, 5.0)
             report = await rpc(decode_engine, "pdserve_load_report", f"t1-d{n}")
             released = await rpc(prefill_engine, "pdserve_release", f"t1-p{n}")
-            results[n] = tokens, report, released
+            results[n] = tokens, report, released, pushed
         return sent_before, before, results, await rpc(prefill_engine, "pdserve_stats"), await rpc(decode_engine, "pdserve_stats")
 
     sent_before, before, results, prefill_stats, decode_stats = vllm_harness.run(scenario())
-    for n, (tokens, report, released) in results.items():
+    for n, (tokens, report, released, pushed) in results.items():
         assert tokens == references[n], f"prompt of {n} tokens"
         assert report["recomputed"] is False and report["error"] is None, report
+        assert pushed == report, f"prompt of {n} tokens: pushed {pushed}, recorded {report}"
         assert report["num_blocks"] == blocks_for(n) and report["num_bytes"] == blocks_for(n) * layout.bytes_per_block
         assert released is True
     num_blocks = sum(blocks_for(n) for n in prompts)
@@ -237,7 +260,7 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", FAILURES)
-def test_failed_load_is_recomputed_locally(vllm_harness, engines, prompts, references, case):
+def test_failed_load_is_recomputed_locally(vllm_harness, engines, prompts, references, case, load_reports):
     prefill_engine, decode_engine = engines
     n = 64
     ids = prompts[n]
@@ -257,15 +280,18 @@ def test_failed_load_is_recomputed_locally(vllm_harness, engines, prompts, refer
         elif case == "layout_mismatch":
             wire["kv_layout"] = dict(wire["kv_layout"], head_dim=wire["kv_layout"]["head_dim"] * 2)
         started = time.monotonic()
+        pushed = load_reports.expect(f"t2-{case}-d")
         tokens = await decode(decode_engine, f"t2-{case}-d", ids, first, wire)
         seconds = time.monotonic() - started
+        pushed = await load_reports.wait(f"t2-{case}-d", pushed, 5.0)
         report = await rpc(decode_engine, "pdserve_load_report", f"t2-{case}-d")
         await rpc(prefill_engine, "pdserve_release", f"t2-{case}-p")
-        return tokens, report, seconds, before, await rpc(decode_engine, "pdserve_stats")
+        return tokens, report, pushed, seconds, before, await rpc(decode_engine, "pdserve_stats")
 
-    tokens, report, seconds, before, after = vllm_harness.run(scenario())
+    tokens, report, pushed, seconds, before, after = vllm_harness.run(scenario())
     assert tokens == references[n]
     assert report["recomputed"] is True and FAILURES[case] in report["error"], report
+    assert pushed == report, f"pushed {pushed}, recorded {report}"
     assert after["num_recomputes"] - before["num_recomputes"] == 1
     assert after["num_kv_blocks_received"] == before["num_kv_blocks_received"]
     assert seconds < PULL_TIMEOUT_S + 5, "a failed load must end in a recompute, not a hang"

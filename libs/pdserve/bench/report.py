@@ -62,6 +62,19 @@ def timeline(results: Sequence[RequestResult], duration_s: float) -> list[dict[s
     return [{"t_s": t, "output_tokens": tokens[t], "requests_done": done[t]} for t in range(num_bins)]
 
 
+def handoff(ok: Sequence[RequestResult]) -> dict[str, Any]:
+    """The gap between a request's first and second streamed chunk, where a disaggregated server hands the
+    request from its prefill worker to its decode worker, in ms and over the median of the same request's later
+    gaps (1.0: no hand-off cost); stats over the requests with at least three text chunks."""
+    gaps, ratios = [], []
+    for r in ok:
+        itl = r.itl_ms
+        if len(itl) >= 2 and (later := float(np.median(itl[1:]))) > 0:
+            gaps.append(itl[0])
+            ratios.append(itl[0] / later)
+    return {"second_chunk_gap_ms": stats(gaps), "gap_over_later_itl_median": stats(ratios)}
+
+
 def build_result(config: BenchConfig, model: str, started_at: str, duration_s: float,
                  results: Sequence[RequestResult]) -> dict[str, Any]:
     """The run's result dict (schema "pdserve.bench/1"); `results` in any order."""
@@ -101,6 +114,7 @@ def build_result(config: BenchConfig, model: str, started_at: str, duration_s: f
             "slo_ttft_ms": config.slo_ttft_ms,
             "slo_tpot_ms": config.slo_tpot_ms,
         },
+        "handoff": handoff(ok),
         "timeline": timeline(results, duration_s),
         "requests": [_request_row(r) for r in results],
     }
@@ -134,6 +148,10 @@ def summary_table(result: dict[str, Any]) -> str:
         s = result["metrics"][name]
         cells = "".join(f"{_num(s[key]):>10}" for key in ("mean", "p50", "p90", "p99", "max"))
         lines.append(f"{name:<10}{cells}")
+    gap = result.get("handoff", {}).get("gap_over_later_itl_median", {})
+    if gap.get("p50") is not None:
+        lines.append(f"hand-off: 2nd chunk's gap p50 {result['handoff']['second_chunk_gap_ms']['p50']:.2f} ms = "
+                     f"{gap['p50']:.2f}x the later gaps' median (p90 {gap['p90']:.2f}x)")
     throughput, goodput = result["throughput"], result["goodput"]
     slos = ", ".join(f"{key.removeprefix('slo_')} <= {goodput[key]:g}"
                      for key in ("slo_ttft_ms", "slo_tpot_ms") if goodput[key] is not None) or "no SLO"

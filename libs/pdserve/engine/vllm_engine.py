@@ -2,7 +2,9 @@
 
 The KV cache lives in vLLM's EngineCore process (a child of the worker); so do our connector and its
 transfer endpoint (pdserve.kv.vllm_connector). The worker talks to them through vLLM's collective_rpc and
-our worker extension (pdserve.kv.vllm_worker_ext): the endpoint's address, releases, load reports, counters.
+our worker extension (pdserve.kv.vllm_worker_ext): the endpoint's address, releases, counters. Load reports
+come the other way, pushed by the connector the moment a pull ends (pdserve.kv.vllm_reports), so that no
+token waits for vLLM's engine loop to answer a call.
 
 Prefill runs the prompt with max_tokens=1 and kv_transfer_params {"do_remote_decode": True}: the connector
 holds the blocks under a lease and returns where they are. Decode runs prompt + the first token with
@@ -27,6 +29,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.kv.vllm_reports import LoadReports, report_endpoint
 from pdserve.protocol import FinishReason, KVLayout, KVTransferParams, ModelCard, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,9 @@ CONNECTOR_MODULE = "pdserve.kv.vllm_connector"
 WORKER_EXTENSION = "pdserve.kv.vllm_worker_ext.PdserveWorkerExtension"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _STATS_REFRESH_S = 0.5
+# A pushed load report normally arrives before vLLM's first output of the request; past the pull's own deadline
+# plus this, the report is taken as lost (logged) and the prefill's lease ends the hold.
+_REPORT_GRACE_S = 5.0
 
 
 class VllmEngine(Engine):
@@ -65,6 +71,8 @@ class VllmEngine(Engine):
         # The connector publishes its counters here: reading a file costs vLLM nothing, while every
         # collective_rpc makes vLLM's worker busy-poll for about a second.
         self._stats_path = os.path.join(tempfile.gettempdir(), f"pdserve-{worker_id}-kv-stats.json")
+        self._load_reports = LoadReports(report_endpoint(worker_id))
+        self._report_tasks: set[asyncio.Task] = set()
         self._llm: Any = None
         self._address: str | None = None
         self._stats: dict[str, float] = {}
@@ -110,14 +118,17 @@ class VllmEngine(Engine):
                     "lease_s": self._kv_lease_s, "pull_timeout_s": self._kv_pull_timeout_s,
                     "transport": self._kv_transport,
                     "stats_path": self._stats_path,
+                    "reports_endpoint": self._load_reports.endpoint,
                 },
             ),
         )
         log.info("starting vLLM on %s (%s, max_model_len %d, cores %s)", self._model_path, self._dtype,
                  self._max_model_len, self._cpu_cores or "auto")
+        self._load_reports.start()  # before vLLM starts: its connector connects as it comes up
         try:
             self._llm = AsyncLLM.from_engine_args(args)
         except BaseException:
+            await self._load_reports.stop()
             if self._kv_event_subscriber is not None:
                 await self._kv_event_subscriber.stop()
             raise
@@ -148,9 +159,12 @@ class VllmEngine(Engine):
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        for task in list(self._report_tasks):
+            task.cancel()
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        await self._load_reports.stop()
         from pdserve.kv.vllm_connector import pool_stats_path
 
         for path in (self._stats_path, pool_stats_path(self._stats_path), self._kv_events_path):
@@ -233,14 +247,14 @@ class VllmEngine(Engine):
             prompt, max_tokens, kv = prompt_token_ids, sampling.max_tokens, None
         params = self._sampling(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
         finished = counted = False
-        reported = kv is None
+        report_task = None
+        if kv is not None:
+            assert pull_span is not None
+            report_task = self._spawn_report(request_id, pull_span, self._load_reports.expect(request_id))
         self._running.add(request_id)
         try:
             async for output in self._llm.generate(self._prompt(prompt), params, request_id):
-                if not reported:
-                    reported = True
-                    await self._report_load(request_id, pull_span)
-                elif kv is None and not counted:  # a local prefill: what its prefix cache served (pulled KV is not a hit)
+                if kv is None and not counted:  # a local prefill: what its prefix cache served (pulled KV is not a hit)
                     self._num_cached_tokens += output.num_cached_tokens or 0
                 counted = True
                 completion = output.outputs[0]
@@ -249,32 +263,39 @@ class VllmEngine(Engine):
                 yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
         finally:
             self._running.discard(request_id)
-            if pull_span is not None and not reported:  # ended before the load did (cancelled, failed)
-                pull_span.set_attribute("cancelled", True)
-                pull_span.end()
+            if report_task is not None and not finished:  # ended before or while its KV loaded (cancelled, failed)
+                report_task.cancel()
             if not finished and self._llm is not None:
                 await self._llm.abort(request_id)
 
-    async def _report_load(self, request_id: str, pull_span: Span | None) -> None:
+    def _spawn_report(self, request_id: str, pull_span: Span, future: asyncio.Future) -> asyncio.Task:
+        """Act on the load's report when the connector pushes it, beside the token stream (created in the
+        request's context, so the decode span is current in the callback)."""
+        task = asyncio.create_task(self._report_load(request_id, pull_span, future), name=f"kv-report-{request_id}")
+        self._report_tasks.add(task)
+        task.add_done_callback(self._report_tasks.discard)
+        return task
+
+    async def _report_load(self, request_id: str, pull_span: Span, future: asyncio.Future) -> None:
         try:
-            report = await self._rpc("pdserve_load_report", request_id)
-        except BaseException:
-            if pull_span is not None:
-                pull_span.end()
-            raise
-        if pull_span is not None:
-            if report is None:
-                tracing.record_error(pull_span, "the connector has no load report")
-            elif report["recomputed"]:
-                tracing.record_error(pull_span, f"KV load failed, recomputed: {report.get('error')}")
-                pull_span.set_attribute("kv_recomputed", True)
-            else:
-                pull_span.set_attributes(tracing.transfer_attributes(
-                    report["num_blocks"], report["num_bytes"], report["transfer_ms"] / 1000))
-                pull_span.set_attribute("kv_transport", report.get("transport", "tcp"))
+            report = await self._load_reports.wait(request_id, future, self._kv_pull_timeout_s + _REPORT_GRACE_S)
+        except asyncio.CancelledError:
+            pull_span.set_attribute("cancelled", True)
             pull_span.end()
+            raise
         if report is None:
-            log.warning("request %s: the connector has no load report", request_id)
+            tracing.record_error(pull_span, "the connector sent no load report")
+        elif report["recomputed"]:
+            tracing.record_error(pull_span, f"KV load failed, recomputed: {report.get('error')}")
+            pull_span.set_attribute("kv_recomputed", True)
+        else:
+            pull_span.set_attributes(tracing.transfer_attributes(
+                report["num_blocks"], report["num_bytes"], report["transfer_ms"] / 1000))
+            pull_span.set_attribute("kv_transport", report.get("transport", "tcp"))
+        pull_span.end()
+        if report is None:
+            log.warning("request %s: no KV load report from the connector within %.0f s; the prefill worker's "
+                        "lease frees its blocks", request_id, self._kv_pull_timeout_s + _REPORT_GRACE_S)
             return
         if self.on_kv_loaded:
             self.on_kv_loaded(request_id, KVLoadReport(

@@ -32,9 +32,10 @@ the prefill: the request is reported as finished and failed receiving, its block
 (kv_load_failure_policy="recompute") prefills it locally. Never a hang: every pull has pull_timeout_s.
 
 kv_connector_extra_config: worker_id, model_name (both go into the params / layout tag), advertise_host,
-bind_host, lease_s, pull_timeout_s; optional hold_blocks ("refcount" | "delay_free") and stats_path (the
+bind_host, lease_s, pull_timeout_s; optional hold_blocks ("refcount" | "delay_free"), stats_path (the
 worker side then publishes its counters there as JSON every 0.5 s, see read_published_stats, and the
-scheduler side the block pool's usage at pool_stats_path(stats_path), see PoolUsagePublisher).
+scheduler side the block pool's usage at pool_stats_path(stats_path), see PoolUsagePublisher) and
+reports_endpoint (every load's report is pushed there the moment the load ends, see kv.vllm_reports).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from pdserve import tracecontext
 from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.vllm_pool import make_kv_block_pool
+from pdserve.kv.vllm_reports import LoadReportSender
 from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams
 
@@ -157,6 +159,7 @@ class PdserveConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (request_id, why) loads refused before a pull
     cancelled: list[str] = field(default_factory=list)  # loads of requests aborted while waiting for KV
+    cached: list[str] = field(default_factory=list)  # loads not needed: the engine's prefix cache had it all
 
 
 @dataclass
@@ -366,7 +369,8 @@ class _SchedulerSide:
             return
         assert plan.params is not None
         if num_external_tokens == 0:
-            return  # everything was found locally; nothing to pull, nothing recomputed
+            self._meta.cached.append(rid)  # everything was found locally; nothing to pull, nothing recomputed
+            return
         (block_ids,) = blocks.get_block_ids()
         bs = self.layout.block_size
         first = plan.num_computed_tokens // bs
@@ -478,6 +482,8 @@ class _WorkerSide:
         self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
         self.transport = str(extra.get("transport", "auto"))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
+        self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
+        self._report_sender: LoadReportSender | None = None  # used on the loop thread only
         self.pool = None
         self.endpoint: TransferEndpoint | None = None
         self._client: TransferClient | None = None
@@ -487,7 +493,7 @@ class _WorkerSide:
         self._released: set[str] = set()  # holds ended, not yet reported to the scheduler
         self._loads: dict[str, _Load] = {}  # main thread
         self._tasks: dict[str, asyncio.Task] = {}  # loop thread
-        self._done: deque = deque()  # (request_id, TransferResult | None, error | None), from the loop
+        self._done: deque = deque()  # (request_id, TransferResult | None, error | None, report), from the loop
         self._done_lock = threading.Lock()
         self._recv_finished: set[str] = set()
         self._recv_failed: set[str] = set()
@@ -514,6 +520,8 @@ class _WorkerSide:
                                          on_pull=self._on_pull_served)
         self.endpoint.start()
         self._client = TransferClient(transport=self.transport)
+        if self.reports_endpoint:
+            self._report_sender = LoadReportSender(self.reports_endpoint)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-pulls", daemon=True)
         self._loop_thread.start()
@@ -539,6 +547,8 @@ class _WorkerSide:
                 self._loop.call_soon_threadsafe(self._cancel_pull, rid)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=5.0)
+        if self._report_sender is not None:
+            self._report_sender.close()
         if self._client is not None:
             self._client.close()
         if self.endpoint is not None:
@@ -618,6 +628,10 @@ class _WorkerSide:
         for spec in meta.loads:
             self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids)
             self._loop.call_soon_threadsafe(self._spawn_pull, spec)
+        for rid in meta.cached:
+            report = dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=False, error=None, transport="")
+            self._add_report(rid, report)
+            self._loop.call_soon_threadsafe(self._send_report, rid, report)
         for rid in meta.cancelled:
             load = self._loads.get(rid)
             if load is not None:
@@ -667,46 +681,61 @@ class _WorkerSide:
             self.pool.unstage(spec.local_block_ids)
 
     def _on_pull_done(self, rid: str, task: asyncio.Task) -> None:
+        """The report goes out now, from this thread: vLLM learns of the load at its next step boundary, the
+        pdserve worker at once (it releases the prefill's blocks and logs the pull while vLLM computes)."""
         self._tasks.pop(rid, None)
+        result = None
         if task.cancelled():
-            outcome = (rid, None, "cancelled: the request was aborted")
+            error = "cancelled: the request was aborted"
+            report = _failure_report(error, recomputed=False)
         elif (exc := task.exception()) is not None:
             reason = f" ({exc.reason})" if isinstance(exc, TransferRefused) else ""
-            outcome = (rid, None, f"{type(exc).__name__}{reason}: {exc}")
+            error = f"{type(exc).__name__}{reason}: {exc}"
+            report = _failure_report(error, recomputed=True)
         else:
-            outcome = (rid, task.result(), None)
+            result, error = task.result(), None
+            report = dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes, transfer_ms=result.seconds * 1000,
+                          recomputed=False, error=None, transport=result.transport)
         with self._done_lock:
-            self._done.append(outcome)
+            self._done.append((rid, result, error, report))
+        self._send_report(rid, report)
+
+    def _send_report(self, rid: str, report: dict) -> None:
+        """On the loop thread."""
+        if self._report_sender is not None:
+            self._report_sender.send(rid, report)
 
     def _drain_done(self) -> None:
         with self._done_lock:
             done = list(self._done)
             self._done.clear()
-        for rid, result, error in done:
+        for rid, result, error, report in done:
             load = self._loads.pop(rid, None)
             if load is None:
                 continue
             self._recv_finished.add(rid)
             if error is None:
-                ms = result.seconds * 1000
                 self._counters["num_kv_blocks_received"] += result.num_blocks
                 self._counters["num_kv_bytes_received"] += result.num_bytes
-                self._counters["kv_transfer_ms"] += ms
+                self._counters["kv_transfer_ms"] += report["transfer_ms"]
                 self._counters[f"num_kv_pulls_{result.transport}"] += 1
-                self._add_report(rid, dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes,
-                                           transfer_ms=ms, recomputed=False, error=None, transport=result.transport))
+                self._add_report(rid, report)
                 logger.debug("request %s: pulled %d blocks, %d B in %.1f ms", rid, result.num_blocks,
-                             result.num_bytes, ms)
+                             result.num_bytes, report["transfer_ms"])
             elif load.cancelled:
                 self._recv_failed.add(rid)
-                self._add_report(rid, dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=False, error=error))
+                self._add_report(rid, _failure_report(error, recomputed=False))
             else:
-                self._record_failure(rid, load.local_block_ids, error)
+                self._record_failure(rid, load.local_block_ids, error, sent=True)
 
-    def _record_failure(self, rid: str, local_block_ids: list[int], error: str) -> None:
+    def _record_failure(self, rid: str, local_block_ids: list[int], error: str, *, sent: bool = False) -> None:
+        """On vLLM's main thread; `sent`: the pull loop already pushed the report."""
         logger.warning("request %s: KV load failed (%s); recomputing the prefill locally", rid, error)
         self._counters["num_recomputes"] += 1
-        self._add_report(rid, dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=True, error=error))
+        report = _failure_report(error, recomputed=True)
+        self._add_report(rid, report)
+        if not sent and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._send_report, rid, report)
         if local_block_ids:
             self._recv_failed.add(rid)
             self._load_error_blocks.update(local_block_ids)
@@ -829,6 +858,10 @@ class PoolUsagePublisher:
             self._thread.join(timeout=2.0)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _failure_report(error: str, *, recomputed: bool) -> dict:
+    return dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=recomputed, error=error)
 
 
 def pool_stats_path(stats_path: str) -> str:

