@@ -5,8 +5,12 @@ tensor per layer, Llama-3-8B-shaped by default (32 layers, 8 KV heads, head_dim 
 2 MiB per block, 64 segments of 32 KiB). A scattered set of blocks moves from a "prefill" pool, in a process of
 its own, to other block ids of a "decode" pool, every result checked on the device:
 
-  staged     : device -> pinned host (stage out) -> ZeroMQ/TCP -> pinned host -> device (stage in), each stage
-               timed, and end to end (the path between hosts; the stages are not overlapped yet)
+  staged     : the path between hosts: device -> pinned host -> ZeroMQ/TCP -> pinned host -> device, pipelined
+               segment by segment (the prefill side copies segment k+1 to the host while segment k is sent; the
+               decode side moves each segment to the device as it arrives), timed end to end (allow included)
+  raw_socket : the same number of bytes from pinned host memory to pinned host memory over one TCP connection
+               between the two processes (sendall / recv_into of 1 MiB chunks): the ceiling of the staged path
+  pinned D2H / H2D: one contiguous copy of the same bytes each way, in this process: the staging stages' ceiling
   cuda_ipc   : one whole pull over the cuda-ipc path (IPC handles opened at the first pull, one copy kernel
                over a table of segment addresses, the endpoint's confirmation), timed around pull()
   cuda_ipc_kernel: the copy kernel alone over the same table shape, in this process
@@ -24,7 +28,9 @@ import asyncio
 import datetime
 import json
 import multiprocessing
+import socket
 import statistics
+import threading
 import time
 
 import torch
@@ -42,22 +48,46 @@ def caches(num_blocks: int, layout: KVLayout, seed: int) -> dict:
             for i in range(layout.num_layers)}
 
 
-def prefill_side(conn, num_blocks: int, layout: KVLayout) -> None:
-    """The prefill process: owns the source KV and the endpoint; stages blocks out when asked."""
+def raw_sender(listener: socket.socket, nbytes: int) -> None:
+    """One connection; for every byte received, `nbytes` from pinned host memory in 1 MiB sendall()s."""
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    peer, _ = listener.accept()
+    with peer:
+        while peer.recv(1):
+            view = memoryview(source)
+            for offset in range(0, nbytes, 1 << 20):
+                peer.sendall(view[offset:offset + (1 << 20)])
+
+
+def raw_receive(sock: socket.socket, target) -> float:
+    """Seconds from asking to the last of target's bytes received into it."""
+    view, got = memoryview(target), 0
+    t0 = time.perf_counter()
+    sock.sendall(b"g")
+    while got < len(view):
+        n = sock.recv_into(view[got:], min(1 << 20, len(view) - got))
+        if n == 0:
+            raise ConnectionError("raw sender closed")
+        got += n
+    return time.perf_counter() - t0
+
+
+def prefill_side(conn, num_blocks: int, layout: KVLayout, raw_nbytes: int) -> None:
+    """The prefill process: owns the source KV, the endpoint and a raw socket sender; stages blocks out (which
+    now only reserves host slots: the copies run when a pull asks) and allows them when asked."""
     pool = make_kv_block_pool(caches(num_blocks, layout, 1), num_blocks, "llama3-8b", layout)
     endpoint = TransferEndpoint(pool, bind_host="127.0.0.1")
     endpoint.start()
-    conn.send((endpoint.address, endpoint.host_id, endpoint.transports))
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=raw_sender, args=(listener, raw_nbytes), daemon=True).start()
+    conn.send((endpoint.address, endpoint.host_id, endpoint.transports, listener.getsockname()[1]))
     try:
         while (msg := conn.recv()) is not None:
             op, transfer_id, block_ids = msg
             if op == "stage":
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
                 pool.stage_out(block_ids)
-                seconds = time.perf_counter() - t0
                 endpoint.allow(transfer_id, "secret", block_ids, expires_at=time.time() + 60)
-                conn.send(seconds)
+                conn.send(None)
             elif op == "allow":  # cuda-ipc reads the device tensors: nothing to stage
                 endpoint.allow(transfer_id, "secret", block_ids, expires_at=time.time() + 60)
                 conn.send(None)
@@ -116,16 +146,18 @@ def main() -> None:
     layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", dtype_bytes=2, block_size=16)
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=prefill_side, args=(child_conn, args.pool_blocks, layout), daemon=True)
+    nbytes = args.blocks * layout.bytes_per_block
+    child = ctx.Process(target=prefill_side, args=(child_conn, args.pool_blocks, layout, nbytes), daemon=True)
     child.start()
-    address, peer_host, peer_transports = conn.recv()
+    address, peer_host, peer_transports, raw_port = conn.recv()
+    raw_sock = socket.create_connection(("127.0.0.1", raw_port))
+    raw_target = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
     source = caches(args.pool_blocks, layout, 1)  # the same seed as the prefill side: the expected bytes
     target = caches(args.pool_blocks, layout, 2)
     dst = make_kv_block_pool(target, args.pool_blocks, "llama3-8b", layout)
     staged_client, ipc_client = TransferClient(transport="tcp"), TransferClient(transport="cuda-ipc")
-    nbytes = args.blocks * layout.bytes_per_block
-    rows: dict[str, list[float]] = {"staged: stage out (D2H)": [], "staged: transport": [], "staged: stage in (H2D)": [],
-                                    "staged: end to end": [], "cuda_ipc: whole pull": []}
+    rows: dict[str, list[float]] = {"staged: pull (copies overlapped)": [], "staged: commit wait": [],
+                                    "staged: end to end": [], "raw_socket": [], "cuda_ipc: whole pull": []}
     g = torch.Generator().manual_seed(0)
     loop = asyncio.new_event_loop()  # one loop for every pull, as in a worker
 
@@ -137,9 +169,10 @@ def main() -> None:
         for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
             perm = torch.randperm(args.pool_blocks, generator=g).tolist()
             remote, local = perm[: args.blocks], perm[args.blocks: 2 * args.blocks]
+            raw_s = raw_receive(raw_sock, raw_target)
             t0 = time.perf_counter()
             conn.send(("stage", f"t{rep}", remote))
-            stage_out_s = conn.recv()
+            conn.recv()
             t1 = time.perf_counter()
             dst.stage_in_begin(local)
             result = loop.run_until_complete(
@@ -167,7 +200,7 @@ def main() -> None:
             assert result.transport == "cuda-ipc", result
             check(remote, local)
             if rep:
-                for key, seconds in zip(rows, (stage_out_s, t2 - t1, t3 - t2, t3 - t0, t5 - t4)):
+                for key, seconds in zip(rows, (t2 - t1, t3 - t2, t3 - t0, raw_s, t5 - t4)):
                     rows[key].append(seconds)
         # What a pull costs besides its bytes: one block, the same path.
         one_block = []
@@ -206,9 +239,13 @@ def main() -> None:
         flat_dst = torch.empty_like(flat_src)
         flat_dst.copy_(flat_src)
         rows["device_copy"] = timed_on_device(lambda: flat_dst.copy_(flat_src), args.reps)
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        rows["pinned D2H"] = timed_on_device(lambda: pinned.copy_(flat_src, non_blocking=True), args.reps)
+        rows["pinned H2D"] = timed_on_device(lambda: flat_dst.copy_(pinned, non_blocking=True), args.reps)
     finally:
         staged_client.close()
         ipc_client.close()
+        raw_sock.close()
         loop.close()
         conn.send(None)
         child.join(timeout=30)
@@ -231,7 +268,8 @@ def main() -> None:
     ratios = {"cuda_ipc/device_copy": figures["cuda_ipc: whole pull"]["median_gbps"] / ceiling,
               "cuda_ipc_kernel_only/device_copy": kernel_best / ceiling,
               "cuda_ipc_kernel/device_copy": figures["cuda_ipc_kernel (in-process)"]["median_gbps"] / ceiling,
-              "staged/device_copy": figures["staged: end to end"]["median_gbps"] / ceiling}
+              "staged/device_copy": figures["staged: end to end"]["median_gbps"] / ceiling,
+              "staged/raw_socket": figures["staged: end to end"]["median_gbps"] / figures["raw_socket"]["median_gbps"]}
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}")
     if args.out:

@@ -1,4 +1,8 @@
-"""KV on a CUDA device served and pulled through pinned host staging; skipped where there is no CUDA."""
+"""KV on a CUDA device served and pulled through pinned host staging; skipped where there is no CUDA.
+
+Staging is lazy and pipelined: nothing is copied to the host until a pull over a host path asks, the sender
+waits for each segment's copy only before sending it, and the receiver moves each segment on to the device as
+it arrives (stage_in_commit then copies nothing twice)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from pdserve.kv.cuda_staging import CudaStagingPool, StagingFull  # noqa: E402
-from pdserve.kv import TransferClient, TransferEndpoint  # noqa: E402
+from pdserve.kv import TransferClient, TransferEndpoint, TransferIntegrityError  # noqa: E402
 from pdserve.kv.vllm_pool import make_kv_block_pool  # noqa: E402
 from tests.kv.gpu_kv import LAYOUT, NUM_BLOCKS, gpu_caches  # noqa: E402
 
@@ -77,11 +81,18 @@ def test_a_full_staging_buffer_is_a_clear_error():
         small.stage_out([2])
 
 
-def test_pull_between_two_gpu_pools():
+@pytest.mark.parametrize("copies", ["kernel", "torch"])
+@pytest.mark.parametrize("ids", ["consecutive", "scattered"])
+def test_pull_between_two_gpu_pools(copies, ids):
     source, target = gpu_caches(3), gpu_caches(4)
     src = make_kv_block_pool(source, NUM_BLOCKS, "m", LAYOUT)
     dst = make_kv_block_pool(target, NUM_BLOCKS, "m", LAYOUT)
+    if copies == "torch":  # the fallback where the copy kernel cannot run
+        src = CudaStagingPool(src.device_segments, src.layout_tag, copy_kernel=False)
+        dst = CudaStagingPool(dst.device_segments, dst.layout_tag, copy_kernel=False)
     remote, local = list(range(10, 42)), list(range(20, 52))
+    if ids == "scattered":
+        remote, local = remote[::-1], [b * 7 % NUM_BLOCKS for b in range(1, 33)]
     endpoint = TransferEndpoint(src, bind_host="127.0.0.1")
     endpoint.start()
     client = TransferClient()
@@ -97,3 +108,66 @@ def test_pull_between_two_gpu_pools():
     assert result.num_blocks == len(remote)
     for name in source:
         assert torch.equal(source[name][:, remote], target[name][:, local])
+    nbytes = len(remote) * LAYOUT.bytes_per_block
+    assert src.num_bytes_to_host == nbytes  # copied once, when the pull asked
+    assert dst.num_bytes_to_device == nbytes  # segment by segment during the pull; stage_in_commit added nothing
+
+
+def test_nothing_is_copied_to_the_host_until_a_pull_asks():
+    """stage_out at allow reserves slots; a transfer pulled device to device (cuda-ipc) never pays the copy. The
+    bytes a host pull gets are the KV as it was when stage_out was called on its stream (the produced event),
+    even when the pull comes later."""
+    caches = gpu_caches(6)
+    pool = make_kv_block_pool(caches, NUM_BLOCKS, "m", LAYOUT)
+    layer = caches["model.layers.1.self_attn.attn"]
+    pool.stage_out([7, 8])
+    assert pool.num_bytes_to_host == 0
+    expected = host_bytes(layer[0, 8])
+    assert bytes(pool.segments(8)[2]) == expected  # a reader of the slot waits for its copy
+    assert pool.num_bytes_to_host == LAYOUT.bytes_per_block  # that block's, no more
+    pool.unstage([7, 8])
+
+
+def test_segments_sent_and_committed_one_by_one():
+    """The sender's wait and the receiver's commit, segment by segment, as the transport drives them."""
+    caches, target = gpu_caches(7), gpu_caches(8)
+    src = make_kv_block_pool(caches, NUM_BLOCKS, "m", LAYOUT)
+    dst = make_kv_block_pool(target, NUM_BLOCKS, "m", LAYOUT)
+    remote, local = [3, 9, 10, 11], [30, 31, 40, 41]
+    src.stage_out(remote)
+    dst.stage_in_begin(local)
+    for k in range(len(src.segment_nbytes)):
+        src.wait_out_segment(remote, k)
+        for r, l in zip(remote, local):
+            dst.segments(l)[k][:] = src.segments(r)[k]
+        dst.commit_segment(local, k)
+        dst.commit_segment(local, k)  # twice: the second is a no-op
+    assert dst.num_bytes_to_device == len(local) * LAYOUT.bytes_per_block  # the last segment flushed the rest
+    dst.stage_in_commit(local)
+    assert dst.num_bytes_to_device == len(local) * LAYOUT.bytes_per_block
+    for name in caches:
+        assert torch.equal(caches[name][:, remote], target[name][:, local])
+    src.unstage(remote)
+    dst.unstage(local)
+
+
+def test_a_corrupted_staged_pull_fails_and_its_slots_come_back():
+    source, target = gpu_caches(9), gpu_caches(10)
+    src = make_kv_block_pool(source, NUM_BLOCKS, "m", LAYOUT)
+    dst = make_kv_block_pool(target, NUM_BLOCKS, "m", LAYOUT)
+    remote, local = list(range(0, 8)), list(range(8, 16))
+    endpoint = TransferEndpoint(src, bind_host="127.0.0.1")
+    endpoint.start()
+    client = TransferClient()
+    try:
+        src.stage_out(remote)
+        endpoint.allow("t", "secret", remote, expires_at=1e12)
+        endpoint._corrupt_next_send_for_tests()
+        dst.stage_in_begin(local)
+        with pytest.raises(TransferIntegrityError):
+            asyncio.run(client.pull(endpoint.address, "t", "secret", remote, dst, local, timeout_s=30))
+        dst.unstage(local)  # waits for the segments already moved on to the device
+        assert dst.num_staged_blocks == 0
+    finally:
+        client.close()
+        endpoint.stop()

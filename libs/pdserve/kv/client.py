@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -281,7 +282,10 @@ class TransferClient:
                         checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
                         received += count
                     elif batch is None:
-                        batch = BatchStream(pool, local_ids[first:first + count])
+                        ids = local_ids[first:first + count]
+                        # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
+                        after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
+                        batch = BatchStream(pool, ids, after_segment=after)
                     for frame in frames[1:] if path == "tcp" else ():
                         src, offset = frame.buffer, 0
                         for dst in batch.walk(src.nbytes):

@@ -5,6 +5,7 @@ descriptors of its own memory (shm.py)."""
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import logging
 import math
@@ -129,6 +130,10 @@ class TransferEndpoint:
         if getattr(pool, "device_segments", None) and offer_shm:
             self.transports += ("cuda-ipc",)
         self._confirming: dict[tuple[bytes, str], _Pull] = {}  # cuda-ipc pulls copied, waiting for their "done"
+        # A staging pool (GPU KV) copies to the host when a pull over a host path starts, segment by segment.
+        self._prepare_out = getattr(pool, "prepare_out", None)
+        self._wait_out_segment = getattr(pool, "wait_out_segment", None)
+        self._wait_out = getattr(pool, "wait_out", None)
         self.host_id = host_id()
 
     # ---- lifecycle
@@ -338,6 +343,8 @@ class TransferEndpoint:
         pull = _Pull(identity, nonce, tid, allowed, block_ids, tp if isinstance(tp, str) else None, window,
                      deadline=time.monotonic() + timeout_s + 5.0, path=path)
         self._pulls.append(pull)
+        if path != "cuda-ipc" and self._prepare_out is not None:
+            self._prepare_out(block_ids)  # a staging pool starts its copies to the host now, sent as they land
         logger.debug("transfer %s: serving %d blocks (traceparent %s)", tid, len(block_ids), pull.traceparent)
 
     def _on_credit(self, identity: bytes, h: dict) -> None:
@@ -400,7 +407,8 @@ class TransferEndpoint:
             return self._describe_device(pull)
         if pull.batch is None:
             ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
-            pull.batch, pull.batch_first = BatchStream(self.pool, ids), pull.next_index
+            before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
+            pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
             pull.next_index += len(ids)
         batch = pull.batch
         frames: list = []
@@ -469,6 +477,8 @@ class TransferEndpoint:
         """shm: the pull's next batch as where its pieces lie in this process, with their checksums taken now."""
         ids = pull.block_ids[pull.next_index:pull.next_index + self.shm_batch_blocks]
         first, pull.next_index = pull.next_index, pull.next_index + len(ids)
+        if self._wait_out is not None:
+            self._wait_out(ids)
         checksums = pieces_checksums(batch_pieces(self.pool, ids), len(self.pool.segment_nbytes))
         if self._corrupt_next:  # as if the bytes changed after they were described
             self._corrupt_next = False

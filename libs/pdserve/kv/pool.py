@@ -9,7 +9,7 @@ into the engine's KV memory.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import xxhash
@@ -23,7 +23,9 @@ class BlockPool(Protocol):
     Optional: segment_span(segment_index, first_row, num_rows) -> memoryview, segment k of a run of
     consecutive rows of the pool's memory as one view (ArrayBlockPool has it), which lets a run move as one
     large frame; and row_of(block_id) -> int, the row that holds a block where that is not the block id
-    itself (a staging pool: vLLM's scattered block ids sit in consecutive staging slots).
+    itself (a staging pool: vLLM's scattered block ids sit in consecutive staging slots). A staging pool may also
+    overlap its copies with the transport: prepare_out(block_ids) / wait_out_segment(block_ids, k) /
+    wait_out(block_ids) on the serving side, commit_segment(block_ids, k) on the pulling side (CudaStagingPool).
     """
 
     num_blocks: int
@@ -183,15 +185,23 @@ class BatchStream:
     the walk has passed it (still in cache). Per block it would be one hash call per block and segment:
     with 60 segments of 6 KiB per block that Python loop, not the socket, bounded the transfer.
     checksums() equals segment_checksums(pool, block_ids).
+
+    before_segment(k): called before the walk yields the first bytes of segment k (a sender waits there for a
+    staging copy of that segment); after_segment(k): once the walk has passed the last bytes of segment k (a
+    receiver starts moving that segment on). Segment-major order makes each segment's bytes one stretch.
     """
 
-    def __init__(self, pool: BlockPool, block_ids: Sequence[int]) -> None:
+    def __init__(self, pool: BlockPool, block_ids: Sequence[int], *,
+                 before_segment: Callable[[int], None] | None = None,
+                 after_segment: Callable[[int], None] | None = None) -> None:
         self._pieces = batch_pieces(pool, block_ids)
         self._segment_nbytes = pool.segment_nbytes
         self._hashers = [xxhash.xxh3_64() for _ in pool.segment_nbytes]
         self.num_blocks = len(block_ids)
         self.nbytes_left = len(block_ids) * sum(pool.segment_nbytes)
         self._index = self._pos = 0
+        self._before_segment, self._after_segment = before_segment, after_segment
+        self._entered: int | None = None
 
     def walk(self, nbytes: int) -> Iterator[memoryview]:
         """Views covering the next `nbytes` of the stream; each is checksummed once the caller asks for the
@@ -200,6 +210,9 @@ class BatchStream:
             raise ValueError(f"{nbytes} bytes offered, {self.nbytes_left} left in the batch")
         while nbytes > 0:
             view, segment_index, _ = self._pieces[self._index]
+            if self._before_segment is not None and segment_index != self._entered:
+                self._entered = segment_index
+                self._before_segment(segment_index)
             take = min(view.nbytes - self._pos, nbytes)
             part = view if take == view.nbytes else view[self._pos:self._pos + take]
             yield part
@@ -209,6 +222,9 @@ class BatchStream:
             self.nbytes_left -= take
             if self._pos == view.nbytes:
                 self._index, self._pos = self._index + 1, 0
+                if self._after_segment is not None and (
+                        self._index == len(self._pieces) or self._pieces[self._index][1] != segment_index):
+                    self._after_segment(segment_index)
 
     def checksums(self) -> list[int]:
         """One xxh3_64 per segment index of the pool."""
