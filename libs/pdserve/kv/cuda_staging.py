@@ -15,7 +15,7 @@ Pipelined, segment by segment (a transfer's bytes move segment-major: segment 0 
            whatever was not committed that way and returns once everything is on the device. A batch whose
            checksum then fails makes the pull fail, and vLLM recomputes those blocks (their device copy is
            overwritten), as for any failed load.
-Copies go in groups of segments of about COPY_GROUP_NBYTES, each group one launch of cuda_ipc's copy kernel over a
+Copies go in at most MAX_COPY_GROUPS groups of segments (of at least COPY_GROUP_NBYTES), each group one launch of cuda_ipc's copy kernel over a
 table of (source, destination, length) chunks: the kernel reads and writes the pinned host slots directly (pinned
 memory is mapped into the device's address space), so scattered vLLM blocks need no gather and no temporary.
 One torch gather and copy per segment instead cost more host time than the copies took (measured on an H200
@@ -158,20 +158,20 @@ class CudaStagingPool:
             unqueued = any((c := self._out.get(b)) is not None and c.segment_done is None for b in block_ids)
         if unqueued:  # a reader that did not call prepare_out first
             self.prepare_out(block_ids)
-        with self._lock:
-            lists = {id(c.segment_done): c.segment_done for b in block_ids
-                     if (c := self._out.get(b)) is not None and c.segment_done is not None}
-        for events in lists.values():
+        for events in self._out_events(block_ids):
             events[segment_index].synchronize()
 
     def wait_out(self, block_ids: Sequence[int]) -> None:
         """Return once every segment of the blocks is in their host slots."""
         self.prepare_out(block_ids)
-        with self._lock:
-            lists = {id(c.segment_done): c.segment_done for b in block_ids
-                     if (c := self._out.get(b)) is not None and c.segment_done is not None}
-        for events in lists.values():
+        for events in self._out_events(block_ids):
             events[-1].synchronize()  # one stream: the last segment's event follows every earlier copy
+
+    def _out_events(self, block_ids: Sequence[int]) -> list[list[torch.cuda.Event]]:
+        """The per-segment event lists of the blocks' queued copies to the host, each list once."""
+        with self._lock:
+            return list({id(c.segment_done): c.segment_done for b in block_ids
+                         if (c := self._out.get(b)) is not None and c.segment_done is not None}.values())
 
     def stage_in_begin(self, block_ids: Sequence[int]) -> None:
         self._reserve(block_ids)
