@@ -11,8 +11,12 @@ repetition: a fast wrong transfer does not count.
                --raw-chunk-kib (1 MiB: the fastest on loopback, measured), the receiver recv_into()s them
                straight into the destination pool's memory. No framing, checksum or connection set-up:
                the ceiling for any transport over this link.
-  pdserve, pdserve/batch=N: (pdserve: the default batch for the layout) a full pull() per repetition, timed around `await pull()` (token check, credit-based
-               messages, xxh3 per block on both sides, one copy into place on the decode side).
+  pdserve, pdserve/batch=N: (pdserve: the default batch for the layout) a full pull() per repetition, timed
+               around `await pull()`: token check on the control connection, the bytes on the endpoint's plain TCP
+               stream straight from the source pool into the destination pool, xxh3 per segment index and batch on
+               both sides.
+  pdserve/frames: the same pull with the bytes as ZeroMQ frames on the control connection (the path a client takes
+               when the endpoint's byte stream cannot be reached, and the only one before 2026-12-04).
   shm        : the same pull over the same-host path: the decode side copies the blocks out of the prefill
                process's memory (process_vm_readv), checksums on both sides as over TCP.
   memcpy     : the same bytes copied from a replica of the source pool in this process into the destination
@@ -48,8 +52,12 @@ import sys
 import threading
 import time
 
-import numpy as np
-import xxhash
+# OpenBLAS (loaded with numpy) keeps worker threads that spin on this 2-core machine: they showed up in perf
+# profiles of this benchmark taking CPU from both transfer processes. None of its work is linear algebra.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402 (after the environment it reads)
+import xxhash  # noqa: E402
 
 from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint
 
@@ -166,6 +174,8 @@ async def bench_layout(layout: str, args) -> dict:
     replica = make_pool(layout, num_blocks, random=True)  # the source's bytes, here: memcpy's source
     client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
                             tune_malloc=not args.no_tune_malloc)
+    frames_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
+                                   tune_malloc=not args.no_tune_malloc, tcp_stream=False)
     shm_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="shm",
                                 tune_malloc=not args.no_tune_malloc)
     raw = socket.create_connection(("127.0.0.1", raw_port))
@@ -200,6 +210,9 @@ async def bench_layout(layout: str, args) -> dict:
     def pull(address):
         return lambda: client.pull(address, "bench", TOKEN, ids, local, ids, timeout_s=60)
 
+    async def frames_run():
+        await frames_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60)
+
     async def shm_run():
         result = await shm_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60,
                                        peer_host_id=peer_host_id, peer_transports=peer_transports)
@@ -217,6 +230,7 @@ async def bench_layout(layout: str, args) -> dict:
         raw_receive(raw, local, args.raw_chunk_kib << 10)
 
     samples: dict[str, list[tuple[float, float, float]]] = {pdserve_label(b): [] for b in args.batch_blocks}
+    samples["pdserve/frames"] = []
     samples["shm"] = []
     samples["memcpy"] = []
     samples["mooncake"] = []
@@ -229,6 +243,9 @@ async def bench_layout(layout: str, args) -> dict:
                 await measure(pdserve_label(b), pull(address), rep)
                 if checked and not delivered():
                     raise RuntimeError(f"{pdserve_label(b)} delivered wrong bytes")
+            await measure("pdserve/frames", frames_run, rep)
+            if checked and not delivered():
+                raise RuntimeError("pdserve/frames delivered wrong bytes")
             if mooncake is not None:
                 try:
                     await measure("mooncake", mooncake_run, rep)
@@ -252,6 +269,7 @@ async def bench_layout(layout: str, args) -> dict:
             mooncake.close()
         raw.close()
         client.close()
+        frames_client.close()
         shm_client.close()
         parent.send("stop")
         proc.join(timeout=10)

@@ -51,6 +51,14 @@ class BytearrayPool:
         return b"".join(self._blocks[block_id])
 
 
+class SlowPool(BytearrayPool):
+    """A decode side that takes 50 ms per block (segments() is asked once per block): a pull is still running."""
+
+    def segments(self, block_id):
+        time.sleep(0.05)
+        return super().segments(block_id)
+
+
 @pytest.fixture
 def endpoints():
     """make(pool, **kw) -> started endpoint; all stopped at the end."""
@@ -69,11 +77,13 @@ def endpoints():
 
 class PathClient:
     """A TransferClient that pulls over one path (the test's parameter) and checks that it did: the behaviour
-    suite runs over every path this machine has, unchanged."""
+    suite runs over every path this machine has, unchanged. "tcp" is the tcp path as clients take it (the bytes on
+    the endpoint's TCP stream); "tcp-frames", the same path with the bytes as ZeroMQ frames (a client that cannot
+    reach the stream port)."""
 
     def __init__(self, path: str, **kwargs):
-        self.path = path
-        self._client = TransferClient(transport=path, **kwargs)
+        self.path = "tcp" if path == "tcp-frames" else path
+        self._client = TransferClient(transport=self.path, tcp_stream=path != "tcp-frames", **kwargs)
 
     async def pull(self, *args, **kwargs):
         result = await self._client.pull(*args, peer_host_id=host_id(), peer_transports=("tcp", "shm"), **kwargs)
@@ -87,7 +97,7 @@ class PathClient:
         return getattr(self._client, name)
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "tcp-frames", "shm"])
 def path(request):
     return request.param
 
@@ -212,7 +222,7 @@ async def test_on_pull_sees_traceparent_sizes_and_path(endpoints, client, path):
             break
         await asyncio.sleep(0.01)
     ((transfer_id, traceparent, num_blocks, num_bytes, seconds, transport),) = seen
-    assert (transfer_id, traceparent, num_blocks, num_bytes, transport) == ("t1", tp, 2, 2 * 4096, path)
+    assert (transfer_id, traceparent, num_blocks, num_bytes, transport) == ("t1", tp, 2, 2 * 4096, client.path)
     assert seconds >= 0
 
 
@@ -273,17 +283,16 @@ async def test_released_transfer_refused(endpoints, client):
 
 
 async def test_release_during_a_pull_stops_it(endpoints, make_client):
-    class SlowPool(BytearrayPool):  # the decode side takes 50 ms per block, so the pull is still running
-        def segments(self, block_id):
-            time.sleep(0.05)
-            return super().segments(block_id)
-
-    ep = endpoints(make_pool(seed=15), batch_blocks=1)
-    allow(ep, block_ids=range(8))
+    # 64 MiB: more than the kernel's socket buffers can hold (4 MiB to send, 32 MiB to receive at most here), so
+    # that the tcp stream is still sending when the release comes.
+    num_blocks, block_nbytes = 16, 4 << 20
+    ep = endpoints(make_pool((block_nbytes,), num_blocks=num_blocks, seed=15), batch_blocks=1)
+    allow(ep, block_ids=range(num_blocks))
     client = make_client(window_messages=1)
+    ids = list(range(num_blocks))
     try:
         task = asyncio.create_task(
-            client.pull(ep.address, "t1", TOKEN, list(range(8)), SlowPool((4096,), 8), list(range(8)), timeout_s=5))
+            client.pull(ep.address, "t1", TOKEN, ids, SlowPool((block_nbytes,), num_blocks), ids, timeout_s=5))
         while ep.stats()["num_bytes_sent"] == 0:
             await asyncio.sleep(0.005)
         assert ep.release("t1")
@@ -293,7 +302,7 @@ async def test_release_during_a_pull_stops_it(endpoints, make_client):
     finally:
         client.close()
     assert info.value.reason == "released"
-    assert ep.stats()["num_bytes_sent"] == sent_at_release < 8 * 4096
+    assert ep.stats()["num_bytes_sent"] == sent_at_release < num_blocks * block_nbytes
 
 
 async def test_expired_transfer_refused(endpoints, client):

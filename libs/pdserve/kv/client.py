@@ -1,5 +1,6 @@
 """The decode side of a KV transfer: pulls blocks from TransferEndpoints into a local pool, over the path the
-peers share (paths: tcp anywhere; shm on one host, see shm.py), with the protocol of wire.py."""
+peers share (paths: tcp anywhere, on a plain TCP stream beside the control socket where it can be opened, see
+stream.py; shm on one host, see shm.py), with the protocol of wire.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import functools
 import logging
 import math
 import secrets
+import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,7 @@ from typing import Sequence
 import orjson
 import zmq
 
-from pdserve.kv import shm, wire
+from pdserve.kv import shm, stream, wire
 from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PathUnavailable, TransferError,
                                TransferIntegrityError, TransferRefused, TransferResult, TransferTimeout)
 from pdserve.kv.host import host_id
@@ -43,6 +46,10 @@ class _Connection:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.stream: socket.socket | None = None  # tcp pulls' bytes (stream.py), once set up
+        self.stream_ticket: str | None = None
+        self.bounce: memoryview | None = None  # the stream's receive buffer (stream.BOUNCE_NBYTES)
+        self.asked_for_stream = False  # a connection tries once; pulls on it use frames if that failed
 
     def was_dropped(self) -> bool:
         """Whether the endpoint dropped the connection since the last look."""
@@ -53,6 +60,8 @@ class _Connection:
             return False
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
@@ -73,10 +82,12 @@ class TransferClient:
     """
 
     def __init__(self, *, io_threads: int = 1, max_concurrent_pulls: int = 16, window_messages: int = 8,
-                 tune_malloc: bool = True, transport: str = "auto") -> None:
+                 tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool = True) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         self.transport = transport
+        self.tcp_stream = tcp_stream  # tcp bytes on a plain TCP stream where the endpoint has one (stream.py)
+        self._stream_refused: dict[str, str] = {}  # endpoint address -> why its stream could not be opened
         self._shm_usable: bool | None = None  # can this process make the call at all; asked at the first shm pull
         self._shm_refused: dict[str, str] = {}  # endpoint address -> why its memory could not be read
         self._fallbacks_lock = threading.Lock()
@@ -237,73 +248,80 @@ class TransferClient:
                        traceparent, cancel) -> TransferResult:
         started = time.monotonic()
         nonce = secrets.token_hex(8)
-        request = orjson.dumps({
+        request = {
             "v": wire.PROTOCOL_VERSION, "op": "pull", "nonce": nonce, "transfer_id": transfer_id, "token": token,
             "block_ids": remote_ids, "segment_nbytes": list(pool.segment_nbytes), "layout_tag": pool.layout_tag,
             "traceparent": traceparent, "window": self._window, "timeout_s": timeout_s, "path": path,
-        })
+        }
         block_nbytes = sum(pool.segment_nbytes)
         num_blocks = len(remote_ids)
         received = 0
         conn = self._checkout(address, transfer_id)
         sock = conn.sock
         clean = False
+        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
         try:
-            sock.send(request, zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
-            batch: BatchStream | None = None
-            checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
-            owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
-            while received < num_blocks:
-                frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
-                header = self._parse_header(frames[0], transfer_id, address)
-                if header.get("nonce") != nonce:
-                    logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
-                    continue
-                if header.get("k") == "error":
-                    raise self._error_from(header, transfer_id, address)
-                first, count, checksums = header.get("i"), header.get("c"), header.get("h")
-                try:
-                    kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
-                    if header.get("k") != kind or first != received or not isinstance(
-                            count, int) or not (0 < count <= num_blocks - received):
-                        raise ValueError(f"unexpected header {str(header)[:200]}")
-                    if path == "cuda-ipc":
-                        self._copy_device(header, pool, local_ids, remote_ids)
-                        confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
-                        if not confirmed:
-                            raise TransferIntegrityError(
-                                f"transfer {transfer_id}: the prefill side released it while its blocks were being "
-                                f"copied from {address} (they may have been reused under the copy); recompute the "
-                                "prefill")
-                        received = num_blocks
-                    elif path == "shm":
-                        ids = local_ids[first:first + count]
-                        _read_described(header, pool, ids)
-                        checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
-                        received += count
-                    elif batch is None:
-                        ids = local_ids[first:first + count]
-                        # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
-                        after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
-                        batch = BatchStream(pool, ids, after_segment=after)
-                    for frame in frames[1:] if path == "tcp" else ():
-                        src, offset = frame.buffer, 0
-                        for dst in batch.walk(src.nbytes):
-                            dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
-                            offset += dst.nbytes
-                    if checksums is not None and path == "tcp":
-                        if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
-                                pool.segment_nbytes):
-                            raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
-                        _check(batch.checksums(), checksums, transfer_id, first, count, local_ids, address)
-                        batch, received = None, received + count
-                except ValueError as e:
-                    raise TransferError(f"transfer {transfer_id}: malformed reply from {address} ({e}); both sides "
-                                        "must run the same pdserve version") from e
-                owed += 1
-                if received < num_blocks and owed >= credit_every:
-                    sock.send(orjson.dumps({"op": "credit", "nonce": nonce, "n": owed}), zmq.NOBLOCK)
-                    owed = 0
+            if path == "tcp" and self.tcp_stream and not conn.asked_for_stream and address not in self._stream_refused:
+                self._open_stream(conn, deadline, cancel, transfer_id, num_blocks, timeout_s)
+            if path == "tcp" and conn.stream is not None:
+                sock.send(orjson.dumps(dict(request, stream=conn.stream_ticket)), zmq.NOBLOCK)
+                self._receive_stream(conn, nonce, pool, local_ids, deadline, cancel, transfer_id, timeout_s)
+                received = num_blocks
+            else:
+                sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
+                batch: BatchStream | None = None
+                owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
+                while received < num_blocks:
+                    frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
+                    header = self._parse_header(frames[0], transfer_id, address)
+                    if header.get("nonce") != nonce:
+                        logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
+                        continue
+                    if header.get("k") == "error":
+                        raise self._error_from(header, transfer_id, address)
+                    first, count, checksums = header.get("i"), header.get("c"), header.get("h")
+                    try:
+                        kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
+                        if header.get("k") != kind or first != received or not isinstance(
+                                count, int) or not (0 < count <= num_blocks - received):
+                            raise ValueError(f"unexpected header {str(header)[:200]}")
+                        if path == "cuda-ipc":
+                            self._copy_device(header, pool, local_ids, remote_ids)
+                            confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
+                            if not confirmed:
+                                raise TransferIntegrityError(
+                                    f"transfer {transfer_id}: the prefill side released it while its blocks were being "
+                                    f"copied from {address} (they may have been reused under the copy); recompute the "
+                                    "prefill")
+                            received = num_blocks
+                        elif path == "shm":
+                            ids = local_ids[first:first + count]
+                            _read_described(header, pool, ids)
+                            checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
+                            received += count
+                        elif batch is None:
+                            ids = local_ids[first:first + count]
+                            # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
+                            after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
+                            batch = BatchStream(pool, ids, after_segment=after)
+                        for frame in frames[1:] if path == "tcp" else ():
+                            src, offset = frame.buffer, 0
+                            for dst in batch.walk(src.nbytes):
+                                dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
+                                offset += dst.nbytes
+                        if checksums is not None and path == "tcp":
+                            if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
+                                    pool.segment_nbytes):
+                                raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
+                            _check(batch.checksums(), checksums, transfer_id, first, count, local_ids, address)
+                            batch, received = None, received + count
+                    except ValueError as e:
+                        raise TransferError(f"transfer {transfer_id}: malformed reply from {address} ({e}); both sides "
+                                            "must run the same pdserve version") from e
+                    owed += 1
+                    if received < num_blocks and owed >= credit_every:
+                        sock.send(orjson.dumps({"op": "credit", "nonce": nonce, "n": owed}), zmq.NOBLOCK)
+                        owed = 0
             for check in checks:  # every batch's checksums, before the pull counts as done
                 check.result()
             clean = True
@@ -319,6 +337,112 @@ class TransferClient:
         logger.debug("transfer %s: pulled %d blocks, %d bytes over %s in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, path, seconds, result.gbps)
         return result
+
+    def _open_stream(self, conn: _Connection, deadline, cancel, transfer_id, num_blocks, timeout_s) -> None:
+        """A new connection's byte stream (stream.py): ask the endpoint where, connect, present the ticket. Where
+        that fails for want of a route to the stream port, this endpoint's pulls use frames, with one WARNING."""
+        conn.asked_for_stream = True
+        nonce = secrets.token_hex(8)
+        conn.sock.send(orjson.dumps({"op": "hello", "nonce": nonce}), zmq.NOBLOCK)
+        while True:
+            frames = self._receive(conn, deadline, cancel, transfer_id, 0, num_blocks, timeout_s)
+            header = self._parse_header(frames[0], transfer_id, conn.address)
+            if header.get("nonce") == nonce:
+                break
+        port, ticket = header.get("port"), header.get("ticket")
+        if header.get("k") != "hello" or port is None:  # an endpoint that offers no stream
+            return
+        if not (type(port) is int and 0 < port < 65536 and isinstance(ticket, str)):
+            raise TransferError(f"transfer {transfer_id}: malformed hello from {conn.address}; both sides must run the "
+                                "same pdserve version")
+        host = conn.address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        try:
+            conn.stream = stream.connect(host, port, bytes.fromhex(ticket),
+                                         min(deadline - time.monotonic(), stream.HELLO_TIMEOUT_S), wire.CLIENT_POLL_S)
+        except (OSError, ValueError) as e:
+            why = f"cannot open its byte stream at {host}:{port} ({e}): only its control port is reachable?"
+            with self._fallbacks_lock:
+                first = conn.address not in self._stream_refused
+                self._stream_refused.setdefault(conn.address, why)
+                self.fallbacks[f"tcp stream->frames: {why}"] += 1
+            if first:
+                logger.warning("kv pulls from %s go as ZeroMQ frames, slower: %s; open the endpoint's stream port "
+                               "(any port of the prefill host) to this host", conn.address, why)
+            return
+        conn.stream_ticket = ticket
+        conn.bounce = memoryview(bytearray(stream.BOUNCE_NBYTES))
+
+    def _receive_stream(self, conn: _Connection, nonce: str, pool: BlockPool, local_ids: list[int], deadline,
+                        cancel, transfer_id: str, timeout_s: float) -> None:
+        """tcp over the stream: each batch's head, its bytes straight into the local blocks, its checksums."""
+        num_blocks, nseg = len(local_ids), len(pool.segment_nbytes)
+        head, trailer = bytearray(stream.BATCH_HEAD.size), bytearray(8 * nseg)
+        commit = getattr(pool, "commit_segment", None)
+        fill = functools.partial(self._fill, conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
+        received = 0
+        while received < num_blocks:
+            fill(memoryview(head), received)
+            first, count = stream.BATCH_HEAD.unpack(head)
+            if first != received or not 0 < count <= num_blocks - received:
+                raise TransferError(f"transfer {transfer_id}: malformed stream from {conn.address} (batch {first}+"
+                                    f"{count} after {received} of {num_blocks}); both sides must run the same pdserve "
+                                    "version")
+            ids = local_ids[first:first + count]
+            batch = BatchStream(pool, ids, after_segment=functools.partial(commit, ids) if commit else None)
+            while batch.nbytes_left:
+                for view in batch.walk(min(stream.CHUNK_NBYTES, batch.nbytes_left)):
+                    fill(view, received)
+            fill(memoryview(trailer), received)
+            _check(batch.checksums(), list(struct.unpack(f"<{nseg}Q", trailer)), transfer_id, first, count,
+                   local_ids, conn.address)
+            received += count
+
+    def _fill(self, conn: _Connection, nonce: str, deadline, cancel, transfer_id, num_blocks, timeout_s, view,
+              received) -> None:
+        """Receive exactly len(view) bytes of the stream into view, within the pull's deadline; a refusal on the
+        control socket, cancellation, close() or the endpoint hanging up end it with the matching error."""
+        got, total = 0, view.nbytes
+        bounce = conn.bounce
+        while got < total:
+            try:
+                n = conn.stream.recv_into(bounce[:total - got] if total - got < bounce.nbytes else bounce)
+                if n == 0:
+                    raise ConnectionResetError("end of stream")
+                view[got:got + n] = bounce[:n]
+                got += n
+                continue
+            except BlockingIOError:  # SO_RCVTIMEO passed with nothing: look around, then wait again
+                pass
+            except OSError as e:  # the endpoint closed the stream: a refusal says why, else it is gone
+                self._raise_control_error(conn, nonce, transfer_id, wait_s=0.2)
+                raise TransferError(
+                    f"transfer {transfer_id}: the prefill endpoint {conn.address} closed the connection after "
+                    f"{received} of {num_blocks} blocks ({e}; its process stopped or died); recompute the prefill") from e
+            if cancel.is_set() or self._closing.is_set():
+                if self._closing.is_set() and not cancel.is_set():
+                    raise TransferError(f"transfer {transfer_id}: TransferClient closed during the pull")
+                raise _Cancelled()
+            if time.monotonic() >= deadline:
+                raise TransferTimeout(
+                    f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {conn.address} within "
+                    f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
+                    "address is reachable from this host (prefill --advertise-host) or raise the timeout")
+            self._raise_control_error(conn, nonce, transfer_id, wait_s=0)
+
+    def _raise_control_error(self, conn: _Connection, nonce: str, transfer_id: str, wait_s: float) -> None:
+        """A stream pull's refusal, if the endpoint sent one on the control socket (waiting up to wait_s for it)."""
+        until = time.monotonic() + wait_s
+        while True:
+            try:
+                frames = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                left = until - time.monotonic()
+                if left <= 0 or not conn.sock.poll(max(1, math.ceil(left * 1000))):
+                    return
+                continue
+            header = self._parse_header(frames[0], transfer_id, conn.address)
+            if header.get("nonce") == nonce and header.get("k") == "error":
+                raise self._error_from(header, transfer_id, conn.address)
 
     def _copy_device(self, header: dict, pool: BlockPool, local_ids: list[int], remote_ids: list[int]) -> None:
         """cuda-ipc: map the peer's KV tensors (once) and copy the blocks device to device in one kernel."""

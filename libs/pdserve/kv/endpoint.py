@@ -1,6 +1,6 @@
 """The prefill side of a KV transfer: a ZeroMQ ROUTER that serves a pool's blocks to pulls presenting an
-allowed transfer id and its token (wire.py has the protocol), over TCP frames or, to a puller on this host, as
-descriptors of its own memory (shm.py)."""
+allowed transfer id and its token (wire.py has the protocol), over a plain TCP stream beside it (stream.py; over
+ZeroMQ frames where a client has none) or, to a puller on this host, as descriptors of its own memory (shm.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import hmac
 import logging
 import math
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 import orjson
 import zmq
 
-from pdserve.kv import shm, wire
+from pdserve.kv import shm, stream, wire
 from pdserve.kv.errors import describe_layout
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
@@ -32,6 +33,7 @@ _REMEMBER_GONE = 4096  # released/expired ids kept so late pulls get the precise
 # One shm message describes this much of a batch: small enough that the endpoint checksums the next batch
 # while the puller copies this one, large enough that the per-message work is a small part of it.
 SHM_BATCH_NBYTES = 8 << 20
+_STREAM_CHUNKS_PER_ROUND = 8  # stream.CHUNK_NBYTES each
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _Pull:
     credit: int  # messages the client will still take
     deadline: float  # monotonic; past it the client has stopped granting credit and is gone
     path: str = "tcp"  # how the bytes go: tcp frames, or shm descriptors (wire.py)
+    stream: stream.Stream | None = None  # tcp: the plain TCP stream the bytes go on, where the client has one
     started: float = field(default_factory=time.monotonic)
     batch: BatchStream | None = None  # the batch being sent
     batch_first: int = 0  # its first position in block_ids
@@ -81,7 +84,8 @@ class TransferEndpoint:
     seconds, transport) is called on the serving thread after each pull served; keep it short.
     tune_malloc: see wire.tune_malloc_for_transfers(). offer_shm: let pullers on this host read the pool's memory
     themselves (the shm path), where the kernel allows it; `transports` and `host_id` say what is offered, and
-    go to pullers in KV-ready (KVTransferParams).
+    go to pullers in KV-ready (KVTransferParams). offer_stream: serve tcp pulls on a plain TCP stream (stream.py)
+    to clients that open one; without it they get ZeroMQ frames.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class TransferEndpoint:
         on_pull: Callable[[str, str | None, int, int, float, str], None] | None = None,
         tune_malloc: bool = True,
         offer_shm: bool = True,
+        offer_stream: bool = True,
     ) -> None:
         # An explicit batch_blocks is the unit of both paths; by default each path has its own.
         self.shm_batch_blocks = batch_blocks or max(1, SHM_BATCH_NBYTES // max(1, sum(pool.segment_nbytes)))
@@ -108,6 +113,10 @@ class TransferEndpoint:
         self.on_pull = on_pull
         self._io_threads = io_threads
         self._tune_malloc = tune_malloc
+        self._offer_stream = offer_stream
+        self._streams: stream.StreamServer | None = None
+        self._poller: zmq.Poller | None = None
+        self._watched: dict[int, int] = {}  # raw socket fd -> poll flags registered
         self._lock = threading.Lock()
         self._cutting = threading.Lock()  # held while a message is cut from pool memory; see release()
         self._allowed: dict[str, _Allowed] = {}
@@ -166,10 +175,15 @@ class TransferEndpoint:
         self._address = f"tcp://{adv}:{port}"
         self._coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, sock.copy_threshold)
         self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        if self._offer_stream:
+            self._streams = stream.StreamServer(self.bind_host)
+            self._watch(self._streams.listener.fileno(), zmq.POLLIN)
         self._thread = threading.Thread(target=self._serve, name=f"kv-endpoint-{port}", daemon=True)
         self._thread.start()
-        logger.info("kv transfer endpoint serving on %s (bound %s:%d; paths %s)", self._address, self.bind_host, port,
-                    "+".join(self.transports))
+        logger.info("kv transfer endpoint serving on %s (bound %s:%d; paths %s; tcp stream port %s)", self._address,
+                    self.bind_host, port, "+".join(self.transports), self._streams.port if self._streams else "none")
 
     def stop(self) -> None:
         if self._thread is None or self._stopping.is_set():
@@ -180,6 +194,8 @@ class TransferEndpoint:
             logger.error("kv transfer endpoint %s: serving thread did not stop within 5 s", self._address)
             return  # closing a socket another thread still uses would crash; the thread is a daemon
         self._sock.close(linger=0)
+        if self._streams is not None:
+            self._streams.close()
         self._ctx.term()
         logger.info("kv transfer endpoint %s stopped", self._address)
 
@@ -241,14 +257,16 @@ class TransferEndpoint:
     def _serve(self) -> None:
         next_reap = 0.0
         while not self._stopping.is_set():
-            ready = any(p.credit > 0 for p in self._pulls)
+            ready = any(p.credit > 0 if p.stream is None else not p.stream.outbox for p in self._pulls)
             try:
-                readable = self._sock.poll(0 if ready else wire.POLL_MS)
+                events = dict(self._poller.poll(0 if ready else wire.POLL_MS))
                 if self._paused_until > time.monotonic():  # checked after poll: pausing may race with it
                     self._stopping.wait(min(self._paused_until - time.monotonic(), wire.POLL_MS / 1000))
                     continue
-                if readable:
+                if events.pop(self._sock, 0):
                     self._receive_all()
+                if events:
+                    self._on_stream_events(events)
                 self._send_round()
             except Exception:  # one bad message or peer must not take the endpoint down
                 logger.exception("kv transfer endpoint %s: unexpected error in serving loop", self._address)
@@ -256,6 +274,49 @@ class TransferEndpoint:
             if now >= next_reap:
                 self._reap(now)
                 next_reap = now + 1.0
+
+    def _watch(self, fd: int, flags: int) -> None:
+        """Poll a raw socket for `flags` (0: not at all)."""
+        if self._watched.get(fd, 0) == flags:
+            return
+        if flags:
+            self._poller.register(fd, flags)
+            self._watched[fd] = flags
+        else:
+            self._poller.unregister(fd)
+            del self._watched[fd]
+
+    def _on_stream_events(self, events: dict) -> None:
+        streams = self._streams
+        for fd, flags in events.items():
+            if fd == streams.listener.fileno():
+                for sock in streams.accept():
+                    self._watch(sock.fileno(), zmq.POLLIN)
+            elif fd in streams.pending:
+                self._watch(fd, 0)
+                attached = streams.read_ticket(fd)
+                if attached is not None or fd in streams.pending:
+                    self._watch(fd, zmq.POLLIN)
+            elif (s := streams.by_fd.get(fd)) is not None:
+                if flags & (zmq.POLLIN | zmq.POLLERR):  # clients never write after the ticket: it hung up
+                    self._drop_stream(s, "its client closed the stream")
+                elif flags & zmq.POLLOUT:
+                    self._send_stream(s)
+
+    def _drop_stream(self, s: stream.Stream, why: str) -> None:
+        for pull in [p for p in self._pulls if p.stream is s]:
+            self._pulls.remove(pull)
+            logger.warning("transfer %s: dropped mid-pull (%s)", pull.transfer_id, why)
+        self._watch(s.sock.fileno(), 0)
+        self._streams.drop(s)
+
+    def _send_stream(self, s: stream.Stream) -> None:
+        try:
+            s.send_queued(4 * stream.CHUNK_NBYTES)
+        except OSError as e:
+            self._drop_stream(s, f"its client went away: {e}")
+            return
+        self._after_stream_send(s)
 
     def _receive_all(self) -> None:
         for _ in range(256):  # bounded, so sending is never starved by a flood of requests
@@ -279,6 +340,8 @@ class TransferEndpoint:
                     self._on_credit(identity, header)
                 elif op == "done":
                     self._on_done(identity, header)
+                elif op == "hello":
+                    self._on_hello(identity, header)
                 else:
                     raise _BadRequest(f"unknown op {op!r}")
             except (orjson.JSONDecodeError, _BadRequest, KeyError, TypeError, ValueError) as e:
@@ -339,13 +402,31 @@ class TransferEndpoint:
         if path not in self.transports:
             return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: path {clip(path)!s} is not offered "
                                 f"here (this endpoint offers {', '.join(self.transports)}); pull over tcp")
+        attached = None
+        if path == "tcp" and h.get("stream") is not None:
+            ticket = h["stream"]
+            attached = self._streams.attach(bytes.fromhex(ticket), identity) if (
+                self._streams is not None and isinstance(ticket, str) and len(ticket) == 2 * stream.TICKET_NBYTES) else None
+            if attached is None:
+                return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: the stream this pull names is not "
+                                    "attached to its connection (or is in use); pull on a new connection")
         tp = h.get("traceparent")
         pull = _Pull(identity, nonce, tid, allowed, block_ids, tp if isinstance(tp, str) else None, window,
-                     deadline=time.monotonic() + timeout_s + 5.0, path=path)
+                     deadline=time.monotonic() + timeout_s + 5.0, path=path, stream=attached)
+        if attached is not None:
+            attached.pull = pull
         self._pulls.append(pull)
         if path != "cuda-ipc" and self._prepare_out is not None:
             self._prepare_out(block_ids)  # a staging pool starts its copies to the host now, sent as they land
         logger.debug("transfer %s: serving %d blocks (traceparent %s)", tid, len(block_ids), pull.traceparent)
+
+    def _on_hello(self, identity: bytes, h: dict) -> None:
+        """A new control connection asks where its byte stream may connect (stream.py)."""
+        if self._streams is None:
+            return self._send_control(identity, {"k": "hello", "nonce": h.get("nonce"), "port": None})
+        ticket = self._streams.issue_ticket(identity)
+        self._send_control(identity, {"k": "hello", "nonce": h.get("nonce"), "port": self._streams.port,
+                                      "ticket": ticket.hex()})
 
     def _on_credit(self, identity: bytes, h: dict) -> None:
         for p in self._pulls:
@@ -371,15 +452,15 @@ class TransferEndpoint:
     def _send_round(self) -> None:
         """One message for each pull that has credit: pulls in flight share the link message by message."""
         for pull in list(self._pulls):
+            if pull.stream is not None:
+                self._stream_round(pull)
+                continue
             if pull.credit <= 0:
                 continue
             try:
                 with self._cutting:
                     if pull.allowed.released:
-                        self._pulls.remove(pull)
-                        self._refuse(pull.identity, pull.nonce, pull.transfer_id, "released",
-                                     f"transfer {pull.transfer_id}: released by the prefill side during the pull; "
-                                     "recompute the prefill")
+                        self._refuse_released(pull)
                         continue
                     message = self._cut_message(pull)
                 self._sock.send_multipart(message, zmq.NOBLOCK, copy=False)
@@ -398,6 +479,81 @@ class TransferEndpoint:
                 self._pulls.remove(pull)
                 if pull.path != "cuda-ipc":  # that one ends with the client's confirmation (_on_done)
                     self._finish(pull)
+
+    def _refuse_released(self, pull: _Pull) -> None:
+        self._pulls.remove(pull)
+        self._refuse(pull.identity, pull.nonce, pull.transfer_id, "released",
+                     f"transfer {pull.transfer_id}: released by the prefill side during the pull; recompute the prefill")
+
+    def _stream_round(self, pull: _Pull) -> None:
+        """A stream pull's turn: cut its next chunks, sending each as it is cut, while the socket takes them whole
+        (up to a share per round, so that pulls in flight take turns and the serving loop's poll is paid per
+        share, not per chunk)."""
+        s = pull.stream
+        if s.outbox:
+            return  # waiting for POLLOUT
+        try:
+            with self._cutting:
+                if pull.allowed.released:
+                    self._refuse_released(pull)
+                    self._drop_stream(s, "released mid-pull")  # the client must not wait for the rest
+                    return
+                for _ in range(_STREAM_CHUNKS_PER_ROUND):
+                    self._cut_chunk(pull)
+                    if s.outbox or self._stream_done(pull):
+                        break
+        except OSError as e:
+            self._drop_stream(s, f"its client went away: {e}")
+            return
+        except Exception as e:  # e.g. the pool failed: drop this pull and its stream
+            self._pulls.remove(pull)
+            logger.exception("transfer %s: serving failed; pull dropped", pull.transfer_id)
+            self._refuse(pull.identity, pull.nonce, pull.transfer_id, "internal",
+                         f"transfer {pull.transfer_id}: the prefill endpoint failed while sending ({e!r}); "
+                         "see its log, and recompute the prefill")
+            self._drop_stream(s, "serving failed")
+            return
+        self._after_stream_send(s)
+
+    def _stream_done(self, pull: _Pull) -> bool:
+        return pull.batch is None and pull.next_index == len(pull.block_ids)
+
+    def _after_stream_send(self, s: stream.Stream) -> None:
+        """The pull on a stream ends the moment its last bytes are in the kernel (before the client can have them
+        all and name the stream in its next pull); else the stream is polled for room while bytes are queued."""
+        pull = s.pull
+        if pull is not None and not s.outbox and self._stream_done(pull):
+            self._pulls.remove(pull)
+            s.pull = None
+            self._finish(pull)
+        self._watch(s.sock.fileno(), zmq.POLLIN | zmq.POLLOUT if s.outbox else zmq.POLLIN)
+
+    def _cut_chunk(self, pull: _Pull) -> None:
+        """A stream pull's next chunk (stream.py's framing), each piece sent as it is cut where the socket takes
+        it and queued otherwise. Each piece is checksummed once the socket took it (the walk hashes a view when
+        the next is asked for): the kernel's copy just read it, so the hash reads cache, not memory."""
+        s = pull.stream
+        if pull.batch is None:
+            ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
+            before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
+            pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
+            pull.next_index += len(ids)
+            s.send_or_queue(stream.BATCH_HEAD.pack(pull.batch_first, len(ids)))
+        batch = pull.batch
+        nbytes = min(stream.CHUNK_NBYTES, batch.nbytes_left)
+        for view in batch.walk(nbytes):
+            if self._corrupt_next:  # the walk hashes the view as it is; a changed copy goes out
+                self._corrupt_next = False
+                bad = bytearray(view)
+                bad[0] ^= 0xFF
+                view = bytes(bad)
+            s.send_or_queue(view)
+        pull.num_bytes += nbytes
+        last = batch.nbytes_left == 0
+        if last:
+            s.send_or_queue(struct.pack(f"<{len(self.pool.segment_nbytes)}Q", *batch.checksums()))
+            pull.batch = None
+        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
 
     def _cut_message(self, pull: _Pull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
@@ -510,6 +666,11 @@ class TransferEndpoint:
             self._pulls.remove(pull)
             logger.warning("transfer %s: client stopped taking batches (%d of %d sent); dropped the pull",
                            pull.transfer_id, pull.next_index, len(pull.block_ids))
+            if pull.stream is not None:
+                self._drop_stream(pull.stream, "its client stopped reading")
+        if self._streams is not None:
+            for fd in self._streams.expire_pending(now):
+                self._watch(fd, 0)
         wall = time.time()
         with self._lock:
             stale = [t for t, a in self._allowed.items() if wall > a.expires_at + _FORGET_EXPIRED_AFTER_S]
