@@ -13,10 +13,11 @@ repetition: a fast wrong transfer does not count.
                the ceiling for any transport over this link.
   pdserve, pdserve/batch=N: (pdserve: the default batch for the layout) a full pull() per repetition, timed
                around `await pull()`: token check on the control connection, the bytes on the endpoint's plain TCP
-               stream straight from the source pool into the destination pool, xxh3 per segment index and batch on
-               both sides.
-  pdserve/frames: the same pull with the bytes as ZeroMQ frames on the control connection (the path a client takes
-               when the endpoint's byte stream cannot be reached, and the only one before 2026-12-04).
+               stream (or as ZeroMQ frames where this machine has more than 4 cores: kv/stream.py says why), xxh3
+               per segment index and batch on both sides.
+  pdserve/stream, pdserve/frames: the same pull with the bytes on the stream, or as ZeroMQ frames on the control
+               connection (what a client with more than 4 cores takes by default, or one that cannot reach the
+               stream port; the only way before 2026-12-04). `pdserve` is what a client here takes by default.
   shm        : the same pull over the same-host path: the decode side copies the blocks out of the prefill
                process's memory (process_vm_readv), checksums on both sides as over TCP.
   memcpy     : the same bytes copied from a replica of the source pool in this process into the destination
@@ -59,7 +60,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402 (after the environment it reads)
 import xxhash  # noqa: E402
 
-from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint
+from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, stream
 
 import mooncake_tcp  # benchmarks/ is not a package: it is on sys.path as this script's folder
 from mooncake_tcp import MooncakeReader, MooncakeSource, MooncakeUnavailable
@@ -176,6 +177,8 @@ async def bench_layout(layout: str, args) -> dict:
                             tune_malloc=not args.no_tune_malloc)
     frames_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
                                    tune_malloc=not args.no_tune_malloc, tcp_stream=False)
+    stream_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
+                                   tune_malloc=not args.no_tune_malloc, tcp_stream=True)
     shm_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="shm",
                                 tune_malloc=not args.no_tune_malloc)
     raw = socket.create_connection(("127.0.0.1", raw_port))
@@ -213,6 +216,9 @@ async def bench_layout(layout: str, args) -> dict:
     async def frames_run():
         await frames_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60)
 
+    async def stream_run():
+        await stream_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60)
+
     async def shm_run():
         result = await shm_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60,
                                        peer_host_id=peer_host_id, peer_transports=peer_transports)
@@ -230,6 +236,7 @@ async def bench_layout(layout: str, args) -> dict:
         raw_receive(raw, local, args.raw_chunk_kib << 10)
 
     samples: dict[str, list[tuple[float, float, float]]] = {pdserve_label(b): [] for b in args.batch_blocks}
+    samples["pdserve/stream"] = []
     samples["pdserve/frames"] = []
     samples["shm"] = []
     samples["memcpy"] = []
@@ -243,9 +250,10 @@ async def bench_layout(layout: str, args) -> dict:
                 await measure(pdserve_label(b), pull(address), rep)
                 if checked and not delivered():
                     raise RuntimeError(f"{pdserve_label(b)} delivered wrong bytes")
-            await measure("pdserve/frames", frames_run, rep)
-            if checked and not delivered():
-                raise RuntimeError("pdserve/frames delivered wrong bytes")
+            for name, run in (("pdserve/stream", stream_run), ("pdserve/frames", frames_run)):
+                await measure(name, run, rep)
+                if checked and not delivered():
+                    raise RuntimeError(f"{name} delivered wrong bytes")
             if mooncake is not None:
                 try:
                     await measure("mooncake", mooncake_run, rep)
@@ -270,6 +278,7 @@ async def bench_layout(layout: str, args) -> dict:
         raw.close()
         client.close()
         frames_client.close()
+        stream_client.close()
         shm_client.close()
         parent.send("stop")
         proc.join(timeout=10)
@@ -370,7 +379,8 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs; payload {args.payload_mib} MiB; {args.reps} reps after {args.warmup} warm-up; "
           f"window {args.window} messages; zmq io_threads {args.io_threads}; raw chunks {args.raw_chunk_kib} KiB; "
           f"malloc {'glibc defaults' if args.no_tune_malloc else 'tuned'}; "
-          f"mooncake {mooncake_tcp.version() or 'not installed'} ({mooncake_tcp.PROTOCOL}, {mooncake_tcp.API})")
+          f"mooncake {mooncake_tcp.version() or 'not installed'} ({mooncake_tcp.PROTOCOL}, {mooncake_tcp.API}); "
+          f"tcp clients here take {'the stream' if stream.prefers_stream() else 'frames'} by default")
     copy_gbps, hash_gbps = reference(args.payload_mib << 20, max(args.reps, 3))
     print(f"# reference in-process: memcpy {copy_gbps:.2f} GB/s, xxh3_64 {hash_gbps:.2f} GB/s")
     header = (f"{'layout':<19} {'variant':<16} {'block B':>8} {'seg':>3} {'blocks':>6} {'best GB/s':>9} "

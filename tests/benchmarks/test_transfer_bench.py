@@ -55,6 +55,7 @@ def test_every_layout_has_raw_pdserve_and_mooncake(quick_run):
     layouts = report["settings"]["layouts"]
     assert layouts and sorted(report["layouts"]) == sorted(layouts)
     pdserve = {"pdserve" if b == 0 else f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
+    pdserve |= {"pdserve/stream", "pdserve/frames"}  # the tcp path's two ways, side by side
     for layout, entry in report["layouts"].items():
         assert set(entry["variants"]) == pdserve | {"shm", "memcpy", "raw", "mooncake"}, layout
         assert entry["payload_bytes"] == entry["num_blocks"] * entry["block_nbytes"] > 0

@@ -20,7 +20,7 @@ from tests.kv.test_transfer import TOKEN, SlowPool, allow, endpoints, free_port,
 
 @pytest.fixture
 def client():
-    c = TransferClient(transport="tcp")
+    c = TransferClient(transport="tcp", tcp_stream=True)
     yield c
     c.close()
 

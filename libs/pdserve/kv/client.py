@@ -82,11 +82,12 @@ class TransferClient:
     """
 
     def __init__(self, *, io_threads: int = 1, max_concurrent_pulls: int = 16, window_messages: int = 8,
-                 tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool = True) -> None:
+                 tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         self.transport = transport
-        self.tcp_stream = tcp_stream  # tcp bytes on a plain TCP stream where the endpoint has one (stream.py)
+        # tcp bytes on the endpoint's plain TCP stream (stream.py), or as ZeroMQ frames; None: by this host's cores
+        self.tcp_stream = stream.prefers_stream() if tcp_stream is None else tcp_stream
         self._stream_refused: dict[str, str] = {}  # endpoint address -> why its stream could not be opened
         self._shm_usable: bool | None = None  # can this process make the call at all; asked at the first shm pull
         self._shm_refused: dict[str, str] = {}  # endpoint address -> why its memory could not be read

@@ -25,6 +25,7 @@ import collections
 import errno
 import itertools
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -44,6 +45,19 @@ BOUNCE_NBYTES = 64 << 10
 HELLO_TIMEOUT_S = 5.0  # a connection on the stream port must present its ticket within this
 _MAX_IOV = 1024  # the kernel's limit of buffers per sendmsg
 MAX_TICKETS = 4096  # tickets issued and not yet presented, in all (a peer that only says hello cannot grow this)
+
+
+STREAM_MAX_CORES = 4  # a client with at most this many cores to run on takes the stream (see the module's doc)
+
+
+def prefers_stream() -> bool:
+    """Whether this process should take the stream by default: it may run on few cores (its CPU affinity, which
+    pinning, e.g. of a vLLM worker to a core, narrows)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores <= STREAM_MAX_CORES
 
 
 def set_stream_options(sock: socket.socket) -> None:
