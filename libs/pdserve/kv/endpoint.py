@@ -550,10 +550,11 @@ class TransferEndpoint:
             s.send_or_queue(view)
         pull.num_bytes += nbytes
         last = batch.nbytes_left == 0
+        # Counted before the trailer goes: once the client has it, the pull may have returned and stats() be read.
+        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
         if last:
             s.send_or_queue(struct.pack(f"<{len(self.pool.segment_nbytes)}Q", *batch.checksums()))
             pull.batch = None
-        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
 
     def _cut_message(self, pull: _Pull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
