@@ -181,12 +181,16 @@ class TransferClient:
         return "tcp"
 
     def _fall_back(self, address: str, why: str, wanted: str = "shm") -> None:
-        with self._fallbacks_lock:
-            first = address not in self._shm_refused
-            self._shm_refused.setdefault(address, why)
-            self.fallbacks[why] += 1
-        if first:
+        if self._remember_refusal(self._shm_refused, address, why, why):
             logger.warning("kv pulls from %s use tcp instead of %s: %s", address, wanted, why)
+
+    def _remember_refusal(self, refused: dict[str, str], address: str, why: str, counted_as: str) -> bool:
+        """Note that a path does not work with this peer, and count it; whether it is the first time."""
+        with self._fallbacks_lock:
+            first = address not in refused
+            refused.setdefault(address, why)
+            self.fallbacks[counted_as] += 1
+        return first
 
     async def _pull_over(self, path, address, transfer_id, token, remote_ids, pool, local_ids, timeout_s, deadline,
                          traceparent) -> TransferResult:
@@ -256,78 +260,23 @@ class TransferClient:
         }
         block_nbytes = sum(pool.segment_nbytes)
         num_blocks = len(remote_ids)
-        received = 0
         conn = self._checkout(address, transfer_id)
         sock = conn.sock
         clean = False
-        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
         try:
             if path == "tcp" and self.tcp_stream and not conn.asked_for_stream and address not in self._stream_refused:
                 self._open_stream(conn, deadline, cancel, transfer_id, num_blocks, timeout_s)
             if path == "tcp" and conn.stream is not None:
                 sock.send(orjson.dumps(dict(request, stream=conn.stream_ticket)), zmq.NOBLOCK)
                 self._receive_stream(conn, nonce, pool, local_ids, deadline, cancel, transfer_id, timeout_s)
-                received = num_blocks
             else:
                 sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
-                batch: BatchStream | None = None
-                owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
-                while received < num_blocks:
-                    frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
-                    header = self._parse_header(frames[0], transfer_id, address)
-                    if header.get("nonce") != nonce:
-                        logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
-                        continue
-                    if header.get("k") == "error":
-                        raise self._error_from(header, transfer_id, address)
-                    first, count, checksums = header.get("i"), header.get("c"), header.get("h")
-                    try:
-                        kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
-                        if header.get("k") != kind or first != received or not isinstance(
-                                count, int) or not (0 < count <= num_blocks - received):
-                            raise ValueError(f"unexpected header {str(header)[:200]}")
-                        if path == "cuda-ipc":
-                            self._copy_device(header, pool, local_ids, remote_ids)
-                            confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
-                            if not confirmed:
-                                raise TransferIntegrityError(
-                                    f"transfer {transfer_id}: the prefill side released it while its blocks were being "
-                                    f"copied from {address} (they may have been reused under the copy); recompute the "
-                                    "prefill")
-                            received = num_blocks
-                        elif path == "shm":
-                            ids = local_ids[first:first + count]
-                            _read_described(header, pool, ids)
-                            checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
-                            received += count
-                        elif batch is None:
-                            ids = local_ids[first:first + count]
-                            # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
-                            after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
-                            batch = BatchStream(pool, ids, after_segment=after)
-                        for frame in frames[1:] if path == "tcp" else ():
-                            src, offset = frame.buffer, 0
-                            for dst in batch.walk(src.nbytes):
-                                dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
-                                offset += dst.nbytes
-                        if checksums is not None and path == "tcp":
-                            if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
-                                    pool.segment_nbytes):
-                                raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
-                            _check(batch.checksums(), checksums, transfer_id, first, count, local_ids, address)
-                            batch, received = None, received + count
-                    except ValueError as e:
-                        raise TransferError(f"transfer {transfer_id}: malformed reply from {address} ({e}); both sides "
-                                            "must run the same pdserve version") from e
-                    owed += 1
-                    if received < num_blocks and owed >= credit_every:
-                        sock.send(orjson.dumps({"op": "credit", "nonce": nonce, "n": owed}), zmq.NOBLOCK)
-                        owed = 0
-            for check in checks:  # every batch's checksums, before the pull counts as done
-                check.result()
+                self._receive_replies(conn, nonce, path, pool, local_ids, remote_ids, deadline, cancel, transfer_id,
+                                      timeout_s)
             clean = True
-        except _Cancelled:
-            raise TransferError(f"transfer {transfer_id}: pull cancelled after {received} of {num_blocks} blocks")
+        except _Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
+            raise TransferError(f"transfer {transfer_id}: pull cancelled after {e.args[0] if e.args else 0} of "
+                                f"{num_blocks} blocks") from None
         finally:
             if clean:
                 self._checkin(conn)
@@ -338,6 +287,72 @@ class TransferClient:
         logger.debug("transfer %s: pulled %d blocks, %d bytes over %s in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, path, seconds, result.gbps)
         return result
+
+    def _receive_replies(self, conn: _Connection, nonce: str, path: str, pool: BlockPool, local_ids: list[int],
+                         remote_ids: list[int], deadline, cancel, transfer_id: str, timeout_s: float) -> None:
+        """The pull's replies on the control connection: tcp frames, shm descriptions, or the cuda-ipc description
+        and its confirmation."""
+        address, sock, num_blocks = conn.address, conn.sock, len(local_ids)
+        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
+        received = 0
+        try:
+            batch: BatchStream | None = None
+            owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
+            while received < num_blocks:
+                frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
+                header = self._parse_header(frames[0], transfer_id, address)
+                if header.get("nonce") != nonce:
+                    logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
+                    continue
+                if header.get("k") == "error":
+                    raise self._error_from(header, transfer_id, address)
+                first, count, checksums = header.get("i"), header.get("c"), header.get("h")
+                try:
+                    kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
+                    if header.get("k") != kind or first != received or not isinstance(
+                            count, int) or not (0 < count <= num_blocks - received):
+                        raise ValueError(f"unexpected header {str(header)[:200]}")
+                    if path == "cuda-ipc":
+                        self._copy_device(header, pool, local_ids, remote_ids)
+                        confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
+                        if not confirmed:
+                            raise TransferIntegrityError(
+                                f"transfer {transfer_id}: the prefill side released it while its blocks were being "
+                                f"copied from {address} (they may have been reused under the copy); recompute the "
+                                "prefill")
+                        received = num_blocks
+                    elif path == "shm":
+                        ids = local_ids[first:first + count]
+                        _read_described(header, pool, ids)
+                        checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
+                        received += count
+                    elif batch is None:
+                        ids = local_ids[first:first + count]
+                        # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
+                        after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
+                        batch = BatchStream(pool, ids, after_segment=after)
+                    for frame in frames[1:] if path == "tcp" else ():
+                        src, offset = frame.buffer, 0
+                        for dst in batch.walk(src.nbytes):
+                            dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
+                            offset += dst.nbytes
+                    if checksums is not None and path == "tcp":
+                        if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
+                                pool.segment_nbytes):
+                            raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
+                        _check(batch.checksums(), checksums, transfer_id, first, count, local_ids, address)
+                        batch, received = None, received + count
+                except ValueError as e:
+                    raise TransferError(f"transfer {transfer_id}: malformed reply from {address} ({e}); both sides "
+                                        "must run the same pdserve version") from e
+                owed += 1
+                if received < num_blocks and owed >= credit_every:
+                    sock.send(orjson.dumps({"op": "credit", "nonce": nonce, "n": owed}), zmq.NOBLOCK)
+                    owed = 0
+        except _Cancelled:
+            raise _Cancelled(received) from None
+        for check in checks:  # every batch's checksums, before the pull counts as done
+            check.result()
 
     def _open_stream(self, conn: _Connection, deadline, cancel, transfer_id, num_blocks, timeout_s) -> None:
         """A new connection's byte stream (stream.py): ask the endpoint where, connect, present the ticket. Where
@@ -362,11 +377,7 @@ class TransferClient:
                                          min(deadline - time.monotonic(), stream.HELLO_TIMEOUT_S), wire.CLIENT_POLL_S)
         except (OSError, ValueError) as e:
             why = f"cannot open its byte stream at {host}:{port} ({e}): only its control port is reachable?"
-            with self._fallbacks_lock:
-                first = conn.address not in self._stream_refused
-                self._stream_refused.setdefault(conn.address, why)
-                self.fallbacks[f"tcp stream->frames: {why}"] += 1
-            if first:
+            if self._remember_refusal(self._stream_refused, conn.address, why, f"tcp stream->frames: {why}"):
                 logger.warning("kv pulls from %s go as ZeroMQ frames, slower: %s; open the endpoint's stream port "
                                "(any port of the prefill host) to this host", conn.address, why)
             return
@@ -375,28 +386,32 @@ class TransferClient:
 
     def _receive_stream(self, conn: _Connection, nonce: str, pool: BlockPool, local_ids: list[int], deadline,
                         cancel, transfer_id: str, timeout_s: float) -> None:
-        """tcp over the stream: each batch's head, its bytes straight into the local blocks, its checksums."""
+        """tcp over the stream: each batch's head, its bytes (through the connection's small buffer into the local
+        blocks), its checksums."""
         num_blocks, nseg = len(local_ids), len(pool.segment_nbytes)
         head, trailer = bytearray(stream.BATCH_HEAD.size), bytearray(8 * nseg)
         commit = getattr(pool, "commit_segment", None)
         fill = functools.partial(self._fill, conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
         received = 0
-        while received < num_blocks:
-            fill(memoryview(head), received)
-            first, count = stream.BATCH_HEAD.unpack(head)
-            if first != received or not 0 < count <= num_blocks - received:
-                raise TransferError(f"transfer {transfer_id}: malformed stream from {conn.address} (batch {first}+"
-                                    f"{count} after {received} of {num_blocks}); both sides must run the same pdserve "
-                                    "version")
-            ids = local_ids[first:first + count]
-            batch = BatchStream(pool, ids, after_segment=functools.partial(commit, ids) if commit else None)
-            while batch.nbytes_left:
-                for view in batch.walk(min(stream.CHUNK_NBYTES, batch.nbytes_left)):
-                    fill(view, received)
-            fill(memoryview(trailer), received)
-            _check(batch.checksums(), list(struct.unpack(f"<{nseg}Q", trailer)), transfer_id, first, count,
-                   local_ids, conn.address)
-            received += count
+        try:
+            while received < num_blocks:
+                fill(memoryview(head), received)
+                first, count = stream.BATCH_HEAD.unpack(head)
+                if first != received or not 0 < count <= num_blocks - received:
+                    raise TransferError(f"transfer {transfer_id}: malformed stream from {conn.address} (batch {first}+"
+                                        f"{count} after {received} of {num_blocks}); both sides must run the same "
+                                        "pdserve version")
+                ids = local_ids[first:first + count]
+                batch = BatchStream(pool, ids, after_segment=functools.partial(commit, ids) if commit else None)
+                while batch.nbytes_left:
+                    for view in batch.walk(min(stream.CHUNK_NBYTES, batch.nbytes_left)):
+                        fill(view, received)
+                fill(memoryview(trailer), received)
+                _check(batch.checksums(), list(struct.unpack(f"<{nseg}Q", trailer)), transfer_id, first, count,
+                       local_ids, conn.address)
+                received += count
+        except _Cancelled:
+            raise _Cancelled(received) from None
 
     def _fill(self, conn: _Connection, nonce: str, deadline, cancel, transfer_id, num_blocks, timeout_s, view,
               received) -> None:
@@ -416,18 +431,8 @@ class TransferClient:
                 pass
             except OSError as e:  # the endpoint closed the stream: a refusal says why, else it is gone
                 self._raise_control_error(conn, nonce, transfer_id, wait_s=0.2)
-                raise TransferError(
-                    f"transfer {transfer_id}: the prefill endpoint {conn.address} closed the connection after "
-                    f"{received} of {num_blocks} blocks ({e}; its process stopped or died); recompute the prefill") from e
-            if cancel.is_set() or self._closing.is_set():
-                if self._closing.is_set() and not cancel.is_set():
-                    raise TransferError(f"transfer {transfer_id}: TransferClient closed during the pull")
-                raise _Cancelled()
-            if time.monotonic() >= deadline:
-                raise TransferTimeout(
-                    f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {conn.address} within "
-                    f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
-                    "address is reachable from this host (prefill --advertise-host) or raise the timeout")
+                raise _closed(transfer_id, conn.address, received, num_blocks, f"{e}; ") from e
+            self._time_left(cancel, deadline, transfer_id, conn.address, received, num_blocks, timeout_s)
             self._raise_control_error(conn, nonce, transfer_id, wait_s=0)
 
     def _raise_control_error(self, conn: _Connection, nonce: str, transfer_id: str, wait_s: float) -> None:
@@ -481,26 +486,29 @@ class TransferClient:
     def _receive(self, conn: _Connection, deadline, cancel, transfer_id, received, num_blocks, timeout_s) -> list:
         address = conn.address
         while True:
-            if cancel.is_set() or self._closing.is_set():
-                if self._closing.is_set() and not cancel.is_set():
-                    raise TransferError(f"transfer {transfer_id}: TransferClient closed during the pull")
-                raise _Cancelled()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransferTimeout(
-                    f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {address} within "
-                    f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
-                    "address is reachable from this host (prefill --advertise-host) or raise the timeout")
+            left = self._time_left(cancel, deadline, transfer_id, address, received, num_blocks, timeout_s)
             # Data first, without a poll when it is already there (the common case while a pull streams);
             # the monitor is looked at only between waits, so a dropped connection fails the pull within
             # one wire.CLIENT_POLL_S, and what arrived before the drop is still read.
             with contextlib.suppress(zmq.Again):
                 return conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             if conn.was_dropped():
-                raise TransferError(
-                    f"transfer {transfer_id}: the prefill endpoint {address} closed the connection after {received} "
-                    f"of {num_blocks} blocks (its process stopped or died); recompute the prefill")
+                raise _closed(transfer_id, address, received, num_blocks)
             conn.sock.poll(max(1, math.ceil(min(left, wire.CLIENT_POLL_S) * 1000)))
+
+    def _time_left(self, cancel, deadline, transfer_id, address, received, num_blocks, timeout_s) -> float:
+        """Seconds left to the pull's deadline; raises when it passed, or on cancellation or close()."""
+        if cancel.is_set() or self._closing.is_set():
+            if self._closing.is_set() and not cancel.is_set():
+                raise TransferError(f"transfer {transfer_id}: TransferClient closed during the pull")
+            raise _Cancelled()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransferTimeout(
+                f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {address} within "
+                f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
+                "address is reachable from this host (prefill --advertise-host) or raise the timeout")
+        return left
 
     @staticmethod
     def _parse_header(frame, transfer_id: str, address: str) -> dict:
@@ -521,6 +529,11 @@ class TransferClient:
         if reason in REFUSAL_REASONS:
             return TransferRefused(reason, message)
         return TransferError(f"transfer {transfer_id}: endpoint refused ({reason}): {message}")
+
+
+def _closed(transfer_id: str, address: str, received: int, num_blocks: int, detail: str = "") -> TransferError:
+    return TransferError(f"transfer {transfer_id}: the prefill endpoint {address} closed the connection after {received} "
+                         f"of {num_blocks} blocks ({detail}its process stopped or died); recompute the prefill")
 
 
 def _check(got: list[int], want: list[int], transfer_id: str, first: int, count: int, local_ids: list[int],

@@ -528,25 +528,33 @@ class TransferEndpoint:
             self._finish(pull)
         self._watch(s.sock.fileno(), zmq.POLLIN | zmq.POLLOUT if s.outbox else zmq.POLLIN)
 
+    def _start_batch(self, pull: _Pull) -> None:
+        """The pull's next batch of blocks as a BatchStream (tcp, frames or stream)."""
+        ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
+        before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
+        pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
+        pull.next_index += len(ids)
+
+    def _corrupted(self, data) -> bytes:
+        """Test hook's work: a copy of data with its first byte flipped (see _corrupt_next_send_for_tests)."""
+        self._corrupt_next = False
+        bad = bytearray(data)
+        bad[0] ^= 0xFF
+        return bytes(bad)
+
     def _cut_chunk(self, pull: _Pull) -> None:
         """A stream pull's next chunk (stream.py's framing), each piece sent as it is cut where the socket takes
         it and queued otherwise. Each piece is checksummed once the socket took it (the walk hashes a view when
         the next is asked for): the kernel's copy just read it, so the hash reads cache, not memory."""
         s = pull.stream
         if pull.batch is None:
-            ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
-            before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
-            pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
-            pull.next_index += len(ids)
-            s.send_or_queue(stream.BATCH_HEAD.pack(pull.batch_first, len(ids)))
+            self._start_batch(pull)
+            s.send_or_queue(stream.BATCH_HEAD.pack(pull.batch_first, pull.batch.num_blocks))
         batch = pull.batch
         nbytes = min(stream.CHUNK_NBYTES, batch.nbytes_left)
         for view in batch.walk(nbytes):
             if self._corrupt_next:  # the walk hashes the view as it is; a changed copy goes out
-                self._corrupt_next = False
-                bad = bytearray(view)
-                bad[0] ^= 0xFF
-                view = bytes(bad)
+                view = self._corrupted(view)
             s.send_or_queue(view)
         pull.num_bytes += nbytes
         last = batch.nbytes_left == 0
@@ -563,10 +571,7 @@ class TransferEndpoint:
         if pull.path == "cuda-ipc":
             return self._describe_device(pull)
         if pull.batch is None:
-            ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
-            before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
-            pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
-            pull.next_index += len(ids)
+            self._start_batch(pull)
         batch = pull.batch
         frames: list = []
         small: list[memoryview] = []  # runs of small pieces are joined: zmq would copy each one, slower
@@ -586,10 +591,7 @@ class TransferEndpoint:
         if small:
             frames.append(b"".join(small))
         if self._corrupt_next:  # after the checksums were fed from pool memory
-            self._corrupt_next = False
-            bad = bytearray(frames[0])
-            bad[0] ^= 0xFF
-            frames[0] = bytes(bad)
+            frames[0] = self._corrupted(frames[0])
         last = batch.nbytes_left == 0
         header = orjson.dumps({"k": "data", "nonce": pull.nonce, "i": pull.batch_first, "c": batch.num_blocks,
                                "h": batch.checksums() if last else None})

@@ -1,9 +1,9 @@
 """The TCP path's byte stream: a plain TCP connection beside the ZeroMQ control socket, so that KV bytes go
-from the prefill pool into the kernel and from the kernel into the decode pool with no other copy.
+from the prefill pool into the kernel, and from the kernel through a small cache-resident buffer into the decode
+pool (BOUNCE_NBYTES says why not straight in).
 
-Why: over ZeroMQ frames the decode side copied every byte twice (the kernel into zmq's message buffer in zmq's
-I/O thread, then that buffer into place), and the prefill side paid zmq's garbage-collector thread once per
-zero-copy frame. Profiled on this project's 2-core machine (benchmarks/README.md, 64 MiB pulls, SmolLM2
+Why: over ZeroMQ frames the decode side copied every byte through zmq's message buffers in zmq's I/O thread, then
+into place in Python, and the prefill side paid zmq's garbage-collector thread once per zero-copy frame. Profiled on this project's 2-core machine (benchmarks/README.md, 64 MiB pulls, SmolLM2
 layout), that was ~1.9x a raw socket's CPU per GB on the decode side and ~1.7x on the prefill side; throughput
 on a machine whose cores are busy follows CPU per GB.
 
@@ -71,6 +71,7 @@ class Stream:
 
     sock: socket.socket
     identity: bytes  # the ZeroMQ identity of the control connection that was given its ticket
+    ticket: bytes
     pull: object | None = None  # the pull using it (the endpoint's), until its last bytes are in the kernel
     outbox: collections.deque = field(default_factory=collections.deque)  # memoryviews / bytes not yet sent
 
@@ -175,8 +176,8 @@ class StreamServer:
         except OSError:
             sock.close()
             return None
-        stream = Stream(sock, identity)
-        self.streams[bytes(got)] = stream
+        stream = Stream(sock, identity, bytes(got))
+        self.streams[stream.ticket] = stream
         self.by_fd[fd] = stream
         return stream
 
@@ -198,9 +199,7 @@ class StreamServer:
         """Forget and close a stream (its peer hung up, or its byte position is undefined); its fd."""
         fd = stream.sock.fileno()
         self.by_fd.pop(fd, None)
-        for ticket, s in list(self.streams.items()):
-            if s is stream:
-                del self.streams[ticket]
+        self.streams.pop(stream.ticket, None)
         stream.outbox.clear()
         stream.sock.close()
         return fd
