@@ -1,9 +1,10 @@
-"""What prefill and decode workers share: NATS, the engine, heartbeats, stats, cancel, KV events (relayed
-to the broker by kv.events.KVEventRelay, with a snapshot whenever a broker asks).
+"""What prefill and decode workers share: NATS, the engine, heartbeats, stats, KV events (relayed to the
+broker by kv.events.KVEventRelay, with a snapshot whenever a broker asks).
 
-A worker's life: connect to NATS, find the address to advertise, start the engine (and with it the KV
-transfer endpoint on a free port), announce itself, serve, and on shutdown say goodbye, stop the engine and
-drain NATS. Role-specific handlers live in services/prefill_worker and services/decode_worker.
+A worker's life: connect to NATS, find the address to advertise, start the KV event relay, build the engine
+with it and start it (and with it the KV transfer endpoint on a free port), announce itself, serve, and on
+shutdown say goodbye, stop the engine and drain NATS. Role-specific handlers live in services/prefill_worker
+and services/decode_worker; each subscribes to cancels itself (it stops its own task, then aborts in the engine).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable
 
 from pdserve import netaddr, subjects
 from pdserve.bus import Bus
@@ -23,7 +23,7 @@ from pdserve.kv.events import KVEventRelay
 from pdserve.kv.wire import PATHS
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
-from pdserve.protocol import CancelRequest, ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
+from pdserve.protocol import ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class WorkerRuntime:
         self.metrics: WorkerMetrics
         self.metrics_address: str | None = None
         self._pending: set[asyncio.Task] = set()
-        self.cancel_hooks: list[Callable[[str], None]] = []  # role handlers stop their own tasks
 
     async def __aenter__(self) -> "WorkerRuntime":
         cfg = self.config
@@ -51,14 +50,15 @@ class WorkerRuntime:
             self.bus = await Bus.connect_with(cfg, self.worker_id)
             self._stack.push_async_callback(self.bus.close)
             advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
-            self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host)
-            # The engine's block events go to the broker's index; the relay outlives the engine so that the
-            # engine's last removals are sent before NATS is drained.
-            self.kv_events = KVEventRelay(self.worker_id, self.engine.card.name, self._publish_kv_event)
+            # The engine's block events go to the broker's index (the card's name is the served model name);
+            # the relay outlives the engine so that the engine's last removals are sent before NATS is drained.
+            self.kv_events = KVEventRelay(self.worker_id, cfg.served_model_name, self._publish_kv_event)
             await self.kv_events.start()
             self._stack.push_async_callback(self.kv_events.stop)
             await self.bus.subscribe(subjects.KV_RESYNC, KVResync, self.kv_events.on_resync)
-            self.engine.kv_events = self.kv_events
+            self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host,
+                                        kv_events=self.kv_events)
+            assert self.engine.card.name == cfg.served_model_name
             await self.engine.start()
             self._stack.push_async_callback(self.engine.stop)
             self.metrics = WorkerMetrics(self._metric_values, {"worker_id": self.worker_id, "role": cfg.role})
@@ -66,7 +66,6 @@ class WorkerRuntime:
             self._stack.callback(self.metrics.stop)
             self.metrics_address = f"{netaddr.http_url(advertise_host, port)}/metrics"
             await self.bus.serve(subjects.worker_stats(self.worker_id), StatsRequest, self._on_stats)
-            await self.bus.subscribe(subjects.CANCEL, CancelRequest, self._on_cancel)
             self._heartbeats = HeartbeatPublisher(self.bus, self.heartbeat, cfg.heartbeat_interval_s)
             log.info("%s worker %s: model %s, engine %s, KV transfer endpoint %s, metrics %s", cfg.role,
                      self.worker_id, self.engine.card.name, cfg.engine, self.engine.transfer_address,
@@ -128,13 +127,6 @@ class WorkerRuntime:
         await self.engine.refresh_stats()
         stats = {k: v for k, v in self._metric_values().items() if k in WorkerStats.model_fields}
         return WorkerStats(worker_id=self.worker_id, role=self.config.role, **stats)
-
-    async def _on_cancel(self, msg: CancelRequest) -> None:
-        if msg.worker_id not in (None, self.worker_id):
-            return
-        for hook in self.cancel_hooks:
-            hook(msg.request_id)
-        await self.engine.abort(msg.request_id)
 
     async def _publish_kv_event(self, event: KVEvent) -> None:
         await self.bus.publish(subjects.kv_events(self.worker_id), event)

@@ -1,9 +1,10 @@
 """Decode worker: pulls a request's KV from its prefill worker, decodes, streams token chunks.
 
-Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve decode
-requests on this worker's own subject -> heartbeats -> wait for SIGTERM -> goodbye, drain -> flush spans.
+Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats) -> serve decode requests on
+this worker's own subject, and cancels -> heartbeats -> wait for SIGTERM -> goodbye, drain -> flush spans.
 A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
-stream subject with sequence numbers, the last one with finish_reason and usage.
+stream subject with sequence numbers, the last one with finish_reason and usage. The engine's stream tells
+when the prompt's KV is loaded (a KVLoadReport among the tokens): then the prefill worker may free its copy.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import time
 from pdserve import subjects, tracing
 from pdserve.cancels import EarlyCancels
 from pdserve.config import WorkerConfig
-from pdserve.engine.base import KVLoadReport
-from pdserve.engine.mock import EngineFull
-from pdserve.protocol import (DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone, Message,
-                              TokenChunk, Usage)
+from pdserve.engine.base import EngineFull, KVLoadReport
+from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone,
+                              Message, TokenChunk, Usage)
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
@@ -34,8 +34,6 @@ class DecodeHandlers:
         self._tasks: dict[str, asyncio.Task] = {}
         # A request whose cancel came first is refused on arrival, not decoded to max_tokens for nobody.
         self._cancelled_early = EarlyCancels(rt.config.kv_lease_s)
-        rt.engine.on_kv_loaded = self._on_kv_loaded
-        rt.cancel_hooks.append(self.on_cancel)
 
     async def on_decode(self, req: DecodeRequest) -> Message:
         rt = self.rt
@@ -94,6 +92,9 @@ class DecodeHandlers:
                     req.request_id, req.prompt_token_ids, req.sampling, req.first_token_id, req.kv_transfer_params,
                     req.resume_token_ids)) as outputs:
                 async for out in outputs:
+                    if isinstance(out, KVLoadReport):  # not a token: nothing to stream, nothing timed
+                        self._kv_loaded(req, out)
+                        continue
                     last_at = time.monotonic()
                     if num_generated == 0:
                         first_at, num_first = last_at, len(out.token_ids)
@@ -129,10 +130,12 @@ class DecodeHandlers:
                            seq=seq, finish_reason="error", error=error)
         await self.rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
 
-    def _on_kv_loaded(self, request_id: str, report: KVLoadReport) -> None:
-        req = self._requests.pop(request_id, None)
-        if req is None or req.kv_transfer_params is None:
+    def _kv_loaded(self, req: DecodeRequest, report: KVLoadReport) -> None:
+        """The prompt's KV is here (pulled or recomputed): the prefill worker may free its copy now."""
+        request_id = req.request_id
+        if self._requests.get(request_id) is not req or req.kv_transfer_params is None:
             return
+        del self._requests[request_id]
         params = req.kv_transfer_params
         self._send_release(req, ok=not report.recomputed)
         done = KVTransferDone(request_id=request_id, prefill_worker_id=params.worker_id, decode_worker_id=self.rt.worker_id,
@@ -156,12 +159,16 @@ class DecodeHandlers:
         release = KVRelease(request_id=req.request_id, transfer_id=params.transfer_id, ok=ok)
         self.rt.spawn(self.rt.bus.publish(subjects.kv_release(params.worker_id), release, request_id=req.request_id))
 
-    def on_cancel(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
+    async def on_cancel(self, msg: CancelRequest) -> None:
+        """Stop the request's decode task (it frees what it holds as it ends), then have the engine abort it."""
+        if msg.worker_id not in (None, self.rt.worker_id):
+            return
+        task = self._tasks.get(msg.request_id)
         if task:
             task.cancel()
         else:  # not here yet (or over already: then the entry just ages out)
-            self._cancelled_early.remember(request_id)
+            self._cancelled_early.remember(msg.request_id)
+        await self.rt.engine.abort(msg.request_id)
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -171,6 +178,7 @@ async def serve(config: WorkerConfig) -> None:
         async with WorkerRuntime(config) as rt:
             handlers = DecodeHandlers(rt)
             await rt.bus.serve(subjects.decode_request(rt.worker_id), DecodeRequest, handlers.on_decode)
+            await rt.bus.subscribe(subjects.CANCEL, CancelRequest, handlers.on_cancel)
             await rt.announce()
             await stop.wait()
     finally:

@@ -1,7 +1,7 @@
 """Prefill worker: runs prompts to their first token and serves the KV it produced.
 
-Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats, cancel) -> serve prefill
-requests and KV releases on this worker's own subjects -> heartbeats -> wait for SIGTERM -> goodbye, drain ->
+Life: config -> tracing -> WorkerRuntime (NATS, engine + transfer endpoint, stats) -> serve prefill requests
+and KV releases on this worker's own subjects, and cancels -> heartbeats -> wait for SIGTERM -> goodbye, drain ->
 flush spans.
 """
 
@@ -15,8 +15,8 @@ from collections import OrderedDict
 
 from pdserve import subjects, tracing
 from pdserve.cancels import EarlyCancels
-from pdserve.engine.mock import EngineFull
-from pdserve.protocol import ErrorReply, KVHeld, KVReady, KVRelease, Message, PrefillRequest
+from pdserve.engine.base import EngineFull
+from pdserve.protocol import CancelRequest, ErrorReply, KVHeld, KVReady, KVRelease, Message, PrefillRequest
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
@@ -35,7 +35,6 @@ class PrefillHandlers:
         # attempt must not free the KV of a later one, nor can anyone who never saw the KV-ready free it).
         # Entries outlive a lease by little: the engine frees unreleased KV when its lease ends.
         self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()  # request_id -> (transfer_id, lease end)
-        rt.cancel_hooks.append(self.on_cancel)
 
     async def on_prefill(self, req: PrefillRequest) -> Message:
         # The bus made the router's "prefill request" span current: this span is its child.
@@ -97,15 +96,19 @@ class PrefillHandlers:
         rt.spawn(rt.bus.publish(subjects.KV_HELD, held, request_id=req.request_id))
         return ready
 
-    def on_cancel(self, request_id: str) -> None:
-        """Stop a prefill still computing (the engine frees its blocks): left to finish, it would write KV into
-        blocks another request may hold by then and announce KV-ready for a request nobody waits for."""
-        task = self._tasks.get(request_id)
-        self._held.pop(request_id, None)  # the runtime has the engine free it
+    async def on_cancel(self, msg: CancelRequest) -> None:
+        """Stop a prefill still computing, then have the engine free what it holds for the request (its blocks,
+        or the KV held for a decode worker): left to finish, the prefill would write KV into blocks another
+        request may hold by then and announce KV-ready for a request nobody waits for."""
+        if msg.worker_id not in (None, self.rt.worker_id):
+            return
+        task = self._tasks.get(msg.request_id)
+        self._held.pop(msg.request_id, None)
         if task is not None:
             task.cancel()
         else:  # not here yet, or done already (then it never comes again and the entry just ages out)
-            self._cancelled_early.remember(request_id)
+            self._cancelled_early.remember(msg.request_id)
+        await self.rt.engine.abort(msg.request_id)
 
     def _hold(self, request_id: str, transfer_id: str, lease_expires_at: float) -> None:
         self._held.pop(request_id, None)
@@ -133,6 +136,7 @@ async def serve(config: WorkerConfig) -> None:
             handlers = PrefillHandlers(rt)
             await rt.bus.serve(subjects.prefill_request(rt.worker_id), PrefillRequest, handlers.on_prefill)
             await rt.bus.subscribe(subjects.kv_release(rt.worker_id), KVRelease, handlers.on_release)
+            await rt.bus.subscribe(subjects.CANCEL, CancelRequest, handlers.on_cancel)
             await rt.announce()
             await stop.wait()
     finally:

@@ -16,19 +16,19 @@ from typing import AsyncIterator
 
 from pdserve import subjects
 from pdserve.engine.base import TokenOutput
-from pdserve.protocol import DecodeRequest, ErrorReply, KVLayout, KVRelease, KVTransferParams, SamplingParams
+from pdserve.protocol import (CancelRequest, DecodeRequest, ErrorReply, KVLayout, KVRelease, KVTransferParams,
+                              SamplingParams)
 from services.decode_worker.main import DecodeHandlers
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bf16", dtype_bytes=2, block_size=16)
 
 
 class FakeEngine:
-    """Generates one token per step until max_tokens; counts what runs."""
-
-    on_kv_loaded = None
+    """Generates one token per step until max_tokens; counts what runs and what is aborted."""
 
     def __init__(self) -> None:
         self.running: set[str] = set()
+        self.aborted: list[str] = []
 
     async def generate(self, request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
                        resume_token_ids=()) -> AsyncIterator[TokenOutput]:
@@ -39,6 +39,10 @@ class FakeEngine:
                 yield TokenOutput((97,), "a", "length" if i == sampling.max_tokens - 1 else None)
         finally:
             self.running.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        task = next((t for t in asyncio.all_tasks() if t.get_name() == f"decode-{request_id}"), None)
+        self.aborted.append((request_id, task is None or task.cancelling() > 0))
 
 
 class FakeBus:
@@ -58,7 +62,6 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.engine = FakeEngine()
         self.bus = FakeBus()
-        self.cancel_hooks: list = []
         self.num_in_flight = 0
         self.num_requests_served = 0
         self._spawned: set[asyncio.Task] = set()
@@ -86,8 +89,7 @@ async def test_a_request_cancelled_before_its_task_ran_is_no_longer_counted_and_
     rt = FakeRuntime()
     handlers = DecodeHandlers(rt)
     await handlers.on_decode(request("early", with_kv=True))
-    for hook in rt.cancel_hooks:  # the cancel, before the decode task took its first step
-        hook("early")
+    await handlers.on_cancel(CancelRequest(request_id="early"))  # before the decode task took its first step
     await asyncio.sleep(0.05)
     assert rt.num_in_flight == 0
     assert not rt.engine.running
@@ -105,8 +107,7 @@ async def test_requests_cancelled_while_running_or_served_to_the_end_are_no_long
     await handlers.on_decode(request("served", with_kv=False))
     await handlers.on_decode(request("cancelled", with_kv=False))
     await asyncio.sleep(0.002)
-    for hook in rt.cancel_hooks:
-        hook("cancelled")
+    await handlers.on_cancel(CancelRequest(request_id="cancelled"))
     await asyncio.sleep(0.1)
     assert rt.num_in_flight == 0 and rt.num_requests_served == 1 and not rt.engine.running
 
@@ -116,8 +117,7 @@ async def test_a_cancel_that_overtakes_its_request_makes_the_worker_refuse_it():
     The request is then refused on arrival (nothing decoded for nobody) and the prefill's KV released at once."""
     rt = FakeRuntime()
     handlers = DecodeHandlers(rt)
-    for hook in rt.cancel_hooks:
-        hook("overtaken")
+    await handlers.on_cancel(CancelRequest(request_id="overtaken"))
     reply = await handlers.on_decode(request("overtaken", with_kv=True))
     assert isinstance(reply, ErrorReply) and reply.code == "cancelled"
     await asyncio.sleep(0.05)
@@ -128,3 +128,18 @@ async def test_a_cancel_that_overtakes_its_request_makes_the_worker_refuse_it():
     await handlers.on_decode(request("overtaken", with_kv=False))
     await asyncio.sleep(0.1)
     assert rt.num_requests_served == 1
+
+
+async def test_a_cancel_for_another_worker_is_ignored_and_one_for_this_worker_stops_the_task_then_aborts():
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    await handlers.on_decode(request("r1", with_kv=False))
+    await asyncio.sleep(0.002)
+    task = handlers._tasks["r1"]
+    await handlers.on_cancel(CancelRequest(request_id="r1", worker_id="decode-2"))  # a retry elsewhere goes on
+    assert rt.engine.aborted == [] and "r1" in rt.engine.running
+    await handlers.on_cancel(CancelRequest(request_id="r1", worker_id="decode-1"))
+    assert rt.engine.aborted == [("r1", True)]  # the task was told to stop before the engine's abort
+    assert task.cancelling()
+    await asyncio.sleep(0.05)
+    assert rt.num_in_flight == 0 and not rt.engine.running and rt.num_requests_served == 0

@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from pdserve.engine.base import KVLoadReport
-from pdserve.engine.mock import EngineFull, MockEngine
+from pdserve.engine.base import EngineFull, KVLoadReport, TokenOutput
+from pdserve.engine.mock import MockEngine, MockEngineConfig
 from pdserve.engine.mock_model import predict
 from pdserve.protocol import KVLayout, ModelCard, SamplingParams
 
@@ -23,8 +23,9 @@ SAMPLING = SamplingParams(max_tokens=12, temperature=0)
 
 
 def make_engine(worker_id: str, card: ModelCard = CARD, num_kv_blocks: int = 64) -> MockEngine:
-    return MockEngine(worker_id=worker_id, card=card, num_kv_blocks=num_kv_blocks, ms_per_prompt_token=0,
-                      ms_per_decode_step=0, advertise_host="127.0.0.1", bind_host="127.0.0.1", kv_pull_timeout_s=1.0)
+    return MockEngine(MockEngineConfig(
+        worker_id=worker_id, card=card, num_kv_blocks=num_kv_blocks, ms_per_prompt_token=0, ms_per_decode_step=0,
+        advertise_host="127.0.0.1", bind_host="127.0.0.1", kv_pull_timeout_s=1.0))
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ async def engines():
     await prefill.start()
     await decode.start()
     loads: list[KVLoadReport] = []
-    decode.on_kv_loaded = lambda request_id, report: loads.append(report)
+    decode.loads = loads  # run_decode keeps the load reports of decode's streams here
     try:
         yield prefill, decode, loads
     finally:
@@ -42,9 +43,15 @@ async def engines():
 
 
 async def run_decode(decode: MockEngine, prompt, first_token_id, params) -> str:
+    """The decoded text; the stream's load report, which comes before any token, goes to decode.loads."""
     text = []
     async for out in decode.generate("r1", prompt, SAMPLING, first_token_id, params):
-        text.append(out.text)
+        if isinstance(out, KVLoadReport):
+            assert not text, "the load report comes before the tokens"
+            decode.loads.append(out)
+        else:
+            assert isinstance(out, TokenOutput)
+            text.append(out.text)
     return "".join(text)
 
 
@@ -105,7 +112,7 @@ async def test_layout_mismatch_is_named_and_recomputed(engines):
     decode = make_engine("d2", other_card)
     await decode.start()
     reports: list[KVLoadReport] = []
-    decode.on_kv_loaded = lambda request_id, report: reports.append(report)
+    decode.loads = reports
     try:
         result = await prefill.prefill("r1", PROMPT, SAMPLING, lease_s=10)
         text = await run_decode(decode, PROMPT, result.first_token_id, result.kv_transfer_params)

@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from pdserve.engine.base import PrefillResult
-from pdserve.engine.mock import EngineFull, MockEngine
+from pdserve.engine.base import EngineFull, KVLoadReport, PrefillResult
+from pdserve.engine.mock import MockEngine, MockEngineConfig
 from pdserve.engine.mock_model import predict
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.protocol import KVLayout, ModelCard, SamplingParams
@@ -47,11 +47,10 @@ class Sink:
 
 
 def make_engine(worker_id: str, *, prefix_caching: bool, num_kv_blocks: int = 64, ms_per_prompt_token: float = 0.0):
-    engine = MockEngine(worker_id=worker_id, card=CARD, num_kv_blocks=num_kv_blocks,
-                        ms_per_prompt_token=ms_per_prompt_token, ms_per_decode_step=0, advertise_host="127.0.0.1",
-                        bind_host="127.0.0.1", kv_pull_timeout_s=1.0, prefix_caching=prefix_caching)
-    engine.kv_events = Sink()
-    return engine
+    return MockEngine(MockEngineConfig(
+        worker_id=worker_id, card=CARD, num_kv_blocks=num_kv_blocks, ms_per_prompt_token=ms_per_prompt_token,
+        ms_per_decode_step=0, advertise_host="127.0.0.1", bind_host="127.0.0.1", kv_pull_timeout_s=1.0,
+        prefix_caching=prefix_caching), kv_events=Sink())
 
 
 @pytest.fixture
@@ -70,7 +69,8 @@ async def pair(request):
 async def decode_all(engine: MockEngine, request_id: str, prompt, result: PrefillResult | None) -> str:
     first = result.first_token_id if result else None
     params = result.kv_transfer_params if result else None
-    return "".join([out.text async for out in engine.generate(request_id, prompt, SAMPLING, first, params)])
+    outputs = engine.generate(request_id, prompt, SAMPLING, first, params)
+    return "".join([out.text async for out in outputs if not isinstance(out, KVLoadReport)])
 
 
 @pytest.mark.parametrize("pair", [False], indirect=True)

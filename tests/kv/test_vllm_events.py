@@ -196,14 +196,9 @@ async def test_the_engine_config_makes_vllm_publish_to_the_engines_own_subscribe
     from vllm.distributed.kv_events import EventPublisherFactory
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from pdserve.engine.vllm_engine import VllmEngine
-
-    engine = VllmEngine.__new__(VllmEngine)  # never started: only its KV event plumbing is used
-    engine._prefix_caching, engine._block_size = True, BS
-    engine._kv_events_path = str(tmp_path / "kv-events.sock")
-    engine._kv_event_subscriber = None
     sink = Sink()
-    engine.kv_events = sink
+    engine = vllm_engine(prefix_caching=True, kv_events=sink)  # never started: only its KV event plumbing is used
+    engine._kv_events_path = str(tmp_path / "kv-events.sock")
     config = engine._kv_events_config()
     publisher = None
     try:
@@ -222,9 +217,19 @@ async def test_the_engine_config_makes_vllm_publish_to_the_engines_own_subscribe
 
 
 def test_without_prefix_caching_vllm_publishes_nothing():
-    from pdserve.engine.vllm_engine import VllmEngine
+    assert vllm_engine(prefix_caching=False, kv_events=Sink())._kv_events_config() is None
 
-    engine = VllmEngine.__new__(VllmEngine)
-    engine._prefix_caching = False
-    engine.kv_events = Sink()
-    assert engine._kv_events_config() is None
+
+def vllm_engine(*, prefix_caching: bool, kv_events: Sink):
+    """A VllmEngine built as the factory builds it, with a made-up card; constructing one starts nothing."""
+    from pathlib import Path
+
+    from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+    from pdserve.protocol import KVLayout, ModelCard
+
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", dtype_bytes=4, block_size=BS)
+    card = ModelCard(name="m", tokenizer="unused", max_model_len=64, kv_layout=layout)
+    return VllmEngine(VllmEngineConfig(
+        worker_id="kv-events-test", model_path=Path("unused"), card=card, advertise_host="127.0.0.1",
+        bind_host="127.0.0.1", kv_lease_s=30.0, kv_pull_timeout_s=1.0, prefix_caching=prefix_caching),
+        kv_events=kv_events)

@@ -4,13 +4,17 @@ A prefill worker calls `prefill()` (one token, KV kept and served under a lease)
 a decode worker calls `generate()` with the KV location from prefill (or none, to prefill locally). The
 engine owns its KV memory and its transfer endpoint, because with vLLM the KV lives in the engine's own
 process; workers only pass `KVTransferParams` along.
+
+Values flow one way: the engine reports through what it returns and yields (a `KVLoadReport` is an item of
+`generate()`'s stream), and raises `EngineFull` when its KV memory cannot take a request; its collaborators
+(the KV event sink) are given to its constructor.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from pdserve.kv.events import KVEventSink
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
@@ -51,19 +55,18 @@ class KVLoadError(Exception):
     """The KV named by kv_transfer_params could not be loaded (refused, timed out, corrupt, mismatched)."""
 
 
-KVLoadedCallback = Callable[[str, KVLoadReport], None]
+class EngineFull(Exception):
+    """Not enough free KV blocks for the request right now (retry elsewhere)."""
 
 
 class Engine(abc.ABC):
-    """Set by the worker: `on_kv_loaded(request_id, report)` as soon as a decode has its prompt KV (pulled or
-    recomputed), so prefill can free its copy at once; `kv_events` (kv.events.KVEventSink), told of every
+    """An engine is given at construction its `kv_events` (kv.events.KVEventSink, or None), told of every
     block copy the engine computes, receives, frees or evicts, by pdserve's chained block hash, for the
     broker's index. An engine that moves KV makes the transfer spans: "kv pull" (decode, child of the
     current span) and "kv serve" (prefill, child of the pull's span through the traceparent in the pull)."""
 
     card: ModelCard
-    on_kv_loaded: KVLoadedCallback | None = None
-    kv_events: KVEventSink | None = None
+    kv_events: KVEventSink | None
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -80,7 +83,8 @@ class Engine(abc.ABC):
     async def prefill(
         self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams, lease_s: float
     ) -> PrefillResult:
-        """Run the prompt, choose the first token, keep the KV blocks for a puller until release or lease end."""
+        """Run the prompt, choose the first token, keep the KV blocks for a puller until release or lease end.
+        Raises EngineFull when the KV memory cannot take the prompt now."""
 
     @abc.abstractmethod
     async def release_kv(self, request_id: str) -> bool:
@@ -95,9 +99,13 @@ class Engine(abc.ABC):
         first_token_id: int | None,
         kv_transfer_params: KVTransferParams | None,
         resume_token_ids: tuple[int, ...] = (),
-    ) -> AsyncIterator[TokenOutput]:
+    ) -> AsyncIterator[TokenOutput | KVLoadReport]:
         """Load the prompt's KV (pull, or recompute locally on failure) and decode after first_token_id.
 
+        When the KV came from kv_transfer_params, one item of the stream is the `KVLoadReport`, yielded the
+        moment the KV is pulled or recomputed (normally before any token), so that the worker lets prefill free
+        its copy at once; every other item is a `TokenOutput`. Raises EngineFull when the KV memory cannot take
+        the request now (before anything is yielded).
         With first_token_id None the engine prefills locally and its first output holds the first token.
         resume_token_ids: tokens an earlier decode worker already generated and streamed (it died); the engine
         prefills prompt + them locally and outputs only what comes after them (no KV, no first token given).

@@ -1,10 +1,16 @@
-"""Build a worker's engine from its config."""
+"""Build a worker's engine from its config: one frozen engine config made from WorkerConfig, and the KV event
+sink the worker relays to the broker, given at construction."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
+from pdserve.kv.events import KVEventSink
 from pdserve.protocol import KVLayout, ModelCard
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def mock_card(config: WorkerConfig) -> ModelCard:
@@ -20,26 +26,40 @@ def mock_card(config: WorkerConfig) -> ModelCard:
     )
 
 
-def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str) -> Engine:
-    if config.engine == "mock":
-        from pdserve.engine.mock import MockEngine
+def vllm_card(config: WorkerConfig, model_path: Path) -> ModelCard:
+    """The served model's card, its KV shape read from the model's Hugging Face config."""
+    from transformers import AutoConfig  # vLLM depends on transformers
 
-        return MockEngine(
+    hf = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    layout = KVLayout(num_layers=hf.num_hidden_layers,
+                      num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim=head_dim,
+                      dtype=config.dtype, dtype_bytes=_DTYPE_BYTES[config.dtype], block_size=config.block_size)
+    return ModelCard(name=config.served_model_name, tokenizer=str(model_path), max_model_len=config.max_model_len,
+                     kv_layout=layout)
+
+
+def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
+                  kv_events: KVEventSink | None = None) -> Engine:
+    if config.engine == "mock":
+        from pdserve.engine.mock import MockEngine, MockEngineConfig
+
+        return MockEngine(MockEngineConfig(
             worker_id=config.worker_id, card=mock_card(config), num_kv_blocks=config.num_kv_blocks,
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
             kv_transport=config.kv_transport, prefix_caching=config.prefix_caching,
-        )
+        ), kv_events=kv_events)
     if config.engine == "vllm":
-        from pdserve.engine.vllm_engine import VllmEngine
+        from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
         from pdserve.models import resolve_model
 
-        return VllmEngine(
-            worker_id=config.worker_id, model_path=resolve_model(config.model),
-            served_model_name=config.served_model_name, max_model_len=config.max_model_len,
-            block_size=config.block_size, dtype=config.dtype, advertise_host=advertise_host, bind_host=bind_host,
-            kv_lease_s=config.kv_lease_s, kv_pull_timeout_s=config.kv_pull_timeout_s, kv_transport=config.kv_transport,
+        model_path = resolve_model(config.model)
+        return VllmEngine(VllmEngineConfig(
+            worker_id=config.worker_id, model_path=model_path, card=vllm_card(config, model_path),
+            advertise_host=advertise_host, bind_host=bind_host, kv_lease_s=config.kv_lease_s,
+            kv_pull_timeout_s=config.kv_pull_timeout_s, kv_transport=config.kv_transport,
             kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
             prefix_caching=config.prefix_caching,
-        )
+        ), kv_events=kv_events)
     raise ValueError(f"unknown engine {config.engine!r}; use --engine vllm or --engine mock")

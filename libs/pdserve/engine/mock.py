@@ -10,7 +10,7 @@ With `prefix_caching`, a request's computed full blocks stay in the pool after i
 cache keeps them: evictable (least recently used first, a prompt's tail before its head), and reused by a
 later local prefill of a prompt with the same leading blocks, which then computes only the rest
 (num_cached_tokens). Pulled KV is written into fresh blocks. Every block copy computed, received, freed or
-evicted is reported to `kv_events` by chained block hash, for the broker's index.
+evicted is reported to `kv_events` (given at construction) by chained block hash, for the broker's index.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import AsyncIterator
 import numpy as np
 
 from pdserve import tracecontext, tracing
-from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
+from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferResult
@@ -39,8 +40,20 @@ from pdserve.tracing import SpanKind
 log = logging.getLogger(__name__)
 
 
-class EngineFull(Exception):
-    """Not enough free KV blocks for the request right now (retry elsewhere)."""
+@dataclass(frozen=True, kw_only=True)
+class MockEngineConfig:
+    """What a mock engine is made of; engine.factory builds it from WorkerConfig."""
+
+    worker_id: str
+    card: ModelCard
+    num_kv_blocks: int
+    ms_per_prompt_token: float
+    ms_per_decode_step: float
+    advertise_host: str
+    bind_host: str
+    kv_pull_timeout_s: float
+    kv_transport: str = "auto"
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -55,29 +68,23 @@ class _Held:
 
 class MockEngine(Engine):
 
-    def __init__(
-        self, *, worker_id: str, card: ModelCard, num_kv_blocks: int, ms_per_prompt_token: float,
-        ms_per_decode_step: float, advertise_host: str, bind_host: str, kv_pull_timeout_s: float,
-        kv_transport: str = "auto",
-        prefix_caching: bool = False,
-    ):
-        self.worker_id = worker_id
-        self.card = card
-        self._layout = card.kv_layout
-        self._ms_per_prompt_token = ms_per_prompt_token
-        self._ms_per_decode_step = ms_per_decode_step
-        self._kv_pull_timeout_s = kv_pull_timeout_s
-        self._pool = ArrayBlockPool.zeros(num_kv_blocks, self._layout.bytes_per_block, layout_tag=layout_tag(card))
-        self._free = list(range(num_kv_blocks))
-        self._prefix_caching = prefix_caching
+    def __init__(self, config: MockEngineConfig, *, kv_events: KVEventSink | None = None):
+        self.config = config
+        self.worker_id = config.worker_id
+        self.card = config.card
+        self.kv_events = kv_events
+        self._layout = config.card.kv_layout
+        self._pool = ArrayBlockPool.zeros(config.num_kv_blocks, self._layout.bytes_per_block,
+                                          layout_tag=layout_tag(config.card))
+        self._free = list(range(config.num_kv_blocks))
         self._cache: OrderedDict[int, int] = OrderedDict()  # block hash -> block id, least recently used first
         # Cached blocks in use by running requests (block id -> number of them): shared, as vLLM shares a cached
         # prefix between concurrent requests, and never evicted while in use.
         self._pins: Counter[int] = Counter()
         self._held: dict[str, _Held] = {}
-        self._endpoint = TransferEndpoint(self._pool, bind_host=bind_host, advertise_host=advertise_host,
-                                          on_pull=self._on_pull)
-        self._client = TransferClient(transport=kv_transport)
+        self._endpoint = TransferEndpoint(self._pool, bind_host=config.bind_host,
+                                          advertise_host=config.advertise_host, on_pull=self._on_pull)
+        self._client = TransferClient(transport=config.kv_transport)
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
@@ -109,7 +116,7 @@ class MockEngine(Engine):
         try:
             async with self._prefill_lock:
                 queue_ms = (time.monotonic() - queued_at) * 1000
-                await asyncio.sleep((len(prompt_token_ids) - num_cached_tokens) * self._ms_per_prompt_token / 1000)
+                await self._compute(len(prompt_token_ids) - num_cached_tokens)
                 self._write_prompt_kv(prompt_token_ids, held.block_ids)
                 self._computed(held)
         except BaseException:
@@ -146,7 +153,7 @@ class MockEngine(Engine):
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
-                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
+                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput | KVLoadReport]:
         pulls = kv_transfer_params is not None and first_token_id is not None and not resume_token_ids
         held = self._allocate(request_id, prompt_token_ids + resume_token_ids, reuse=not pulls)
         self._running.add(request_id)
@@ -170,13 +177,14 @@ class MockEngine(Engine):
                 token, text = stream.next()
                 yield TokenOutput((token,), text, stream.finish_reason)
             else:
-                await self._load_kv(request_id, prompt_token_ids, held.block_ids, kv_transfer_params)
+                report = await self._load_kv(request_id, prompt_token_ids, held.block_ids, kv_transfer_params)
                 self._computed(held)
+                yield report
                 token, _ = stream.next()  # prefill already emitted the first token's text
                 if token != first_token_id:
                     raise RuntimeError(f"request {request_id}: prefill chose token {first_token_id}, decode replays {token}")
             while stream.finish_reason is None:
-                await asyncio.sleep(self._ms_per_decode_step / 1000)
+                await asyncio.sleep(self.config.ms_per_decode_step / 1000)
                 token, text = stream.next()
                 yield TokenOutput((token,), text, stream.finish_reason)
         finally:
@@ -184,7 +192,7 @@ class MockEngine(Engine):
             self._free_request(request_id)
 
     async def _load_kv(self, request_id: str, prompt_token_ids: tuple[int, ...], block_ids: list[int],
-                       params: KVTransferParams) -> None:
+                       params: KVTransferParams) -> KVLoadReport:
         """Pull the prompt's KV from prefill; on any failure recompute it locally (never hang, never decode bad KV)."""
         error: str | None = None
         if params.kv_layout != self._layout:
@@ -202,18 +210,16 @@ class MockEngine(Engine):
                     self._counters["num_kv_bytes_received"] += result.num_bytes
                     self._counters["kv_transfer_ms"] += result.seconds * 1000
                     self._counters[f"num_kv_pulls_{result.transport}"] += 1
-                    self._report_load(request_id, KVLoadReport(result.num_blocks, result.num_bytes,
-                                                               result.seconds * 1000, recomputed=False,
-                                                               transport=result.transport))
-                    return
+                    return KVLoadReport(result.num_blocks, result.num_bytes, result.seconds * 1000,
+                                        recomputed=False, transport=result.transport)
             except TransferError as e:
                 error = f"{type(e).__name__}: {e}"
         log.warning("request %s: KV load from %s failed (%s); recomputing the prefill locally",
                     request_id, params.worker_id, error)
         self._counters["num_recomputes"] += 1
-        await asyncio.sleep(len(prompt_token_ids) * self._ms_per_prompt_token / 1000)
+        await self._compute(len(prompt_token_ids))
         self._write_prompt_kv(prompt_token_ids, block_ids)
-        self._report_load(request_id, KVLoadReport(0, 0, 0.0, recomputed=True, error=error))
+        return KVLoadReport(0, 0, 0.0, recomputed=True, error=error)
 
     async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int]) -> TransferResult:
         """The pull under a "kv pull" span, whose traceparent rides in the pull so the endpoint's span is its child."""
@@ -222,8 +228,8 @@ class MockEngine(Engine):
         with tracing.span("kv pull", kind=SpanKind.CLIENT, attributes=attributes) as span:
             result = await self._client.pull(
                 params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
-                timeout_s=self._kv_pull_timeout_s, traceparent=tracecontext.current(), peer_host_id=params.host_id,
-                peer_transports=params.transports)
+                timeout_s=self.config.kv_pull_timeout_s, traceparent=tracecontext.current(),
+                peer_host_id=params.host_id, peer_transports=params.transports)
             span.set_attributes(tracing.transfer_attributes(result.num_blocks, result.num_bytes, result.seconds))
             span.set_attribute("kv_transport", result.transport)
             return result
@@ -239,16 +245,16 @@ class MockEngine(Engine):
         tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=seconds,
                             context=tracecontext.context_of(traceparent), attributes=attributes)
 
-    def _report_load(self, request_id: str, report: KVLoadReport) -> None:
-        if self.on_kv_loaded:
-            self.on_kv_loaded(request_id, report)
-
     async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], held: _Held) -> None:
         """A local prefill: only what the prefix cache did not have costs time."""
         num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
-        await asyncio.sleep((len(prompt_token_ids) - num_cached_tokens) * self._ms_per_prompt_token / 1000)
+        await self._compute(len(prompt_token_ids) - num_cached_tokens)
         self._write_prompt_kv(prompt_token_ids, held.block_ids)
         self._computed(held)
+
+    async def _compute(self, num_tokens: int) -> None:
+        """The simulated time of prefilling num_tokens."""
+        await asyncio.sleep(num_tokens * self.config.ms_per_prompt_token / 1000)
 
     async def abort(self, request_id: str) -> None:
         # A running generate() frees its blocks itself once its task is cancelled (the worker cancels it):
@@ -266,7 +272,7 @@ class MockEngine(Engine):
         num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
         hashes = block_hashes(prompt_token_ids, self._layout.block_size)
         hits = []
-        if reuse and self._prefix_caching:
+        if reuse and self.config.prefix_caching:
             for h in hashes[:len(prompt_token_ids) // self._layout.block_size]:  # full blocks only
                 block = self._cache.get(h)
                 if block is None:
@@ -332,7 +338,7 @@ class MockEngine(Engine):
                 self._free.append(block)
                 continue
             h = held.block_hashes[i]
-            if self._prefix_caching and h not in self._cache:
+            if self.config.prefix_caching and h not in self._cache:
                 self._cache[h] = block
             else:
                 self._free.append(block)

@@ -13,6 +13,9 @@ allocated blocks before the request is scheduled, or lets vLLM recompute it if t
 
 With prefix_caching, vLLM keeps finished prompts' blocks in its prefix cache and publishes its KV cache events
 on an ipc:// ZMQ socket of this worker; kv.vllm_events relays them to `kv_events` under pdserve's hashes.
+
+A request vLLM's KV cache cannot take now is refused with EngineFull (see _check_room), as the mock refuses it,
+so that the router tries another worker instead of the request waiting in vLLM's queue.
 """
 
 from __future__ import annotations
@@ -22,50 +25,55 @@ import contextlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from opentelemetry.trace import Span, SpanKind
 
 from pdserve import tracecontext, tracing
-from pdserve.engine.base import Engine, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.kv.events import KVEventSink
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
-from pdserve.protocol import FinishReason, KVLayout, KVTransferParams, ModelCard, SamplingParams
+from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
 
 log = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "PdserveConnector"
 CONNECTOR_MODULE = "pdserve.kv.vllm_connector"
 WORKER_EXTENSION = "pdserve.kv.vllm_worker_ext.PdserveWorkerExtension"
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _STATS_REFRESH_S = 0.5
 # A pushed load report normally arrives before vLLM's first output of the request; past the pull's own deadline
 # plus this, the report is taken as lost (logged) and the prefill's lease ends the hold.
 _REPORT_GRACE_S = 5.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class VllmEngineConfig:
+    """What a vLLM engine is made of; engine.factory builds it from WorkerConfig. The card (factory.vllm_card)
+    holds the served name, max_model_len, and the KV's dtype and block size vLLM is started with."""
+
+    worker_id: str
+    model_path: Path
+    card: ModelCard
+    advertise_host: str
+    bind_host: str
+    kv_lease_s: float
+    kv_pull_timeout_s: float
+    kv_transport: str = "auto"
+    kv_cache_gib: int = 1
+    cpu_cores: str | None = None
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+
+
 class VllmEngine(Engine):
-    def __init__(
-        self, *, worker_id: str, model_path: Path, served_model_name: str, max_model_len: int, block_size: int,
-        dtype: str, advertise_host: str, bind_host: str, kv_lease_s: float, kv_pull_timeout_s: float,
-        kv_transport: str = "auto",
-        kv_cache_gib: int, cpu_cores: str | None, enforce_eager: bool, prefix_caching: bool = False,
-    ):
-        self.worker_id = worker_id
-        self._model_path = model_path
-        self._served_model_name = served_model_name
-        self._max_model_len = max_model_len
-        self._block_size = block_size
-        self._dtype = dtype
-        self._advertise_host = advertise_host
-        self._bind_host = bind_host
-        self._kv_lease_s = kv_lease_s
-        self._kv_pull_timeout_s = kv_pull_timeout_s
-        self._kv_transport = kv_transport
-        self._kv_cache_gib = kv_cache_gib
-        self._cpu_cores = cpu_cores
-        self._enforce_eager = enforce_eager
-        self._prefix_caching = prefix_caching
+    def __init__(self, config: VllmEngineConfig, *, kv_events: KVEventSink | None = None):
+        self.config = config
+        self.worker_id = worker_id = config.worker_id
+        self.card = config.card
+        self.kv_events = kv_events
+        self._block_size = config.card.kv_layout.block_size
         self._kv_events_path = os.path.join(tempfile.gettempdir(), f"pdserve-{worker_id}-kv-events.sock")
         self._kv_event_subscriber: Any = None
         # The connector publishes its counters here: reading a file costs vLLM nothing, while every
@@ -80,50 +88,40 @@ class VllmEngine(Engine):
         self._num_local_prefills = 0
         self._num_cached_tokens = 0  # prompt tokens vLLM's prefix cache served (prefills and local prefills)
         self._refresher: asyncio.Task | None = None
-        self.card = self._make_card()
-
-    def _make_card(self) -> ModelCard:
-        from transformers import AutoConfig  # vLLM depends on transformers
-
-        hf = AutoConfig.from_pretrained(self._model_path)
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        layout = KVLayout(num_layers=hf.num_hidden_layers, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-                          head_dim=head_dim, dtype=self._dtype, dtype_bytes=_DTYPE_BYTES[self._dtype], block_size=self._block_size)
-        return ModelCard(name=self._served_model_name, tokenizer=str(self._model_path), max_model_len=self._max_model_len,
-                         kv_layout=layout)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        cfg, card = self.config, self.card
         # vLLM reads these when it starts its EngineCore process: pin OMP threads to our cores, size the KV cache.
-        if self._cpu_cores:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_cores
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._kv_cache_gib))
+        if cfg.cpu_cores:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_cores
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=str(self._model_path), served_model_name=self._served_model_name, dtype=self._dtype,
-            max_model_len=self._max_model_len, block_size=self._block_size,
-            enable_prefix_caching=self._prefix_caching, kv_events_config=self._kv_events_config(),
+            model=str(cfg.model_path), served_model_name=card.name, dtype=card.kv_layout.dtype,
+            max_model_len=card.max_model_len, block_size=self._block_size,
+            enable_prefix_caching=cfg.prefix_caching, kv_events_config=self._kv_events_config(),
             seed=0, disable_log_stats=True, worker_extension_cls=WORKER_EXTENSION,
-            enforce_eager=self._enforce_eager,
+            enforce_eager=cfg.enforce_eager,
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
                 kv_load_failure_policy="recompute",
                 kv_connector_extra_config={
-                    "worker_id": self.worker_id, "model_name": self._served_model_name,
-                    "advertise_host": self._advertise_host, "bind_host": self._bind_host,
-                    "lease_s": self._kv_lease_s, "pull_timeout_s": self._kv_pull_timeout_s,
-                    "transport": self._kv_transport,
+                    "worker_id": self.worker_id, "model_name": card.name,
+                    "advertise_host": cfg.advertise_host, "bind_host": cfg.bind_host,
+                    "lease_s": cfg.kv_lease_s, "pull_timeout_s": cfg.kv_pull_timeout_s,
+                    "transport": cfg.kv_transport,
                     "stats_path": self._stats_path,
                     "reports_endpoint": self._load_reports.endpoint,
                 },
             ),
         )
-        log.info("starting vLLM on %s (%s, max_model_len %d, cores %s)", self._model_path, self._dtype,
-                 self._max_model_len, self._cpu_cores or "auto")
+        log.info("starting vLLM on %s (%s, max_model_len %d, cores %s)", cfg.model_path, card.kv_layout.dtype,
+                 card.max_model_len, cfg.cpu_cores or "auto")
         self._load_reports.start()  # before vLLM starts: its connector connects as it comes up
         try:
             self._llm = AsyncLLM.from_engine_args(args)
@@ -138,7 +136,7 @@ class VllmEngine(Engine):
 
     def _kv_events_config(self) -> Any:
         """vLLM publishes its KV cache events on our own ipc socket, read by a subscriber started first."""
-        if not self._prefix_caching or self.kv_events is None:
+        if not self.config.prefix_caching or self.kv_events is None:
             return None
         from vllm.config.kv_events import KVEventsConfig
 
@@ -165,7 +163,7 @@ class VllmEngine(Engine):
             self._llm.shutdown()
             self._llm = None
         await self._load_reports.stop()
-        from pdserve.kv.vllm_connector import pool_stats_path
+        from pdserve.kv.connector_stats import pool_stats_path
 
         for path in (self._stats_path, pool_stats_path(self._stats_path), self._kv_events_path):
             with contextlib.suppress(FileNotFoundError):
@@ -179,6 +177,7 @@ class VllmEngine(Engine):
 
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                       lease_s: float) -> PrefillResult:
+        self._check_room(request_id, len(prompt_token_ids))
         params = self._sampling(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         final = None
         self._running.add(request_id)
@@ -222,45 +221,50 @@ class VllmEngine(Engine):
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
-                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput]:
-        pull_span: Span | None = None
+                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput | KVLoadReport]:
+        pulls = False
         if resume_token_ids:
             # Prompt + what was streamed is a prompt like any other: vLLM prefills it and goes on from there.
-            self._num_local_prefills += 1
-            prompt, max_tokens, kv = (*prompt_token_ids, *resume_token_ids), sampling.max_tokens - len(resume_token_ids), None
+            prompt, max_tokens = (*prompt_token_ids, *resume_token_ids), sampling.max_tokens - len(resume_token_ids)
             if max_tokens <= 0:
                 yield TokenOutput((), "", "length")
                 return
         elif kv_transfer_params is not None and first_token_id is not None:
-            # Continue after the first token: its own KV is computed here, the prompt's is pulled. The
-            # "kv pull" span runs from here to the connector's report (vLLM schedules the load, then the
-            # pull runs); its traceparent rides in the pull, so the endpoint's "kv serve" span is its child.
-            prompt = (*prompt_token_ids, first_token_id)
-            max_tokens = sampling.max_tokens - 1
+            # Continue after the first token: its own KV is computed here, the prompt's is pulled.
+            prompt, max_tokens, pulls = (*prompt_token_ids, first_token_id), sampling.max_tokens - 1, True
+        else:
+            prompt, max_tokens = prompt_token_ids, sampling.max_tokens
+        self._check_room(request_id, len(prompt))
+        kv = report_task = None
+        if pulls:
+            assert kv_transfer_params is not None
+            # The "kv pull" span runs from here to the connector's report (vLLM schedules the load, then the pull
+            # runs); its traceparent rides in the pull, so the endpoint's "kv serve" span is its child.
             pull_span = tracing.tracer().start_span("kv pull", kind=SpanKind.CLIENT, attributes={
                 "request_id": request_id, "worker_id": self.worker_id, "prefill_worker_id": kv_transfer_params.worker_id,
                 "transfer_id": kv_transfer_params.transfer_id})
             kv = {"do_remote_prefill": True, "pdserve": kv_transfer_params.model_dump(mode="json"),
                   "traceparent": tracecontext.of_span(pull_span)}
+            report_task = self._spawn_report(request_id, pull_span, self._load_reports.expect(request_id))
         else:
             self._num_local_prefills += 1
-            prompt, max_tokens, kv = prompt_token_ids, sampling.max_tokens, None
         params = self._sampling(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
         finished = counted = False
-        report_task = None
-        if kv is not None:
-            assert pull_span is not None
-            report_task = self._spawn_report(request_id, pull_span, self._load_reports.expect(request_id))
         self._running.add(request_id)
+        outputs = _with_report(self._llm.generate(self._prompt(prompt), params, request_id), report_task)
         try:
-            async for output in self._llm.generate(self._prompt(prompt), params, request_id):
-                if kv is None and not counted:  # a local prefill: what its prefix cache served (pulled KV is not a hit)
-                    self._num_cached_tokens += output.num_cached_tokens or 0
-                counted = True
-                completion = output.outputs[0]
-                finish = _finish_reason(completion.finish_reason) if output.finished else None
-                finished = output.finished
-                yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    if isinstance(output, KVLoadReport):
+                        yield output
+                        continue
+                    if not pulls and not counted:  # a local prefill: what its prefix cache served
+                        self._num_cached_tokens += output.num_cached_tokens or 0
+                    counted = True
+                    completion = output.outputs[0]
+                    finish = _finish_reason(completion.finish_reason) if output.finished else None
+                    finished = output.finished
+                    yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
         finally:
             self._running.discard(request_id)
             if report_task is not None and not finished:  # ended before or while its KV loaded (cancelled, failed)
@@ -268,17 +272,37 @@ class VllmEngine(Engine):
             if not finished and self._llm is not None:
                 await self._llm.abort(request_id)
 
+    def _check_room(self, request_id: str, num_tokens: int) -> None:
+        """Raise EngineFull when vLLM's KV cache cannot take a request of num_tokens now (blocks needed > free).
+
+        The signal: num_free_blocks of vLLM's own block pool (free blocks plus the prefix cache's evictable ones,
+        as vLLM's scheduler counts them; blocks held for transfers and running requests are not free), which the
+        connector's scheduler side publishes every 0.5 s when it changed (PoolUsagePublisher) and
+        _refresh_forever reads every 0.5 s: up to about 1 s stale, so requests admitted within that time are
+        not in it yet (vLLM queues what overshoots, as it did before this check). Before the pool was first
+        published the figure counts only held blocks (an overestimate of what is free); before any stats were
+        read nothing is refused. Needed: the whole prompt's blocks (on the safe side: vLLM would share prefix
+        blocks in use by running requests), not those of tokens yet to generate (vLLM allocates them as it goes)."""
+        if not self._stats.get("num_total_blocks"):
+            return
+        num_free = int(self._stats.get("num_free_blocks", 0))
+        num_needed = -(-num_tokens // self._block_size)
+        if num_needed > num_free:
+            raise EngineFull(f"request {request_id}: {num_needed} KV blocks needed, {num_free} free in vLLM's KV cache")
+
     def _spawn_report(self, request_id: str, pull_span: Span, future: asyncio.Future) -> asyncio.Task:
-        """Act on the load's report when the connector pushes it, beside the token stream (created in the
-        request's context, so the decode span is current in the callback)."""
-        task = asyncio.create_task(self._report_load(request_id, pull_span, future), name=f"kv-report-{request_id}")
+        """Await the load's report, which the connector pushes, beside the token stream (created in the
+        request's context, so the decode span is current)."""
+        task = asyncio.create_task(self._load_report(request_id, pull_span, future), name=f"kv-report-{request_id}")
         self._report_tasks.add(task)
         task.add_done_callback(self._report_tasks.discard)
         return task
 
-    async def _report_load(self, request_id: str, pull_span: Span, future: asyncio.Future) -> None:
+    async def _load_report(self, request_id: str, pull_span: Span, future: asyncio.Future) -> KVLoadReport | None:
+        """The connector's report of the load, with the "kv pull" span ended on it; None if it never came."""
+        timeout_s = self.config.kv_pull_timeout_s + _REPORT_GRACE_S
         try:
-            report = await self._load_reports.wait(request_id, future, self._kv_pull_timeout_s + _REPORT_GRACE_S)
+            report = await self._load_reports.wait(request_id, future, timeout_s)
         except asyncio.CancelledError:
             pull_span.set_attribute("cancelled", True)
             pull_span.end()
@@ -295,12 +319,11 @@ class VllmEngine(Engine):
         pull_span.end()
         if report is None:
             log.warning("request %s: no KV load report from the connector within %.0f s; the prefill worker's "
-                        "lease frees its blocks", request_id, self._kv_pull_timeout_s + _REPORT_GRACE_S)
-            return
-        if self.on_kv_loaded:
-            self.on_kv_loaded(request_id, KVLoadReport(
-                num_blocks=report["num_blocks"], num_bytes=report["num_bytes"], transfer_ms=report["transfer_ms"],
-                recomputed=report["recomputed"], error=report.get("error"), transport=report.get("transport") or ""))
+                        "lease frees its blocks", request_id, timeout_s)
+            return None
+        return KVLoadReport(num_blocks=report["num_blocks"], num_bytes=report["num_bytes"],
+                            transfer_ms=report["transfer_ms"], recomputed=report["recomputed"],
+                            error=report.get("error"), transport=report.get("transport") or "")
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:
@@ -314,7 +337,7 @@ class VllmEngine(Engine):
         self._set_stats(await self._rpc("pdserve_stats"))
 
     async def _refresh_forever(self) -> None:
-        from pdserve.kv.vllm_connector import read_published_stats
+        from pdserve.kv.connector_stats import read_published_stats
 
         while True:
             await asyncio.sleep(_STATS_REFRESH_S)
@@ -326,7 +349,7 @@ class VllmEngine(Engine):
         """The connector's worker-side counters (num_held_blocks: blocks held for KV transfers) plus the block
         pool's usage the scheduler side publishes (kv_usage, num_free_blocks: running requests included).
         Until the pool was published once, usage is estimated from the held blocks alone."""
-        from pdserve.kv.vllm_connector import pool_stats_path, read_published_stats
+        from pdserve.kv.connector_stats import pool_stats_path, read_published_stats
 
         total = stats.get("num_total_blocks") or 0
         held = stats.get("num_held_blocks", 0)
@@ -338,7 +361,6 @@ class VllmEngine(Engine):
 
     def stats(self) -> dict[str, float]:
         return {**self._stats, "num_cached_tokens": self._num_cached_tokens, "num_running": len(self._running)}
-
 
     # ------------------------------------------------------------------------------------- helpers
 
@@ -361,6 +383,40 @@ class VllmEngine(Engine):
             stop=list(sampling.stop) or None, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
         )
+
+
+async def _with_report(outputs: AsyncIterator[Any], report: asyncio.Task | None) -> AsyncIterator[Any]:
+    """vLLM's outputs, with the load report (the result of `report`, unless None) put in the moment it is ready:
+    normally before the first output, which vLLM computes only after the load. Neither waits for the other; an
+    output and the report both ready go report first. A report still awaited when the outputs end is left to
+    its task (it ends the "kv pull" span)."""
+    next_output: asyncio.Future | None = None  # the outputs' next item, awaited beside the report
+    try:
+        while report is not None:
+            next_output = next_output or asyncio.ensure_future(anext(outputs))
+            await asyncio.wait((next_output, report), return_when=asyncio.FIRST_COMPLETED)
+            if report.done():  # cancelled: the engine stops
+                if not report.cancelled() and report.result() is not None:
+                    yield report.result()
+                report = None
+            elif next_output.done():
+                output, next_output = next_output, None
+                try:
+                    yield output.result()
+                except StopAsyncIteration:
+                    return
+        if next_output is not None:
+            output, next_output = next_output, None
+            try:
+                yield await output
+            except StopAsyncIteration:
+                return
+        async for output in outputs:
+            yield output
+    finally:
+        if next_output is not None and not next_output.done():  # closed early: vLLM's generate aborts on cancel
+            next_output.cancel()
+            await asyncio.wait((next_output,))
 
 
 def _finish_reason(reason: str | None) -> FinishReason:

@@ -29,7 +29,7 @@ MAX_BLOCKS_PER_EVENT = 4096  # ~90 KB of JSON: far below NATS' default 1 MiB max
 
 
 class KVEventSink(Protocol):
-    """What an engine reports its KV blocks to (the worker sets it as `engine.kv_events`)."""
+    """What an engine reports its KV blocks to (given to the engine's constructor by the worker)."""
 
     def stored(self, block_hashes: Sequence[int], parent_hash: int) -> None:
         """Copies of the chain block_hashes were computed or received (parent_hash: the first's parent)."""
