@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from pdserve.engine.vllm_engine import VllmEngine  # noqa: E402
-from pdserve.kv.vllm_connector import PoolUsagePublisher, pool_stats_path, read_published_stats  # noqa: E402
+from pdserve.kv.connector_stats import PoolUsagePublisher, pool_stats_path, read_published_stats  # noqa: E402
 
 
 class FakeBlockPool:
@@ -73,12 +73,11 @@ def test_engine_stats_combine_held_blocks_and_pool_usage(tmp_path):
 
 def test_scheduler_side_publishes_once_vllm_binds_its_pool(tmp_path):
     """vLLM calls bind_gpu_block_pool on the scheduler-side connector; shutdown stops the publisher."""
-    from types import SimpleNamespace
 
-    from pdserve.kv.vllm_connector import _SchedulerSide
+    from pdserve.kv.connector_scheduler import ConnectorScheduler
 
     stats_path = str(tmp_path / "kv-stats.json")
-    side = _SchedulerSide(SimpleNamespace(layout=None), {"worker_id": "p1", "stats_path": stats_path}, "refcount")
+    side = ConnectorScheduler(None, {"worker_id": "p1", "stats_path": stats_path}, "refcount")
     side.bind_block_pool(FakeBlockPool(11))
     try:
         assert read_published_stats(pool_stats_path(stats_path))["num_free_blocks"] == 10

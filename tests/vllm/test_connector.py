@@ -234,7 +234,7 @@ def test_decode_after_transfer_gives_the_tokens_of_one_engine(vllm_harness, engi
     assert prefill_stats["num_held_blocks"] == 0
 
     # The same counters, published to a file for readers that must not wake vLLM's worker.
-    from pdserve.kv.vllm_connector import read_published_stats
+    from pdserve.kv.connector_stats import read_published_stats
 
     async def published():
         on_file = read_published_stats(stats_path) or {}

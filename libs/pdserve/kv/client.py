@@ -1,18 +1,16 @@
 """The decode side of a KV transfer: pulls blocks from TransferEndpoints into a local pool, over the path the
 peers share (paths: tcp anywhere, on a plain TCP stream beside the control socket where it can be opened, see
-stream.py; shm on one host, see shm.py), with the protocol of wire.py."""
+stream.py; shm on one host, see shm.py), with the protocol of wire.py.
+
+This module decides where and how each pull goes: its connection (kept warm per endpoint), the path for the
+peer, the fallbacks when a path does not work with it. Receiving one pull's bytes is receiver.py's."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import functools
 import logging
-import math
 import secrets
-import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,50 +20,16 @@ import orjson
 import zmq
 
 from pdserve.kv import shm, stream, wire
-from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PathUnavailable, TransferError,
-                               TransferIntegrityError, TransferRefused, TransferResult, TransferTimeout)
+from pdserve.kv.errors import PathUnavailable, TransferError, TransferResult
 from pdserve.kv.host import host_id
-from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
+from pdserve.kv.connection import Connection
+from pdserve.kv.pool import BlockPool
+from pdserve.kv.receiver import Cancelled, Receiver, parse_header
 
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", *wire.PATHS)  # what --kv-transport takes
 _MAX_IDLE_SOCKETS_PER_ADDRESS = 4
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _Connection:
-    """A DEALER socket to one endpoint and a monitor that reports when the endpoint drops the TCP connection
-    (its process died or stopped): a pull waiting on it fails at once instead of at its deadline."""
-
-    def __init__(self, ctx: zmq.Context, address: str):
-        self.address = address
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.stream: socket.socket | None = None  # tcp pulls' bytes (stream.py), once set up
-        self.stream_ticket: str | None = None
-        self.bounce: memoryview | None = None  # the stream's receive buffer (stream.BOUNCE_NBYTES)
-        self.asked_for_stream = False  # a connection tries once; pulls on it use frames if that failed
-
-    def was_dropped(self) -> bool:
-        """Whether the endpoint dropped the connection since the last look."""
-        try:
-            self.monitor.recv_multipart(zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
 
 
 class TransferClient:
@@ -103,7 +67,7 @@ class TransferClient:
         self._window = min(max(window_messages, 1), wire.MAX_WINDOW)
         self._closing = threading.Event()
         self._idle_lock = threading.Lock()
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[str, list[Connection]] = {}
 
     async def pull(
         self,
@@ -224,7 +188,7 @@ class TransferClient:
             self._idle.clear()
         self._ctx.term()
 
-    def _checkout(self, address: str, transfer_id: str) -> _Connection:
+    def _checkout(self, address: str, transfer_id: str) -> Connection:
         with self._idle_lock:
             connections = self._idle.get(address)
             conn = connections.pop() if connections else None
@@ -232,7 +196,7 @@ class TransferClient:
             if not conn.was_dropped():
                 return conn
             conn.close()
-        conn = _Connection(self._ctx, address)
+        conn = Connection(self._ctx, address)
         try:
             conn.sock.connect(address)
         except zmq.ZMQError as e:
@@ -241,7 +205,7 @@ class TransferClient:
                                 "the address must look like tcp://host:port") from e
         return conn
 
-    def _checkin(self, conn: _Connection) -> None:
+    def _checkin(self, conn: Connection) -> None:
         with self._idle_lock:
             connections = self._idle.setdefault(conn.address, [])
             if not self._closing.is_set() and len(connections) < _MAX_IDLE_SOCKETS_PER_ADDRESS:
@@ -262,19 +226,20 @@ class TransferClient:
         num_blocks = len(remote_ids)
         conn = self._checkout(address, transfer_id)
         sock = conn.sock
+        receiver = Receiver(conn, nonce, transfer_id, num_blocks, deadline, timeout_s, cancel, self._closing)
         clean = False
         try:
             if path == "tcp" and self.tcp_stream and not conn.asked_for_stream and address not in self._stream_refused:
-                self._open_stream(conn, deadline, cancel, transfer_id, num_blocks, timeout_s)
+                self._open_stream(receiver)
             if path == "tcp" and conn.stream is not None:
                 sock.send(orjson.dumps(dict(request, stream=conn.stream_ticket)), zmq.NOBLOCK)
-                self._receive_stream(conn, nonce, pool, local_ids, deadline, cancel, transfer_id, timeout_s)
+                receiver.receive_stream(pool, local_ids)
             else:
                 sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
-                self._receive_replies(conn, nonce, path, pool, local_ids, remote_ids, deadline, cancel, transfer_id,
-                                      timeout_s)
+                receiver.receive_replies(path, pool, local_ids, remote_ids, window=self._window, checker=self._checker,
+                                         copy_device=self._copy_device)
             clean = True
-        except _Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
+        except Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
             raise TransferError(f"transfer {transfer_id}: pull cancelled after {e.args[0] if e.args else 0} of "
                                 f"{num_blocks} blocks") from None
         finally:
@@ -288,81 +253,16 @@ class TransferClient:
                      result.num_bytes, path, seconds, result.gbps)
         return result
 
-    def _receive_replies(self, conn: _Connection, nonce: str, path: str, pool: BlockPool, local_ids: list[int],
-                         remote_ids: list[int], deadline, cancel, transfer_id: str, timeout_s: float) -> None:
-        """The pull's replies on the control connection: tcp frames, shm descriptions, or the cuda-ipc description
-        and its confirmation."""
-        address, sock, num_blocks = conn.address, conn.sock, len(local_ids)
-        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
-        received = 0
-        try:
-            batch: BatchStream | None = None
-            owed, credit_every = 0, max(1, self._window // 4)  # fewer credit messages, fewer endpoint wake-ups
-            while received < num_blocks:
-                frames = self._receive(conn, deadline, cancel, transfer_id, received, num_blocks, timeout_s)
-                header = self._parse_header(frames[0], transfer_id, address)
-                if header.get("nonce") != nonce:
-                    logger.debug("transfer %s: ignored a reply for another pull", transfer_id)
-                    continue
-                if header.get("k") == "error":
-                    raise self._error_from(header, transfer_id, address)
-                first, count, checksums = header.get("i"), header.get("c"), header.get("h")
-                try:
-                    kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
-                    if header.get("k") != kind or first != received or not isinstance(
-                            count, int) or not (0 < count <= num_blocks - received):
-                        raise ValueError(f"unexpected header {str(header)[:200]}")
-                    if path == "cuda-ipc":
-                        self._copy_device(header, pool, local_ids, remote_ids)
-                        confirmed = self._confirm(conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
-                        if not confirmed:
-                            raise TransferIntegrityError(
-                                f"transfer {transfer_id}: the prefill side released it while its blocks were being "
-                                f"copied from {address} (they may have been reused under the copy); recompute the "
-                                "prefill")
-                        received = num_blocks
-                    elif path == "shm":
-                        ids = local_ids[first:first + count]
-                        _read_described(header, pool, ids)
-                        checks.append(self._checker.submit(_check_described, header, pool, ids, transfer_id, address))
-                        received += count
-                    elif batch is None:
-                        ids = local_ids[first:first + count]
-                        # A staging pool (GPU KV) moves each segment on to the device as soon as it is here.
-                        after = functools.partial(commit, ids) if (commit := getattr(pool, "commit_segment", None)) else None
-                        batch = BatchStream(pool, ids, after_segment=after)
-                    for frame in frames[1:] if path == "tcp" else ():
-                        src, offset = frame.buffer, 0
-                        for dst in batch.walk(src.nbytes):
-                            dst[:] = src if dst.nbytes == src.nbytes else src[offset:offset + dst.nbytes]
-                            offset += dst.nbytes
-                    if checksums is not None and path == "tcp":
-                        if batch.nbytes_left or not isinstance(checksums, list) or len(checksums) != len(
-                                pool.segment_nbytes):
-                            raise ValueError(f"batch of blocks {first}.. ended early or with a bad checksum list")
-                        _check(batch.checksums(), checksums, transfer_id, first, count, local_ids, address)
-                        batch, received = None, received + count
-                except ValueError as e:
-                    raise TransferError(f"transfer {transfer_id}: malformed reply from {address} ({e}); both sides "
-                                        "must run the same pdserve version") from e
-                owed += 1
-                if received < num_blocks and owed >= credit_every:
-                    sock.send(orjson.dumps({"op": "credit", "nonce": nonce, "n": owed}), zmq.NOBLOCK)
-                    owed = 0
-        except _Cancelled:
-            raise _Cancelled(received) from None
-        for check in checks:  # every batch's checksums, before the pull counts as done
-            check.result()
-
-    def _open_stream(self, conn: _Connection, deadline, cancel, transfer_id, num_blocks, timeout_s) -> None:
+    def _open_stream(self, receiver: Receiver) -> None:
         """A new connection's byte stream (stream.py): ask the endpoint where, connect, present the ticket. Where
         that fails for want of a route to the stream port, this endpoint's pulls use frames, with one WARNING."""
+        conn, transfer_id, deadline = receiver.conn, receiver.transfer_id, receiver.deadline
         conn.asked_for_stream = True
         nonce = secrets.token_hex(8)
         conn.sock.send(orjson.dumps({"op": "hello", "nonce": nonce}), zmq.NOBLOCK)
         while True:
-            frames = self._receive(conn, deadline, cancel, transfer_id, 0, num_blocks, timeout_s)
-            header = self._parse_header(frames[0], transfer_id, conn.address)
+            frames = receiver.receive(0)
+            header = parse_header(frames[0], transfer_id, conn.address)
             if header.get("nonce") == nonce:
                 break
         port, ticket = header.get("port"), header.get("ticket")
@@ -384,72 +284,6 @@ class TransferClient:
         conn.stream_ticket = ticket
         conn.bounce = memoryview(bytearray(stream.BOUNCE_NBYTES))
 
-    def _receive_stream(self, conn: _Connection, nonce: str, pool: BlockPool, local_ids: list[int], deadline,
-                        cancel, transfer_id: str, timeout_s: float) -> None:
-        """tcp over the stream: each batch's head, its bytes (through the connection's small buffer into the local
-        blocks), its checksums."""
-        num_blocks, nseg = len(local_ids), len(pool.segment_nbytes)
-        head, trailer = bytearray(stream.BATCH_HEAD.size), bytearray(8 * nseg)
-        commit = getattr(pool, "commit_segment", None)
-        fill = functools.partial(self._fill, conn, nonce, deadline, cancel, transfer_id, num_blocks, timeout_s)
-        received = 0
-        try:
-            while received < num_blocks:
-                fill(memoryview(head), received)
-                first, count = stream.BATCH_HEAD.unpack(head)
-                if first != received or not 0 < count <= num_blocks - received:
-                    raise TransferError(f"transfer {transfer_id}: malformed stream from {conn.address} (batch {first}+"
-                                        f"{count} after {received} of {num_blocks}); both sides must run the same "
-                                        "pdserve version")
-                ids = local_ids[first:first + count]
-                batch = BatchStream(pool, ids, after_segment=functools.partial(commit, ids) if commit else None)
-                while batch.nbytes_left:
-                    for view in batch.walk(min(stream.CHUNK_NBYTES, batch.nbytes_left)):
-                        fill(view, received)
-                fill(memoryview(trailer), received)
-                _check(batch.checksums(), list(struct.unpack(f"<{nseg}Q", trailer)), transfer_id, first, count,
-                       local_ids, conn.address)
-                received += count
-        except _Cancelled:
-            raise _Cancelled(received) from None
-
-    def _fill(self, conn: _Connection, nonce: str, deadline, cancel, transfer_id, num_blocks, timeout_s, view,
-              received) -> None:
-        """Receive exactly len(view) bytes of the stream into view, within the pull's deadline; a refusal on the
-        control socket, cancellation, close() or the endpoint hanging up end it with the matching error."""
-        got, total = 0, view.nbytes
-        bounce = conn.bounce
-        while got < total:
-            try:
-                n = conn.stream.recv_into(bounce[:total - got] if total - got < bounce.nbytes else bounce)
-                if n == 0:
-                    raise ConnectionResetError("end of stream")
-                view[got:got + n] = bounce[:n]
-                got += n
-                continue
-            except BlockingIOError:  # SO_RCVTIMEO passed with nothing: look around, then wait again
-                pass
-            except OSError as e:  # the endpoint closed the stream: a refusal says why, else it is gone
-                self._raise_control_error(conn, nonce, transfer_id, wait_s=0.2)
-                raise _closed(transfer_id, conn.address, received, num_blocks, f"{e}; ") from e
-            self._time_left(cancel, deadline, transfer_id, conn.address, received, num_blocks, timeout_s)
-            self._raise_control_error(conn, nonce, transfer_id, wait_s=0)
-
-    def _raise_control_error(self, conn: _Connection, nonce: str, transfer_id: str, wait_s: float) -> None:
-        """A stream pull's refusal, if the endpoint sent one on the control socket (waiting up to wait_s for it)."""
-        until = time.monotonic() + wait_s
-        while True:
-            try:
-                frames = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                left = until - time.monotonic()
-                if left <= 0 or not conn.sock.poll(max(1, math.ceil(left * 1000))):
-                    return
-                continue
-            header = self._parse_header(frames[0], transfer_id, conn.address)
-            if header.get("nonce") == nonce and header.get("k") == "error":
-                raise self._error_from(header, transfer_id, conn.address)
-
     def _copy_device(self, header: dict, pool: BlockPool, local_ids: list[int], remote_ids: list[int]) -> None:
         """cuda-ipc: map the peer's KV tensors (once) and copy the blocks device to device in one kernel."""
         from pdserve.kv import cuda_ipc  # torch only where pools are on GPUs
@@ -470,96 +304,3 @@ class TransferClient:
                                     [t.stride(0) for t in local], [d["row_nbytes"] for d in segments], rows,
                                     local_ids)
         cuda_ipc.copy(table, local[0].device)
-
-    def _confirm(self, conn: _Connection, nonce: str, deadline, cancel, transfer_id, num_blocks, timeout_s) -> bool:
-        """cuda-ipc: whether the endpoint still held the transfer once the copy was done."""
-        conn.sock.send(orjson.dumps({"op": "done", "nonce": nonce}), zmq.NOBLOCK)
-        while True:
-            frames = self._receive(conn, deadline, cancel, transfer_id, 0, num_blocks, timeout_s)
-            header = self._parse_header(frames[0], transfer_id, conn.address)
-            if header.get("nonce") != nonce:
-                continue
-            if header.get("k") == "error":
-                raise self._error_from(header, transfer_id, conn.address)
-            return header.get("k") == "done" and header.get("ok") is True
-
-    def _receive(self, conn: _Connection, deadline, cancel, transfer_id, received, num_blocks, timeout_s) -> list:
-        address = conn.address
-        while True:
-            left = self._time_left(cancel, deadline, transfer_id, address, received, num_blocks, timeout_s)
-            # Data first, without a poll when it is already there (the common case while a pull streams);
-            # the monitor is looked at only between waits, so a dropped connection fails the pull within
-            # one wire.CLIENT_POLL_S, and what arrived before the drop is still read.
-            with contextlib.suppress(zmq.Again):
-                return conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            if conn.was_dropped():
-                raise _closed(transfer_id, address, received, num_blocks)
-            conn.sock.poll(max(1, math.ceil(min(left, wire.CLIENT_POLL_S) * 1000)))
-
-    def _time_left(self, cancel, deadline, transfer_id, address, received, num_blocks, timeout_s) -> float:
-        """Seconds left to the pull's deadline; raises when it passed, or on cancellation or close()."""
-        if cancel.is_set() or self._closing.is_set():
-            if self._closing.is_set() and not cancel.is_set():
-                raise TransferError(f"transfer {transfer_id}: TransferClient closed during the pull")
-            raise _Cancelled()
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransferTimeout(
-                f"transfer {transfer_id}: got {received} of {num_blocks} blocks from {address} within "
-                f"timeout_s={timeout_s}: the prefill endpoint is stalled, gone or unreachable; check the "
-                "address is reachable from this host (prefill --advertise-host) or raise the timeout")
-        return left
-
-    @staticmethod
-    def _parse_header(frame, transfer_id: str, address: str) -> dict:
-        try:
-            header = orjson.loads(frame.buffer)
-        except orjson.JSONDecodeError as e:
-            raise TransferError(f"transfer {transfer_id}: unreadable reply from {address}; is that a pdserve "
-                                "transfer endpoint?") from e
-        if not isinstance(header, dict):
-            raise TransferError(f"transfer {transfer_id}: unreadable reply from {address}")
-        return header
-
-    @staticmethod
-    def _error_from(header: dict, transfer_id: str, address: str) -> TransferError:
-        reason, message = header.get("reason"), f"{header.get('message')} (endpoint {address})"
-        if reason == "layout":
-            return LayoutMismatch(message)
-        if reason in REFUSAL_REASONS:
-            return TransferRefused(reason, message)
-        return TransferError(f"transfer {transfer_id}: endpoint refused ({reason}): {message}")
-
-
-def _closed(transfer_id: str, address: str, received: int, num_blocks: int, detail: str = "") -> TransferError:
-    return TransferError(f"transfer {transfer_id}: the prefill endpoint {address} closed the connection after {received} "
-                         f"of {num_blocks} blocks ({detail}its process stopped or died); recompute the prefill")
-
-
-def _check(got: list[int], want: list[int], transfer_id: str, first: int, count: int, local_ids: list[int],
-           address: str) -> None:
-    bad = [k for k, (g, w) in enumerate(zip(got, want)) if g != w]
-    if bad:
-        raise TransferIntegrityError(
-            f"transfer {transfer_id}: blocks {first}..{first + count - 1} (local ids {local_ids[first]}..) from "
-            f"{address} failed their xxh3 checksum in segment {bad[0]} ({len(bad)} of {len(want)} segments bad): "
-            "the bytes changed in flight or the prefill side reused a block before the pull finished; recompute "
-            "the prefill")
-
-
-def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None:
-    """shm: copy a batch the endpoint described (where it lies in its process) into the local blocks. ValueError
-    for a malformed description."""
-    pid, iov, want = header.get("pid"), header.get("iov"), header.get("h")
-    nseg = len(pool.segment_nbytes)
-    if not (type(pid) is int and pid > 0 and isinstance(iov, list) and isinstance(want, list) and len(want) == nseg
-            and all(isinstance(p, list) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p) for p in iov)
-            and sum(p[1] for p in iov) == len(local_ids) * sum(pool.segment_nbytes)):
-        raise ValueError(f"bad shm batch description {str(header)[:200]}")
-    shm.read_remote(pid, batch_iov(pool, local_ids), iov)
-
-
-def _check_described(header: dict, pool: BlockPool, local_ids: list[int], transfer_id: str, address: str) -> None:
-    """shm: the copied batch against the checksums the endpoint took when it described it."""
-    _check(pieces_checksums(batch_pieces(pool, local_ids), len(pool.segment_nbytes)), header["h"], transfer_id,
-           header["i"], len(local_ids), local_ids, address)

@@ -1,70 +1,37 @@
 """The prefill side of a KV transfer: a ZeroMQ ROUTER that serves a pool's blocks to pulls presenting an
 allowed transfer id and its token (wire.py has the protocol), over a plain TCP stream beside it (stream.py; over
-ZeroMQ frames where a client has none) or, to a puller on this host, as descriptors of its own memory (shm.py)."""
+ZeroMQ frames where a client has none) or, to a puller on this host, as descriptors of its own memory (shm.py).
+
+This module is the endpoint's life and its serving thread: whom it serves and when (requests in, credit, rounds
+of sends, streams, reaping). Beside it: ledger.py (leases and counters, shared with the caller's threads),
+pull_request.py (whether a request may be served), cutter.py (how a pull's blocks become messages)."""
 
 from __future__ import annotations
 
-import collections
-import functools
-import hmac
 import logging
 import math
-import os
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import orjson
 import zmq
 
 from pdserve.kv import shm, stream, wire
-from pdserve.kv.errors import describe_layout
+from pdserve.kv.cutter import Cutter, ServedPull
 from pdserve.kv.host import host_id
-from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
+from pdserve.kv.ledger import FORGET_EXPIRED_AFTER_S, Ledger
+from pdserve.kv.pool import BlockPool
+from pdserve.kv.pull_request import BadRequest, parse_pull, refusal
 from pdserve.throttled_log import ThrottledLog, clip
 
 logger = logging.getLogger(__name__)
 
 _MIN_SPAN_NBYTES = 768 << 10  # see default_batch_blocks()
-_FORGET_EXPIRED_AFTER_S = 600.0  # an allowed transfer nobody released is dropped this long after expiry
-_REMEMBER_GONE = 4096  # released/expired ids kept so late pulls get the precise reason
 # One shm message describes this much of a batch: small enough that the endpoint checksums the next batch
 # while the puller copies this one, large enough that the per-message work is a small part of it.
 SHM_BATCH_NBYTES = 8 << 20
 _STREAM_CHUNKS_PER_ROUND = 8  # stream.CHUNK_NBYTES each
-
-
-@dataclass
-class _Allowed:
-    token: bytes
-    block_ids: frozenset[int]
-    expires_at: float
-    released: bool = False
-
-
-@dataclass
-class _Pull:
-    identity: bytes
-    nonce: str
-    transfer_id: str
-    allowed: _Allowed
-    block_ids: list[int]
-    traceparent: str | None
-    credit: int  # messages the client will still take
-    deadline: float  # monotonic; past it the client has stopped granting credit and is gone
-    path: str = "tcp"  # how the bytes go: tcp frames, or shm descriptors (wire.py)
-    stream: stream.Stream | None = None  # tcp: the plain TCP stream the bytes go on, where the client has one
-    started: float = field(default_factory=time.monotonic)
-    batch: BatchStream | None = None  # the batch being sent
-    batch_first: int = 0  # its first position in block_ids
-    next_index: int = 0  # first position of the next batch
-    num_bytes: int = 0
-
-
-class _BadRequest(Exception):
-    pass
 
 
 def default_batch_blocks(pool: BlockPool) -> int:
@@ -117,32 +84,26 @@ class TransferEndpoint:
         self._streams: stream.StreamServer | None = None
         self._poller: zmq.Poller | None = None
         self._watched: dict[int, int] = {}  # raw socket fd -> poll flags registered
-        self._lock = threading.Lock()
         self._cutting = threading.Lock()  # held while a message is cut from pool memory; see release()
-        self._allowed: dict[str, _Allowed] = {}
-        self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._stats = dict(num_blocks_sent=0, num_bytes_sent=0, num_transfers_served=0, num_transfers_refused=0)
-        self._pulls: list[_Pull] = []
+        self._ledger = Ledger(pool.num_blocks)
+        self._cutter = Cutter(pool, batch_blocks, self.shm_batch_blocks, self._ledger.count)
+        self._pulls: list[ServedPull] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._address: str | None = None
         self._paused_until = 0.0
-        self._corrupt_next = False
         self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
         # A pull request names each block once at most (a few bytes each) and a few fields: anything much larger is
         # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
         self.max_request_nbytes = 64 * 1024 + 12 * (pool.num_blocks + len(pool.segment_nbytes))
         self.transports: tuple[str, ...] = ("tcp", "shm") if offer_shm and shm.offer() else ("tcp",)
-        self._ipc_description: list[dict] | None = None  # cuda-ipc: the KV tensors' IPC handles, made once
         if getattr(pool, "device_segments", None) and offer_shm:
             self.transports += ("cuda-ipc",)
-        self._confirming: dict[tuple[bytes, str], _Pull] = {}  # cuda-ipc pulls copied, waiting for their "done"
-        # A staging pool (GPU KV) copies to the host when a pull over a host path starts, segment by segment.
+        self._confirming: dict[tuple[bytes, str], ServedPull] = {}  # cuda-ipc pulls copied, waiting for their "done"
+        # A staging pool (GPU KV) copies to the host when a pull over a host path starts (see Cutter for the waits).
         self._prepare_out = getattr(pool, "prepare_out", None)
-        self._wait_out_segment = getattr(pool, "wait_out_segment", None)
-        self._wait_out = getattr(pool, "wait_out", None)
         self.host_id = host_id()
 
     # ---- lifecycle
@@ -173,7 +134,7 @@ class TransferEndpoint:
         port = int(sock.last_endpoint.decode().rsplit(":", 1)[1])
         adv = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
         self._address = f"tcp://{adv}:{port}"
-        self._coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, sock.copy_threshold)
+        self._cutter.coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, sock.copy_threshold)
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -199,48 +160,24 @@ class TransferEndpoint:
         self._ctx.term()
         logger.info("kv transfer endpoint %s stopped", self._address)
 
-    # ---- book-keeping (any thread)
+    # ---- book-keeping (any thread; the ledger's)
 
     def allow(self, transfer_id: str, token: str, block_ids: Sequence[int], expires_at: float) -> None:
         """Let a pull presenting `token` read `block_ids` until `expires_at` (time.time() based)."""
-        bad = [b for b in block_ids if not 0 <= b < self.pool.num_blocks]
-        if bad:
-            raise ValueError(f"transfer {transfer_id}: block ids {bad[:8]} outside the pool of {self.pool.num_blocks}")
-        if not token:
-            raise ValueError(f"transfer {transfer_id}: an empty token would let anyone read the blocks")
-        with self._lock:
-            if transfer_id in self._allowed:
-                raise ValueError(f"transfer {transfer_id} is already allowed; transfer ids must be unique")
-            self._gone.pop(transfer_id, None)
-            self._allowed[transfer_id] = _Allowed(token.encode(), frozenset(block_ids), expires_at)
+        self._ledger.allow(transfer_id, token, block_ids, expires_at)
 
     def release(self, transfer_id: str) -> bool:
         """Forget the transfer: later pulls are refused ("released"), one in progress at its next message.
         Once this returns, the endpoint reads none of the transfer's blocks again (the caller may reuse
         them). Returns False if it was unknown or already released."""
-        with self._lock:
-            allowed = self._allowed.pop(transfer_id, None)
-            if allowed is None:
-                return False
-            allowed.released = True
-            self._remember_gone(transfer_id, "released")
+        if not self._ledger.release(transfer_id):
+            return False
         with self._cutting:  # a message being cut right now may still read the blocks: wait for it
             pass
         return True
 
     def stats(self) -> dict:
-        with self._lock:
-            return dict(self._stats, num_transfers_allowed=len(self._allowed))
-
-    def _remember_gone(self, transfer_id: str, reason: str) -> None:
-        self._gone[transfer_id] = reason
-        while len(self._gone) > _REMEMBER_GONE:
-            self._gone.popitem(last=False)
-
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for k, v in deltas.items():
-                self._stats[k] += v
+        return self._ledger.stats()
 
     # ---- test hooks
 
@@ -250,7 +187,7 @@ class TransferEndpoint:
 
     def _corrupt_next_send_for_tests(self) -> None:
         """Test hook: flip a byte of the next message sent, after its blocks' checksums were fed."""
-        self._corrupt_next = True
+        self._cutter.corrupt_next = True
 
     # ---- serving thread
 
@@ -332,7 +269,7 @@ class TransferEndpoint:
             try:
                 header = orjson.loads(raw)
                 if not isinstance(header, dict):
-                    raise _BadRequest("header is not an object")
+                    raise BadRequest("header is not an object")
                 op = header.get("op")
                 if op == "pull":
                     self._on_pull_request(identity, header)
@@ -343,76 +280,37 @@ class TransferEndpoint:
                 elif op == "hello":
                     self._on_hello(identity, header)
                 else:
-                    raise _BadRequest(f"unknown op {op!r}")
-            except (orjson.JSONDecodeError, _BadRequest, KeyError, TypeError, ValueError) as e:
+                    raise BadRequest(f"unknown op {op!r}")
+            except (orjson.JSONDecodeError, BadRequest, KeyError, TypeError, ValueError) as e:
                 nonce = header.get("nonce") if isinstance(header, dict) else None
                 tid = header.get("transfer_id") if isinstance(header, dict) else None
                 self._complaints.warning("transfer %s: bad request from peer: %s", clip(tid), clip(e))
-                self._count(num_transfers_refused=1)
+                self._ledger.count(num_transfers_refused=1)
                 self._send_error(identity, nonce if isinstance(nonce, str) else None, "bad_request",
                                  f"malformed pull request ({clip(e)}); client and endpoint must run the same pdserve "
                                  "version")
 
     def _on_pull_request(self, identity: bytes, h: dict) -> None:
-        if h.get("v") != wire.PROTOCOL_VERSION:
-            raise _BadRequest(f"protocol version {h.get('v')!r}, endpoint speaks {wire.PROTOCOL_VERSION}")
-        nonce, tid, token = h["nonce"], h["transfer_id"], h.get("token") or ""
-        block_ids, segment_nbytes, layout_tag = h["block_ids"], h["segment_nbytes"], h["layout_tag"]
-        if not (isinstance(nonce, str) and isinstance(tid, str) and isinstance(token, str)
-                and isinstance(layout_tag, str) and isinstance(block_ids, list) and block_ids
-                and all(type(b) is int for b in block_ids)
-                and isinstance(segment_nbytes, list) and all(type(s) is int for s in segment_nbytes)):
-            raise _BadRequest("fields of the wrong type, or no block ids")
-        window = min(max(int(h.get("window", 2)), 1), wire.MAX_WINDOW)
-        timeout_s = min(max(float(h.get("timeout_s", 60.0)), 0.0), 3600.0)
-        if len(nonce) > 64 or len(tid) > 256 or len(token) > 256:
-            raise _BadRequest("nonce, transfer_id or token longer than any pdserve sends")
+        request = parse_pull(h)
+        nonce, tid, path = request.nonce, request.transfer_id, request.path
         if len(self._pulls) >= wire.MAX_PULLS or sum(p.identity == identity for p in self._pulls) >= wire.MAX_PULLS_PER_PEER:
             return self._refuse(identity, nonce, tid, "busy", f"transfer {tid}: the endpoint serves its limit of pulls "
                                 f"({wire.MAX_PULLS_PER_PEER} per connection, {wire.MAX_PULLS} in all); retry or recompute")
-
-        with self._lock:
-            allowed = self._allowed.get(tid)
-            gone = self._gone.get(tid)
-        if allowed is None:
-            reason = gone or "unknown"
-            why = {"unknown": "it was never allowed here (wrong address, or the prefill worker restarted)",
-                   "released": "the prefill side already released it (pulled, cancelled, or lease ended)",
-                   "expired": "its lease expired and the prefill side forgot it"}[reason]
-            return self._refuse(identity, nonce, tid, reason, f"transfer {tid}: {why}; recompute the prefill")
-        if not hmac.compare_digest(allowed.token, token.encode()):
-            return self._refuse(identity, nonce, tid, "bad_token",
-                                f"transfer {tid}: wrong or missing token; pass the token from its KV-ready message")
-        if time.time() > allowed.expires_at:
-            late = time.time() - allowed.expires_at
-            return self._refuse(identity, nonce, tid, "expired",
-                                f"transfer {tid}: lease expired {late:.3f} s ago; pull before lease_expires_at "
-                                "or lengthen the prefill lease")
-        if tuple(segment_nbytes) != self.pool.segment_nbytes or layout_tag != self.pool.layout_tag:
-            msg = (f"transfer {tid}: prefill has {describe_layout(self.pool.segment_nbytes, self.pool.layout_tag)}, "
-                   f"decode has {describe_layout(segment_nbytes, layout_tag)}; "
-                   "both sides must run the same model, dtype and block size")
-            return self._refuse(identity, nonce, tid, "layout", msg)
-        outside = [b for b in block_ids if b not in allowed.block_ids]
-        if outside:
-            return self._refuse(identity, nonce, tid, "bad_block",
-                                f"transfer {tid}: block ids {outside[:8]} were not allowed for it; "
-                                "pull only the block_ids from its KV-ready message")
-        path = h.get("path", "tcp")
-        if path not in self.transports:
-            return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: path {clip(path)!s} is not offered "
-                                f"here (this endpoint offers {', '.join(self.transports)}); pull over tcp")
+        allowed, gone = self._ledger.lookup(tid)
+        refused = refusal(request, allowed, gone, self.pool, self.transports)
+        if refused is not None:
+            return self._refuse(identity, nonce, tid, *refused)
         attached = None
-        if path == "tcp" and h.get("stream") is not None:
-            ticket = h["stream"]
+        if path == "tcp" and request.stream is not None:
+            ticket = request.stream
             attached = self._streams.attach(bytes.fromhex(ticket), identity) if (
                 self._streams is not None and isinstance(ticket, str) and len(ticket) == 2 * stream.TICKET_NBYTES) else None
             if attached is None:
                 return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: the stream this pull names is not "
                                     "attached to its connection (or is in use); pull on a new connection")
-        tp = h.get("traceparent")
-        pull = _Pull(identity, nonce, tid, allowed, block_ids, tp if isinstance(tp, str) else None, window,
-                     deadline=time.monotonic() + timeout_s + 5.0, path=path, stream=attached)
+        block_ids = request.block_ids
+        pull = ServedPull(identity, nonce, tid, allowed, block_ids, request.traceparent, request.window,
+                          deadline=time.monotonic() + request.timeout_s + 5.0, path=path, stream=attached)
         if attached is not None:
             attached.pull = pull
         self._pulls.append(pull)
@@ -436,7 +334,7 @@ class TransferEndpoint:
 
     def _refuse(self, identity: bytes, nonce: str, tid: str, reason: str, message: str) -> None:
         self._complaints.warning("transfer %s: refused (%s): %s", clip(tid), reason, clip(message, 400))
-        self._count(num_transfers_refused=1)
+        self._ledger.count(num_transfers_refused=1)
         self._send_error(identity, nonce, reason, message)
 
     def _send_error(self, identity: bytes, nonce: str | None, reason: str, message: str) -> None:
@@ -480,12 +378,12 @@ class TransferEndpoint:
                 if pull.path != "cuda-ipc":  # that one ends with the client's confirmation (_on_done)
                     self._finish(pull)
 
-    def _refuse_released(self, pull: _Pull) -> None:
+    def _refuse_released(self, pull: ServedPull) -> None:
         self._pulls.remove(pull)
         self._refuse(pull.identity, pull.nonce, pull.transfer_id, "released",
                      f"transfer {pull.transfer_id}: released by the prefill side during the pull; recompute the prefill")
 
-    def _stream_round(self, pull: _Pull) -> None:
+    def _stream_round(self, pull: ServedPull) -> None:
         """A stream pull's turn: cut its next chunks, sending each as it is cut, while the socket takes them whole
         (up to a share per round, so that pulls in flight take turns and the serving loop's poll is paid per
         share, not per chunk)."""
@@ -499,7 +397,7 @@ class TransferEndpoint:
                     self._drop_stream(s, "released mid-pull")  # the client must not wait for the rest
                     return
                 for _ in range(_STREAM_CHUNKS_PER_ROUND):
-                    self._cut_chunk(pull)
+                    self._cutter.cut_chunk(pull)
                     if s.outbox or self._stream_done(pull):
                         break
         except OSError as e:
@@ -515,7 +413,7 @@ class TransferEndpoint:
             return
         self._after_stream_send(s)
 
-    def _stream_done(self, pull: _Pull) -> bool:
+    def _stream_done(self, pull: ServedPull) -> bool:
         return pull.batch is None and pull.next_index == len(pull.block_ids)
 
     def _after_stream_send(self, s: stream.Stream) -> None:
@@ -528,95 +426,19 @@ class TransferEndpoint:
             self._finish(pull)
         self._watch(s.sock.fileno(), zmq.POLLIN | zmq.POLLOUT if s.outbox else zmq.POLLIN)
 
-    def _start_batch(self, pull: _Pull) -> None:
-        """The pull's next batch of blocks as a BatchStream (tcp, frames or stream)."""
-        ids = pull.block_ids[pull.next_index:pull.next_index + self.batch_blocks]
-        before = functools.partial(self._wait_out_segment, ids) if self._wait_out_segment is not None else None
-        pull.batch, pull.batch_first = BatchStream(self.pool, ids, before_segment=before), pull.next_index
-        pull.next_index += len(ids)
-
-    def _corrupted(self, data) -> bytes:
-        """Test hook's work: a copy of data with its first byte flipped (see _corrupt_next_send_for_tests)."""
-        self._corrupt_next = False
-        bad = bytearray(data)
-        bad[0] ^= 0xFF
-        return bytes(bad)
-
-    def _cut_chunk(self, pull: _Pull) -> None:
-        """A stream pull's next chunk (stream.py's framing), each piece sent as it is cut where the socket takes
-        it and queued otherwise. Each piece is checksummed once the socket took it (the walk hashes a view when
-        the next is asked for): the kernel's copy just read it, so the hash reads cache, not memory."""
-        s = pull.stream
-        if pull.batch is None:
-            self._start_batch(pull)
-            s.send_or_queue(stream.BATCH_HEAD.pack(pull.batch_first, pull.batch.num_blocks))
-        batch = pull.batch
-        nbytes = min(stream.CHUNK_NBYTES, batch.nbytes_left)
-        for view in batch.walk(nbytes):
-            if self._corrupt_next:  # the walk hashes the view as it is; a changed copy goes out
-                view = self._corrupted(view)
-            s.send_or_queue(view)
-        pull.num_bytes += nbytes
-        last = batch.nbytes_left == 0
-        # Counted before the trailer goes: once the client has it, the pull may have returned and stats() be read.
-        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
-        if last:
-            s.send_or_queue(struct.pack(f"<{len(self.pool.segment_nbytes)}Q", *batch.checksums()))
-            pull.batch = None
-
-    def _cut_message(self, pull: _Pull) -> list:
+    def _cut_message(self, pull: ServedPull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
         if pull.path == "shm":
-            return self._describe_batch(pull)
+            return self._cutter.describe_batch(pull)
         if pull.path == "cuda-ipc":
             return self._describe_device(pull)
-        if pull.batch is None:
-            self._start_batch(pull)
-        batch = pull.batch
-        frames: list = []
-        small: list[memoryview] = []  # runs of small pieces are joined: zmq would copy each one, slower
-        small_nbytes = 0
-        for view in batch.walk(min(wire.MESSAGE_NBYTES, batch.nbytes_left)):
-            if view.nbytes >= self._coalesce_below:
-                if small:
-                    frames.append(b"".join(small))
-                    small, small_nbytes = [], 0
-                frames.append(view)
-            else:
-                small.append(view)
-                small_nbytes += view.nbytes
-                if small_nbytes >= self._coalesce_below:
-                    frames.append(b"".join(small))
-                    small, small_nbytes = [], 0
-        if small:
-            frames.append(b"".join(small))
-        if self._corrupt_next:  # after the checksums were fed from pool memory
-            frames[0] = self._corrupted(frames[0])
-        last = batch.nbytes_left == 0
-        header = orjson.dumps({"k": "data", "nonce": pull.nonce, "i": pull.batch_first, "c": batch.num_blocks,
-                               "h": batch.checksums() if last else None})
-        nbytes = sum(memoryview(f).nbytes for f in frames)
-        pull.num_bytes += nbytes
-        pull.credit -= 1
-        if last:
-            pull.batch = None
-        self._count(num_bytes_sent=nbytes, num_blocks_sent=batch.num_blocks if last else 0)
-        return [pull.identity, header, *frames]
+        return self._cutter.cut_frames(pull)
 
-    def _describe_device(self, pull: _Pull) -> list:
-        """cuda-ipc: the whole pull in one message (the KV tensors' IPC handles and the blocks' rows); the pull
-        then waits for the client's "done" (see _on_done)."""
-        from pdserve.kv import cuda_ipc  # torch only where the pool is on a GPU
-
-        if self._ipc_description is None:
-            self._ipc_description = cuda_ipc.describe(self.pool.device_segments)
-        pull.next_index = len(pull.block_ids)
-        pull.num_bytes = len(pull.block_ids) * sum(self.pool.segment_nbytes)
-        pull.credit -= 1
+    def _describe_device(self, pull: ServedPull) -> list:
+        """cuda-ipc: the whole pull in one message; the pull then waits for the client's "done" (see _on_done)."""
+        message = self._cutter.describe_device(pull)
         self._confirming[(pull.identity, pull.nonce)] = pull
-        header = orjson.dumps({"k": "cuda", "nonce": pull.nonce, "i": 0, "c": len(pull.block_ids),
-                               "segments": self._ipc_description, "rows": pull.block_ids})
-        return [pull.identity, header]
+        return message
 
     def _on_done(self, identity: bytes, h: dict) -> None:
         """cuda-ipc: the client copied; whether the transfer was held all along (a release meanwhile may have let
@@ -625,35 +447,16 @@ class TransferEndpoint:
         if pull is None:
             return self._send_error(identity, h.get("nonce") if isinstance(h.get("nonce"), str) else None,
                                     "unknown", "no cuda-ipc pull waits for this confirmation; recompute the prefill")
-        with self._lock:
-            held = not pull.allowed.released and time.time() <= pull.allowed.expires_at
-        self._count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
+        held = self._ledger.still_held(pull.allowed)
+        self._ledger.count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
         self._send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})
         if held:
             self._finish(pull)
 
-    def _describe_batch(self, pull: _Pull) -> list:
-        """shm: the pull's next batch as where its pieces lie in this process, with their checksums taken now."""
-        ids = pull.block_ids[pull.next_index:pull.next_index + self.shm_batch_blocks]
-        first, pull.next_index = pull.next_index, pull.next_index + len(ids)
-        if self._wait_out is not None:
-            self._wait_out(ids)
-        checksums = pieces_checksums(batch_pieces(self.pool, ids), len(self.pool.segment_nbytes))
-        if self._corrupt_next:  # as if the bytes changed after they were described
-            self._corrupt_next = False
-            checksums[0] ^= 1
-        nbytes = len(ids) * sum(self.pool.segment_nbytes)
-        header = orjson.dumps({"k": "shm", "nonce": pull.nonce, "i": first, "c": len(ids), "pid": os.getpid(),
-                               "iov": batch_iov(self.pool, ids).tolist(), "h": checksums})
-        pull.num_bytes += nbytes
-        pull.credit -= 1
-        self._count(num_bytes_sent=nbytes, num_blocks_sent=len(ids))
-        return [pull.identity, header]
-
-    def _finish(self, pull: _Pull) -> None:
+    def _finish(self, pull: ServedPull) -> None:
         # Timed to the last message handed to zmq: at most `window` messages are still on the wire.
         seconds = time.monotonic() - pull.started
-        self._count(num_transfers_served=1)
+        self._ledger.count(num_transfers_served=1)
         logger.debug("transfer %s: sent %d blocks, %d bytes in %.4f s", pull.transfer_id,
                      len(pull.block_ids), pull.num_bytes, seconds)
         if self.on_pull is not None:
@@ -674,14 +477,8 @@ class TransferEndpoint:
         if self._streams is not None:
             for fd in self._streams.expire_pending(now):
                 self._watch(fd, 0)
-        wall = time.time()
-        with self._lock:
-            stale = [t for t, a in self._allowed.items() if wall > a.expires_at + _FORGET_EXPIRED_AFTER_S]
-            for tid in stale:
-                del self._allowed[tid]
-                self._remember_gone(tid, "expired")
-        for tid in stale:
+        for tid in self._ledger.forget_expired():
             logger.warning("transfer %s: never released, forgotten %.0f s after its lease expired",
-                           tid, _FORGET_EXPIRED_AFTER_S)
+                           tid, FORGET_EXPIRED_AFTER_S)
 
 

@@ -1,0 +1,419 @@
+"""The worker half of pdserve's vLLM KV connector: serves held blocks and pulls remote ones.
+
+vLLM calls it in the process that owns the KV tensors; it owns the block pool over them, the transfer endpoint
+(prefill: serves the blocks the scheduler half holds) and the transfer client (decode: pulls into the blocks the
+scheduler half allocated, on an asyncio loop thread). Kept apart from the scheduler half (connector_scheduler.py),
+which runs in another process and needs none of this data plane. PdserveConnector (vllm_connector.py) delegates
+to it on the WORKER role; the pdserve worker reaches it through PdserveWorkerExtension (vllm_worker_ext.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferRefused
+from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
+from pdserve.kv.connector_stats import STATS_PUBLISH_S, write_json
+from pdserve.kv.vllm_pool import make_kv_block_pool
+from pdserve.kv.vllm_reports import LoadReportSender
+from pdserve.kv.wire import PATHS
+from pdserve.protocol import KVLayout, KVTransferParams
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+logger = logging.getLogger(__name__)
+
+# A pull that finds its transfer unknown is retried this long: the prefill worker allows a transfer one
+# engine step after it hands out the params, so a very fast decode may knock before the door exists.
+_UNKNOWN_RETRY_S = 1.0
+_UNKNOWN_RETRY_INTERVAL_S = 0.02
+_MAX_REPORTS = 4096
+
+
+@dataclass
+class _WorkerHold:
+    transfer_id: str
+    block_ids: list[int]
+    expires_at: float
+
+
+@dataclass
+class _Load:
+    request_id: str
+    local_block_ids: list[int]
+    cancelled: bool = False
+
+
+class ConnectorWorker:
+    """Owns the block pool over vLLM's KV tensors, the transfer endpoint (its own thread), the transfer
+    client and an asyncio loop thread for pulls. vLLM calls in from the worker's main thread; pulls finish
+    on the loop thread and are handed over through a locked deque, so transfer_results() never blocks."""
+
+    def __init__(self, layout: KVLayout, model_name: str, extra: dict, hold_mode: str,
+                 kv_cache_config: "KVCacheConfig"):
+        self.layout = layout
+        self.model_name = model_name
+        self.hold_mode = hold_mode
+        self.num_blocks = kv_cache_config.num_blocks
+        self.bind_host = str(extra.get("bind_host", "127.0.0.1"))
+        self.advertise_host = str(extra.get("advertise_host", "127.0.0.1"))
+        self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
+        self.transport = str(extra.get("transport", "auto"))
+        self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
+        self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
+        self._report_sender: LoadReportSender | None = None  # used on the loop thread only
+        self.pool = None
+        self.endpoint: TransferEndpoint | None = None
+        self._client: TransferClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._holds: dict[str, _WorkerHold] = {}
+        self._released: set[str] = set()  # holds ended, not yet reported to the scheduler
+        self._loads: dict[str, _Load] = {}  # main thread
+        self._tasks: dict[str, asyncio.Task] = {}  # loop thread
+        self._done: deque = deque()  # (request_id, TransferResult | None, error | None, report), from the loop
+        self._done_lock = threading.Lock()
+        self._recv_finished: set[str] = set()
+        self._recv_failed: set[str] = set()
+        self._load_error_blocks: set[int] = set()
+        self._reports: dict[str, dict] = {}
+        self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
+                              **{f"num_kv_pulls_{path}": 0 for path in PATHS})
+        self._stopping = threading.Event()
+        self._publisher: threading.Thread | None = None
+        # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
+        # worker turns them into "kv serve" spans in its own process, where tracing is set up.
+        self._served: dict[str, list[dict]] = {}
+        self._served_lock = threading.Lock()
+
+    # ---- start / stop
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        self.pool = make_kv_block_pool(kv_caches, self.num_blocks, self.model_name, self.layout)
+        bytes_per_block = sum(self.pool.segment_nbytes)
+        if bytes_per_block != self.layout.bytes_per_block:
+            raise ValueError(f"vLLM's KV tensors hold {bytes_per_block} B per block, {self.layout} implies "
+                             f"{self.layout.bytes_per_block} B; this attention backend pads or packs KV differently")
+        self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
+                                         on_pull=self._on_pull_served)
+        self.endpoint.start()
+        self._client = TransferClient(transport=self.transport)
+        if self.reports_endpoint:
+            self._report_sender = LoadReportSender(self.reports_endpoint)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-pulls", daemon=True)
+        self._loop_thread.start()
+        if self.stats_path:
+            self._publisher = threading.Thread(target=self._publish_stats, name="pdserve-kv-stats", daemon=True)
+            self._publisher.start()
+        logger.info("kv connector worker: %d blocks of %d B in %d segments, layout_tag %r, endpoint %s",
+                    self.pool.num_blocks, bytes_per_block, len(self.pool.segment_nbytes), self.pool.layout_tag,
+                    self.endpoint.address)
+
+    def handshake(self) -> PdserveHandshake:
+        assert self.endpoint is not None, "register_kv_caches() comes first"
+        return PdserveHandshake(self.endpoint.address, self.endpoint.host_id, self.endpoint.transports)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        if self._publisher is not None:
+            self._publisher.join(timeout=2.0)
+            with contextlib.suppress(OSError):
+                os.unlink(self.stats_path)
+        if self._loop is not None:
+            for rid in list(self._loads):
+                self._loop.call_soon_threadsafe(self._cancel_pull, rid)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=5.0)
+        if self._report_sender is not None:
+            self._report_sender.close()
+        if self._client is not None:
+            self._client.close()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+
+    # ---- prefill side
+
+    def apply_holds(self, meta: PdserveConnectorMetadata) -> None:
+        assert self.endpoint is not None and self.pool is not None
+        for hold in meta.holds:
+            # On failure pulls of the transfer are refused ("unknown") and decode recomputes.
+            try:
+                self.pool.stage_out(hold.block_ids)
+            except Exception:
+                logger.exception("request %s: could not stage its KV for transfer; freeing its blocks", hold.request_id)
+                self._released.add(hold.request_id)
+                continue
+            try:
+                self.endpoint.allow(hold.transfer_id, hold.token, hold.block_ids, hold.expires_at)
+            except Exception:
+                logger.exception("request %s: could not offer its KV for transfer; freeing its blocks", hold.request_id)
+                self.pool.unstage(hold.block_ids)
+                self._released.add(hold.request_id)
+                continue
+            self._holds[hold.request_id] = _WorkerHold(hold.transfer_id, hold.block_ids, hold.expires_at)
+            logger.debug("request %s: holding %d blocks for transfer %s", hold.request_id, len(hold.block_ids),
+                         hold.transfer_id)
+        for rid in meta.expired:
+            if self._end_hold(rid, "lease expired"):
+                self._released.discard(rid)  # the scheduler freed these itself
+
+    def _end_hold(self, rid: str, why: str) -> bool:
+        hold = self._holds.pop(rid, None)
+        if hold is None:
+            return False
+        self.endpoint.release(hold.transfer_id)
+        self.pool.unstage(hold.block_ids)
+        self._released.add(rid)
+        log = logger.warning if why == "lease expired" else logger.debug
+        log("request %s: freeing %d KV blocks of transfer %s (%s)", rid, len(hold.block_ids), hold.transfer_id, why)
+        return True
+
+    def _expire_holds(self) -> None:
+        now = time.time()
+        for rid in [r for r, h in self._holds.items() if now > h.expires_at]:
+            self._end_hold(rid, "lease expired")
+
+    def release(self, request_id: str) -> bool:
+        """Decode has the KV (or gave up): free the request's blocks. vLLM request ids carry a random
+        suffix ("<request_id>-<8 chars>"); pdserve's own id matches too."""
+        return self.release_and_report(request_id)["released"]
+
+    def release_and_report(self, request_id: str) -> dict:
+        """release(), and the pulls served for the request: {"released": bool, "served": [{traceparent,
+        num_blocks, num_bytes, seconds, ended_at_ns}, ...]}."""
+        rid = _match_request_id(request_id, self._holds)
+        if rid is None:
+            return {"released": False, "served": []}
+        with self._served_lock:
+            served = self._served.pop(self._holds[rid].transfer_id, [])
+        return {"released": self._end_hold(rid, "released"), "served": served}
+
+    def _on_pull_served(self, transfer_id: str, traceparent: str | None, num_blocks: int, num_bytes: int,
+                        seconds: float, transport: str) -> None:
+        record = dict(traceparent=traceparent, num_blocks=num_blocks, num_bytes=num_bytes, seconds=seconds,
+                      transport=transport, ended_at_ns=time.time_ns())
+        with self._served_lock:
+            self._served.setdefault(transfer_id, []).append(record)
+            while len(self._served) > _MAX_REPORTS:  # transfers never released (leases that expired)
+                del self._served[next(iter(self._served))]
+
+    # ---- decode side
+
+    def start_loads(self, meta: PdserveConnectorMetadata) -> None:
+        for rid, why in meta.skipped:
+            self._record_failure(rid, [], why)
+        for spec in meta.loads:
+            self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids)
+            self._loop.call_soon_threadsafe(self._spawn_pull, spec)
+        for rid in meta.cached:
+            report = dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=False, error=None, transport="")
+            self._add_report(rid, report)
+            self._loop.call_soon_threadsafe(self._send_report, rid, report)
+        for rid in meta.cancelled:
+            load = self._loads.get(rid)
+            if load is not None:
+                load.cancelled = True
+                self._loop.call_soon_threadsafe(self._cancel_pull, rid)
+
+    # On the loop thread. A pull counts as finished only when its task is done: TransferClient.pull() returns
+    # or raises (cancellation included) only once nothing writes into the local blocks any more, so vLLM may
+    # reuse them as soon as they are reported.
+
+    def _spawn_pull(self, spec: LoadSpec) -> None:
+        task = self._loop.create_task(self._pull(spec))
+        self._tasks[spec.request_id] = task
+        task.add_done_callback(lambda t, rid=spec.request_id: self._on_pull_done(rid, t))
+
+    def _cancel_pull(self, rid: str) -> None:
+        task = self._tasks.get(rid)
+        if task is not None:
+            task.cancel()
+
+    async def _pull(self, spec: LoadSpec):
+        params = KVTransferParams.model_validate(spec.params)
+        if params.kv_layout != self.layout:
+            raise TransferError(f"KV layout mismatch: prefill {params.worker_id} has {params.kv_layout!r}, this "
+                                f"engine has {self.layout!r}")
+        started = time.monotonic()
+        deadline = started + self.pull_timeout_s
+        self.pool.stage_in_begin(spec.local_block_ids)
+        try:
+            while True:
+                try:
+                    result = await self._client.pull(
+                        params.address, params.transfer_id, params.token, spec.remote_block_ids, self.pool,
+                        spec.local_block_ids, timeout_s=max(deadline - time.monotonic(), 0.001),
+                        traceparent=spec.traceparent, peer_host_id=params.host_id, peer_transports=params.transports)
+                    break
+                except TransferRefused as e:
+                    waited = time.monotonic() - started
+                    if (e.reason != "unknown" or waited + _UNKNOWN_RETRY_INTERVAL_S > _UNKNOWN_RETRY_S
+                            or time.monotonic() + _UNKNOWN_RETRY_INTERVAL_S > deadline):
+                        raise
+                    await asyncio.sleep(_UNKNOWN_RETRY_INTERVAL_S)
+            if result.transport != "cuda-ipc":  # that one copied device to device, past the host staging slots
+                self.pool.stage_in_commit(spec.local_block_ids)
+            return result
+        finally:
+            self.pool.unstage(spec.local_block_ids)
+
+    def _on_pull_done(self, rid: str, task: asyncio.Task) -> None:
+        """The report goes out now, from this thread: vLLM learns of the load at its next step boundary, the
+        pdserve worker at once (it releases the prefill's blocks and logs the pull while vLLM computes)."""
+        self._tasks.pop(rid, None)
+        result = None
+        if task.cancelled():
+            error = "cancelled: the request was aborted"
+            report = _failure_report(error, recomputed=False)
+        elif (exc := task.exception()) is not None:
+            reason = f" ({exc.reason})" if isinstance(exc, TransferRefused) else ""
+            error = f"{type(exc).__name__}{reason}: {exc}"
+            report = _failure_report(error, recomputed=True)
+        else:
+            result, error = task.result(), None
+            report = dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes, transfer_ms=result.seconds * 1000,
+                          recomputed=False, error=None, transport=result.transport)
+        with self._done_lock:
+            self._done.append((rid, result, error, report))
+        self._send_report(rid, report)
+
+    def _send_report(self, rid: str, report: dict) -> None:
+        """On the loop thread."""
+        if self._report_sender is not None:
+            self._report_sender.send(rid, report)
+
+    def _drain_done(self) -> None:
+        with self._done_lock:
+            done = list(self._done)
+            self._done.clear()
+        for rid, result, error, report in done:
+            load = self._loads.pop(rid, None)
+            if load is None:
+                continue
+            self._recv_finished.add(rid)
+            if error is None:
+                self._counters["num_kv_blocks_received"] += result.num_blocks
+                self._counters["num_kv_bytes_received"] += result.num_bytes
+                self._counters["kv_transfer_ms"] += report["transfer_ms"]
+                self._counters[f"num_kv_pulls_{result.transport}"] += 1
+                self._add_report(rid, report)
+                logger.debug("request %s: pulled %d blocks, %d B in %.1f ms", rid, result.num_blocks,
+                             result.num_bytes, report["transfer_ms"])
+            elif load.cancelled:
+                self._recv_failed.add(rid)
+                self._add_report(rid, _failure_report(error, recomputed=False))
+            else:
+                self._record_failure(rid, load.local_block_ids, error, sent=True)
+
+    def _record_failure(self, rid: str, local_block_ids: list[int], error: str, *, sent: bool = False) -> None:
+        """On vLLM's main thread; `sent`: the pull loop already pushed the report."""
+        logger.warning("request %s: KV load failed (%s); recomputing the prefill locally", rid, error)
+        self._counters["num_recomputes"] += 1
+        report = _failure_report(error, recomputed=True)
+        self._add_report(rid, report)
+        if not sent and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._send_report, rid, report)
+        if local_block_ids:
+            self._recv_failed.add(rid)
+            self._load_error_blocks.update(local_block_ids)
+
+    def _add_report(self, rid: str, report: dict) -> None:
+        self._reports[rid] = report
+        while len(self._reports) > _MAX_REPORTS:  # reports nobody asked for (cancelled requests)
+            del self._reports[next(iter(self._reports))]
+
+    # ---- per step (vLLM's worker main thread)
+
+    def transfer_results(self) -> KVConnectorTransferResults:
+        self._drain_done()
+        self._expire_holds()
+        results = KVConnectorTransferResults(finished_recving=self._recv_finished, failed_recving=self._recv_failed)
+        self._recv_finished, self._recv_failed = set(), set()
+        if self.hold_mode == "delay_free" and self._released:
+            results.finished_sending, self._released = self._released, set()
+        return results
+
+    def take_load_error_blocks(self) -> set[int]:
+        blocks, self._load_error_blocks = self._load_error_blocks, set()
+        return blocks
+
+    def take_worker_meta(self) -> PdserveWorkerMetadata | None:
+        if self.hold_mode != "refcount" or not self._released:
+            return None
+        meta, self._released = PdserveWorkerMetadata(self._released), set()
+        return meta
+
+    # ---- reports (PdserveWorkerExtension)
+
+    def load_report(self, request_id: str) -> dict | None:
+        self._drain_done()
+        rid = _match_request_id(request_id, self._reports)
+        return self._reports.pop(rid) if rid is not None else None
+
+    def stats(self) -> dict:
+        self._drain_done()
+        self._expire_holds()
+        return self._snapshot()
+
+    def _snapshot(self) -> dict:
+        """Read-only, so the publisher thread may take it too (lease ends are applied by the main thread)."""
+        now = time.time()
+        holds = [h for h in list(self._holds.values()) if h.expires_at >= now]
+        endpoint = self.endpoint.stats() if self.endpoint is not None else {}
+        return {
+            "num_kv_blocks_sent": endpoint.get("num_blocks_sent", 0),
+            "num_kv_bytes_sent": endpoint.get("num_bytes_sent", 0),
+            **self._counters,
+            "num_held_blocks": sum(len(h.block_ids) for h in holds),
+            "num_held_transfers": len(holds),
+            "num_transfers_refused": endpoint.get("num_transfers_refused", 0),
+            "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()) if self._client is not None else 0,
+            "kv_transports": list(self.endpoint.transports) if self.endpoint is not None else [],
+            "num_loads_in_flight": len(self._loads),
+            "num_total_blocks": self.num_blocks,
+        }
+
+    def _publish_stats(self) -> None:
+        """Every STATS_PUBLISH_S, if anything changed: the snapshot as JSON at stats_path (atomically
+        replaced). The pdserve worker reads it instead of calling pdserve_stats: every collective_rpc makes
+        vLLM's worker process busy-poll its message queue for ~1 s afterwards (a full core, measured)."""
+        last = None
+        while not self._stopping.wait(STATS_PUBLISH_S):
+            try:
+                snapshot = self._snapshot()
+                if snapshot == last:
+                    continue
+                write_json(self.stats_path, {**snapshot, "published_at": time.time()})
+                last = snapshot
+            except Exception:  # a full disk must not take the engine down; retried next round
+                logger.exception("kv connector: could not publish stats to %s", self.stats_path)
+
+
+def _failure_report(error: str, *, recomputed: bool) -> dict:
+    return dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=recomputed, error=error)
+
+
+
+def _match_request_id(request_id: str, known: dict) -> str | None:
+    """vLLM's internal id for a request is "<id given to AsyncLLM>-<8 random chars>"; accept either."""
+    if request_id in known:
+        return request_id
+    prefix = request_id + "-"
+    for rid in known:
+        if rid.startswith(prefix) and len(rid) == len(prefix) + 8:
+            return rid
+    return None
