@@ -1,7 +1,8 @@
 """The router's HTTP errors, all in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 OpenAI clients (the official SDK, LangChain, curl scripts) read `error.message` and branch on the status,
-so every failure leaves the router in this shape: our own `APIError`s, the backend's `BackendError`s,
+so every failure leaves the router in this shape: our own `RouterError`s (one family, from validation to a
+failed worker),
 FastAPI's request validation (re-shaped from 422 to 400, as OpenAI and vLLM answer), Starlette's 404/405,
 and anything unexpected (a 500 that names the request id but never shows a traceback).
 """
@@ -18,62 +19,101 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from services.router.backend import BackendError
-
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-class APIError(Exception):
-    """An error the client should see as is: status, message and, where one field is at fault, `param`."""
+class RouterError(Exception):
+    """Every error a client of the router sees, from HTTP validation to a worker that failed: the HTTP `status`,
+    OpenAI's `code`, the `message`, where one field is at fault its `param`, and where trying again later may
+    succeed `retry_after_s` (sent as Retry-After, whole seconds, at least 1)."""
 
-    status = 400
-    code: str | None = None
-    retry_after_s: float | None = None  # sent as Retry-After (whole seconds, at least 1)
+    status = 500
+    code: str | None = "internal_error"
+    retry_after_s: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
-class InvalidRequest(APIError):
+class InvalidRequest(RouterError):
     status = 400
+    code = None
 
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
-class ModelNotFound(APIError):
-    status = 404
-    code = "model_not_found"
-
-
-class PayloadTooLarge(APIError):
-    status = 413
-    code = "payload_too_large"
-
-
-class Unauthorized(APIError):
+class Unauthorized(RouterError):
     """A /v1 request without one of the router's API keys (as OpenAI answers a wrong key)."""
 
     status = 401
     code = "invalid_api_key"
 
 
-class TooManyRequests(APIError):
-    """The router already serves its --max-inflight requests: come back shortly (429 + Retry-After)."""
+class ModelNotFound(RouterError):
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(RouterError):
+    """The request body is over --max-body-bytes, or the request would not fit in one message on the bus."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class Overloaded(RouterError):
+    """The router serves its --max-inflight requests, every worker that could take the request is full, or its
+    deadline cannot be met: come back later (429 + Retry-After)."""
 
     status = 429
     code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class InternalError(RouterError):
+    """Something unexpected: the message names the request id, never a traceback."""
+
+
+class UpstreamError(RouterError):
+    """A worker failed the request and no other could take over (502)."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class NoWorkerError(RouterError):
+    """No live worker of a role serves the model (503)."""
+
+    status = 503
+    code = "no_worker"
+
+
+class BusUnavailable(RouterError):
+    """The router's NATS connection is down (it reconnects by itself): 503 at once, with Retry-After."""
+
+    status = 503
+    code = "bus_unavailable"
+    retry_after_s = 1.0
+
+
+class UpstreamTimeout(RouterError):
+    """A worker did not answer within its deadline and no other could take over (504)."""
+
+    status = 504
+    code = "upstream_timeout"
 
 
 def error_type(status: int) -> str:
@@ -98,17 +138,11 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def retry_after_headers(exc: APIError | BackendError) -> dict[str, str] | None:
-    # Errors that shed load (429, some 503s) carry `retry_after_s`: when trying again may succeed.
-    retry_after = getattr(exc, "retry_after_s", None)
-    return {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-
-
-def response_for(exc: APIError | BackendError) -> Response:
+def response_for(exc: RouterError) -> Response:
     """The JSON error response for an error raised while serving a request."""
-    if isinstance(exc, BackendError):
-        return error_response(exc.status, exc.message, code=exc.code, headers=retry_after_headers(exc))
-    headers = retry_after_headers(exc) or {}
+    headers = {}
+    if exc.retry_after_s is not None:  # errors that shed load (429, some 503s): when trying again may succeed
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers or None)
@@ -172,7 +206,7 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> R
     return error_response(exc.status_code, message, headers=dict(exc.headers or {}) or None)
 
 
-async def _on_api_error(request: Request, exc: APIError | BackendError) -> Response:
+async def _on_router_error(request: Request, exc: RouterError) -> Response:
     logger.info("request_id=%s status=%d error=%s", _request_id(request), exc.status, exc.message)
     return response_for(exc)
 
@@ -190,6 +224,5 @@ def install_error_handlers(app: FastAPI) -> None:
     """Routes every error the app can raise to an OpenAI-shaped response."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)  # type: ignore[arg-type]
-    app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(BackendError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RouterError, _on_router_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _on_unexpected)

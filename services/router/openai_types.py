@@ -11,6 +11,8 @@ readable error; otherwise pydantic reports one error per union member, under loc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -198,3 +200,37 @@ def _check_token_ids(ids: list[Any]) -> None:
             raise _invalid("invalid_prompt", f"prompt must be {PROMPT_SHAPE}")
         if not 0 <= token_id < MAX_TOKEN_ID:
             raise _invalid("invalid_token_id", f"prompt token id {token_id} is outside [0, 2**31)")
+
+
+@dataclass(frozen=True)
+class Format:
+    """What differs between chat and text completions on the wire."""
+
+    object: str
+    chunk_object: str
+    prompt_word: str  # names the prompt in error messages and in `param`
+    chat: bool
+
+    def opening(self) -> list[dict]:
+        return [choice(delta={"role": "assistant", "content": ""})] if self.chat else []
+
+    def delta_choices(self, text: str, finish_reason: str | None) -> list[dict]:
+        if not self.chat:
+            return [choice(text=text, finish_reason=finish_reason)] if text or finish_reason else []
+        choices = [choice(delta={"content": text})] if text else []
+        if finish_reason is not None:
+            choices.append(choice(delta={}, finish_reason=finish_reason))
+        return choices
+
+    def full_choice(self, text: str, finish_reason: str) -> dict:
+        if self.chat:
+            return choice(message={"role": "assistant", "content": text}, finish_reason=finish_reason)
+        return choice(text=text, finish_reason=finish_reason)
+
+
+CHAT = Format("chat.completion", "chat.completion.chunk", "messages", chat=True)
+COMPLETION = Format("text_completion", "text_completion", "prompt", chat=False)
+
+
+def choice(*, finish_reason: str | None = None, **content: Any) -> dict:
+    return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}

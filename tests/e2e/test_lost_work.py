@@ -4,6 +4,7 @@
   client's is a label, echoed back).
 - 100 streams dropped right after their first chunk leave no decode running: the router's cancel may overtake
   its decode request (NATS orders no two subjects), and the decode worker remembers such a cancel.
+- A client that leaves while its prompt is computed stops the prefill (its own 1P1D system, slow prefill).
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ async def test_two_clients_with_the_same_request_id_are_independent(system):
     assert "already decodes" not in log
 
 
-async def decode_stats(up: PdserveUp) -> list[WorkerStats]:
+async def worker_stats(up: PdserveUp, role: str) -> list[WorkerStats]:
     _, health = get_json(f"{up.base_url}/health")
     bus = await Bus.connect(up.nats_url, "test-stats", **up.credentials("observer"))
     try:
         return [await bus.request(subjects.worker_stats(w["worker_id"]), StatsRequest(), WorkerStats, timeout_s=5)
-                for w in health["workers"] if w["role"] == "decode"]
+                for w in health["workers"] if w["role"] == role]
     finally:
         await bus.close()
 
@@ -97,16 +98,45 @@ async def test_a_hundred_streams_dropped_after_their_first_chunk_leave_no_decode
             writer.close()
             await writer.wait_closed()
 
-    before = sum(s.num_requests_served for s in await decode_stats(system))
+    before = sum(s.num_requests_served for s in await worker_stats(system, "decode"))
     await asyncio.gather(*(drop_after_first_chunk(i) for i in range(100)))
     dropped_at = time.monotonic()
     # Decoding a stream to the end takes MAX_TOKENS x MS_PER_DECODE_STEP = 8 s: any left running shows up here
     # (and in `served` below), however loaded the machine is.
     while True:
-        stats = await decode_stats(system)
+        stats = await worker_stats(system, "decode")
         if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
             break
         assert time.monotonic() - dropped_at < 5.0, f"decodes still running for dropped streams: {stats}"
         await asyncio.sleep(0.1)
-    served = sum(s.num_requests_served for s in await decode_stats(system)) - before
+    served = sum(s.num_requests_served for s in await worker_stats(system, "decode")) - before
     assert served == 0, f"{served} dropped streams were decoded to the end for nobody"
+
+
+async def test_a_client_that_leaves_during_prefill_stops_the_prefill(tmp_path):
+    """The router cancels on the prefill worker too (not only on decode) when the client leaves first: the
+    prompt is not computed, nor its KV held until the lease ends, for nobody."""
+    ms_per_prompt_token = 10.0
+    prompt = "p" * 400  # 4 s of prefill
+    env = {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": str(ms_per_prompt_token)}
+    with PdserveUp(tmp_path, free_port(), "--prefill", "1", "--decode", "1", env=env).running(1, 1) as up:
+        body = orjson.dumps({"model": MOCK_MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True})
+        reader, writer = await asyncio.open_connection("127.0.0.1", up.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        deadline = time.monotonic() + 10
+        while not any(s.num_running + s.num_queued for s in await worker_stats(up, "prefill")):
+            assert time.monotonic() < deadline, "the prefill never started"
+            await asyncio.sleep(0.05)
+        writer.close()  # the client leaves while its prompt is computed
+        await writer.wait_closed()
+        left_at = time.monotonic()
+        while True:
+            stats = await worker_stats(up, "prefill")
+            if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
+                break
+            # Computing the prompt to its end takes 4 s, and its KV would then be held for the lease (30 s).
+            assert time.monotonic() - left_at < 2.0, f"the prefill went on for a client that left: {stats}"
+            await asyncio.sleep(0.05)
+        assert all(s.num_requests_served == 0 for s in await worker_stats(up, "decode"))

@@ -1,4 +1,4 @@
-"""The router's HTTP layer (services/router/api.py) over a stand-in backend.
+"""The router's HTTP layer (services/router/api.py and the modules it wires) over a stand-in backend.
 
 `FakeBackend` below is a stand-in for the orchestrator: it serves one model with the byte tokenizer and
 answers with a scripted text, so these tests can predict every token and pin the wire format, the error
@@ -21,8 +21,10 @@ import uvicorn
 
 from pdserve.protocol import KVLayout, ModelCard, Usage
 from pdserve.tokenizer import ByteTokenizer
-from services.router.api import DEFAULT_MAX_TOKENS, create_app
-from services.router.backend import GenerateDelta, GenerateRequest, NoWorkerError, UpstreamError, UpstreamTimeout
+from services.router.api import create_app
+from services.router.backend import GenerateDelta, GenerateRequest
+from services.router.errors import NoWorkerError, UpstreamError, UpstreamTimeout
+from services.router.openai_request import DEFAULT_MAX_TOKENS
 
 MODEL = "mock-model"
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", dtype_bytes=2, block_size=16)
@@ -230,7 +232,7 @@ async def test_served_model_alias(client, backend):
 
 
 async def test_one_log_line_per_request(client, caplog):
-    caplog.set_level(logging.INFO, logger="services.router.api")
+    caplog.set_level(logging.INFO, logger="services.router.request_log")
     r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
     lines = [rec.getMessage() for rec in caplog.records if r.json()["id"] in rec.getMessage()]
     assert len(lines) == 1
@@ -350,7 +352,7 @@ async def test_unexpected_backend_exception_is_a_generic_500(client, backend, ca
 
 
 async def test_backend_deadline_safety_net(backend, monkeypatch):
-    monkeypatch.setattr("services.router.api.DEADLINE_GRACE_S", 0.0)
+    monkeypatch.setattr("services.router.response.DEADLINE_GRACE_S", 0.0)
     backend.hang_at = 0
     app = create_app(backend, request_timeout_s=0.2)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://r") as c:

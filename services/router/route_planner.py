@@ -1,0 +1,66 @@
+"""Where a request goes: the KV broker's lookup (which workers hold how many of the prompt's leading blocks)
+combined with the workers' load by KVAwarePolicy.plan. A lookup that fails or comes late (deadline
+kv_lookup_timeout_s) leaves load alone to decide: a request never fails for its lookup. One log line says
+where and why; the caller puts the plan's attributes on the "route" span."""
+
+from __future__ import annotations
+
+import logging
+
+from pdserve import subjects
+from pdserve.bus import Bus, BusTimeout
+from pdserve.config import RouterConfig
+from pdserve.kv.hashing import block_hashes
+from pdserve.membership import Membership
+from pdserve.metrics import RouterMetrics
+from pdserve.protocol import KVLookup, KVLookupReply, ModelCard
+from services.router.backend import GenerateRequest
+from services.router.errors import NoWorkerError
+from services.router.policy import KVAwarePolicy, RoutePlan
+
+log = logging.getLogger(__name__)
+
+
+class RoutePlanner:
+    def __init__(self, config: RouterConfig, bus: Bus, membership: Membership, policy: KVAwarePolicy,
+                 metrics: RouterMetrics):
+        self.config = config
+        self.bus = bus
+        self.membership = membership
+        self.policy = policy
+        self.metrics = metrics
+
+    async def plan(self, req: GenerateRequest, card: ModelCard) -> RoutePlan:
+        block_size = card.kv_layout.block_size
+        matched, kv_lookup = await self._lookup(req, block_size)
+        plan = self.policy.plan(req.model, len(req.prompt_token_ids), block_size, matched, kv_lookup)
+        if plan is None:
+            raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
+        self.metrics.route_decisions.labels(reason=plan.reason).inc()
+        if plan.prefill is None:
+            self.metrics.local_prefills.inc()
+        log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s",
+                 req.request_id, plan.reason, plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
+                 plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.decode.worker_id,
+                 plan.num_matched_blocks(plan.decode), kv_lookup)
+        return plan
+
+    async def _lookup(self, req: GenerateRequest, block_size: int) -> tuple[dict[str, int], str]:
+        """(worker_id -> leading prompt blocks it holds, how the lookup went): ok, timeout, error, no_broker, off."""
+        if self.config.routing != "kv" or len(req.prompt_token_ids) < block_size:
+            return {}, "off"
+        if not self.membership.live("broker"):
+            return {}, "no_broker"
+        msg = KVLookup(model=req.model, block_hashes=tuple(block_hashes(req.prompt_token_ids, block_size)))
+        timeout_s = max(0.001, min(self.config.kv_lookup_timeout_s, req.remaining_s()))
+        try:
+            reply = await self.bus.request(subjects.KV_LOOKUP, msg, KVLookupReply, request_id=req.request_id,
+                                           timeout_s=timeout_s)
+            return dict(reply.num_matched_blocks), "ok"
+        except BusTimeout:
+            log.warning("request %s: no KV lookup answer within %.3fs; routing by load", req.request_id,
+                        self.config.kv_lookup_timeout_s)
+            return {}, "timeout"
+        except Exception as e:  # never fail a request for its lookup: load alone decides
+            log.warning("request %s: KV lookup failed (%s); routing by load", req.request_id, e)
+            return {}, "error"
