@@ -23,10 +23,8 @@ from pdserve.service import run, setup_logging
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    up = sub.add_parser("up", help="start NATS, the KV broker, the router and workers on this machine")
-    from pdserve.launcher import add_up_arguments
-
-    add_up_arguments(up)
+    cfg.add_arguments(sub.add_parser("up", help="start NATS, the KV broker, the router and workers on this machine"),
+                      cfg.UpConfig)
     cfg.add_arguments(sub.add_parser("router", help="the OpenAI HTTP API"), cfg.RouterConfig)
     for role in ("prefill", "decode"):
         cfg.add_arguments(sub.add_parser(f"{role}-worker", help=f"a {role} worker"), cfg.WorkerConfig, skip=("role",))
@@ -51,10 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.__dict__.pop("command")
     try:
-        if command == "up":
-            from pdserve.launcher import up
-
-            return up(args)
         if command == "model":
             from pdserve.models import model_command
 
@@ -81,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
             config = cfg.build(cfg.WorkerConfig, args, role=command.split("-")[0])
             serve = serve_prefill if config.role == "prefill" else serve_decode
+        elif command == "up":
+            from pdserve.launcher import up
+
+            config = cfg.build(cfg.UpConfig, args)
         else:
             from services.kv_broker.main import serve
 
@@ -88,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.ConfigError as e:
         print(f"pdserve {command}: {e}", file=sys.stderr)
         return 2
+    if command == "up":
+        return up(config)  # its own output, no service log setup: its children log to its stderr
     setup_logging(config.log_level, command)
     return run(lambda: serve(config))
 

@@ -123,9 +123,9 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     block_size: int = _opt(32, "tokens per KV block (must match on every worker; vLLM on CPU takes multiples of 32)")
     enforce_eager: bool = _opt(True, "vllm: skip torch.compile (start in ~30 s instead of minutes on a CPU)")
     num_kv_blocks: int = _opt(2048, "KV blocks the engine owns")
-    prefix_caching: bool = _opt(False, "keep finished prompts' KV blocks as an evictable prefix cache, reuse them for "
+    prefix_caching: bool = _opt(True, "keep finished prompts' KV blocks as an evictable prefix cache, reuse them for "
                                 "prompts that start the same, and report them to the KV broker (vllm: its "
-                                "enable_prefix_caching, with its KV events relayed)")
+                                "enable_prefix_caching, with its KV events relayed); --no-prefix-caching turns it off")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
     heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")
@@ -258,21 +258,119 @@ class BrokerConfig(BusOptions):
             object.__setattr__(self, "broker_id", f"broker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
 
 
+_SECURITY = "security (see README: Security and overload)"
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """`pdserve up`: the whole system on one machine (launcher.py). Not BusOptions: without --nats it starts its
+    own NATS, and the identities it is given are for the services it starts, each by its environment."""
+
+    nats: str | None = _opt(None, "use this NATS server instead of starting one", shown_default="start one")
+    host: str = _opt("127.0.0.1", "router HTTP bind address")
+    port: int = _opt(8000, "router HTTP port")
+    prefill: int = _opt(1, "prefill workers")
+    decode: int = _opt(1, "decode workers")
+    engine: Literal["mock", "vllm"] = _opt("mock", "inference engine: vllm, or mock (deterministic, for tests)")
+    model: str = _opt("", "vllm: a local Hugging Face directory (the default is pulled once); mock: the name to serve",
+                      shown_default=f"{DEFAULT_VLLM_MODEL} / {MOCK_MODEL}")
+    advertise_host: str | None = _opt(None, "address workers advertise", shown_default="detected")
+    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc"] = _opt(
+        "auto", "how pulled KV travels between workers: auto (shm on one host, tcp across hosts), tcp, shm or cuda-ipc")
+    prefix_caching: bool = _opt(True, "workers keep finished prompts' KV as a prefix cache that KV-aware routing "
+                                "follows; --no-prefix-caching turns it off")
+    startup_timeout_s: float | None = _opt(None, "how long to wait for every service to come up",
+                                           shown_default="60 mock, 600 vllm")
+    log_level: str = _opt("INFO", "log level of every service: DEBUG, INFO, WARNING or ERROR")
+    run_dir: str | None = _opt(None, "where its NATS keeps its configuration, log and the roles' NATS identities (the "
+                               "observer's is for `pdserve status` and `nats sub`)",
+                               shown_default="a new private temporary directory, removed at exit")
+    api_keys_file: str | None = _opt(None, "router: clients must send `Authorization: Bearer KEY` with a key of this "
+                                     "file (one per line, # comments); PDSERVE_API_KEYS=k1,k2 also works", group=_SECURITY)
+    nats_credentials_dir: str | None = _opt(None, "with --nats: the directory `pdserve nats-config` wrote; each "
+                                            "service gets its role's identity from it", group=_SECURITY)
+    nats_user: str | None = _opt(None, "with --nats: one NATS user name for every service (no per-role permissions; "
+                                 "prefer --nats-credentials-dir)", group=_SECURITY)
+    nats_password: str | None = _opt(None, "with --nats: one NATS password for every service (no per-role "
+                                     "permissions; prefer --nats-credentials-dir)", secret=True, group=_SECURITY)
+    nats_token: str | None = _opt(None, "with --nats: one NATS auth token for every service (no per-role permissions; "
+                                  "prefer --nats-credentials-dir)", secret=True, group=_SECURITY)
+    nats_tls_ca: str | None = _opt(None, "TLS to an external --nats: CA certificate of the NATS server (PEM)",
+                                   group=_SECURITY)
+    nats_tls_cert: str | None = _opt(None, "TLS to an external --nats: client certificate (PEM)", group=_SECURITY)
+    nats_tls_key: str | None = _opt(None, "TLS to an external --nats: client certificate's key (PEM)", group=_SECURITY)
+
+    def __post_init__(self) -> None:
+        if self.startup_timeout_s is None:
+            object.__setattr__(self, "startup_timeout_s", 600.0 if self.engine == "vllm" else 60.0)
+        if self.startup_timeout_s <= 0:
+            _fail("startup_timeout_s", "must be > 0", "give a positive number of seconds")
+        if not 1 <= self.port <= 65535:
+            _fail("port", f"{self.port} is not a TCP port", "use 1-65535")
+        for name in ("prefill", "decode"):
+            if getattr(self, name) < 1:
+                _fail(name, "must be at least 1", "give a positive whole number of workers")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            _fail("log_level", f"unknown level {self.log_level!r}", "use DEBUG, INFO, WARNING or ERROR")
+        for url in (self.nats or "").split(","):
+            if url.strip() and not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+                _fail("nats", f"{url.strip()!r} is not a NATS URL", "use nats://HOST:PORT, or leave it out: pdserve up "
+                      "then starts its own")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        """What is wrong with the security options, before anything starts."""
+        if self.api_keys_file:
+            try:
+                if not read_api_keys(self.api_keys_file):
+                    raise ConfigError(f"--api-keys-file {self.api_keys_file}: no key in it; put one API key per line")
+            except OSError as e:
+                raise ConfigError(f"--api-keys-file {self.api_keys_file}: cannot read it ({e.strerror})") from e
+        if self.nats_password and not self.nats_user:
+            raise ConfigError("--nats-password needs --nats-user")
+        if not self.nats and (self.nats_user or self.nats_token or self.nats_credentials_dir):
+            raise ConfigError("--nats-user/--nats-token/--nats-credentials-dir are for an external NATS (--nats URL): "
+                              "the NATS server pdserve up starts gives every role its own identity by itself")
+        if self.nats_credentials_dir and (self.nats_user or self.nats_token):
+            raise ConfigError("give the NATS identities one way: --nats-credentials-dir, or --nats-user/--nats-token")
+        if self.nats_credentials_dir:
+            for role in nats_auth.ROLES:
+                path = nats_auth.credentials_path(self.nats_credentials_dir, role)
+                try:
+                    nats_auth.read_credentials_file(path)
+                except nats_auth.CredentialsFileError as e:
+                    raise ConfigError(f"--nats-credentials-dir: {e}; write the directory with "
+                                      "`pdserve nats-config --out DIR`") from e
+        if not self.nats and (self.nats_tls_ca or self.nats_tls_cert or self.nats_tls_key):
+            raise ConfigError("--nats-tls-* are for an external NATS with TLS (--nats URL); the NATS server pdserve up "
+                              "starts listens on 127.0.0.1 without TLS")
+
+
 # ------------------------------------------------------------------------------- flags and env vars
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config field; defaults stay None so that env vars and defaults apply in build()."""
+    """One flag per config field; defaults stay None so that env vars and defaults apply in build().
+
+    A field's metadata may name the default as users should read it (shown_default, where the real one is None or
+    depends on other fields) and a help group (group) its flag is listed under."""
     hints = get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("env_only"):
             continue
         kind = _base_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}; default {f.default}]"
+        shown = f.metadata.get("shown_default", f.default)
+        help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}" + (
+            "]" if shown in (None, "") else f"; default {shown}]")
+        title = f.metadata.get("group")
+        if title is not None and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        where = parser if title is None else groups[title]
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            where.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+            where.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text, metavar=f.name.upper())
 
 
 def build(cls: type[C], args: argparse.Namespace | dict | None = None, env: dict[str, str] | None = None, **overrides: Any) -> C:

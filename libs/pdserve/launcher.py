@@ -1,7 +1,8 @@
 """`pdserve up`: the whole system on one machine, with nothing to configure.
 
 Algorithm:
-1. Check the router's port is free (the one fixed port besides NATS'), else stop with the fix.
+1. With the config (config.py's UpConfig, flags and PDSERVE_* variables, validated by the CLI), check the router's
+   port is free (the one fixed port besides NATS'), else stop with the fix.
 2. Start nats-server on a free port (or use --nats URL). Its own NATS gives each role its own identity
    (nats_auth.py: router, prefill, decode, broker, observer; fresh passwords, files in the run directory only
    this user can read) and a max_payload that fits long prompts (8 MiB). Each child gets its role's file through
@@ -20,7 +21,6 @@ Algorithm:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 
 from pdserve import nats_auth, nats_server
-from pdserve.config import DEFAULT_VLLM_MODEL, MOCK_MODEL, read_api_keys
+from pdserve.config import UpConfig
 from pdserve.supervisor import Child, OutputTail, Supervisor, file_tail
 
 # Handed to every service through its environment, not its command line (which `ps` shows to everyone).
@@ -44,42 +44,6 @@ _NATS_IDENTITY_ENV = ("PDSERVE_NATS_USER", "PDSERVE_NATS_PASSWORD", "PDSERVE_NAT
 # Prompts travel as token ids in one NATS message: 8 MiB holds a decode request of a ~700K-token context.
 OWN_NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 _ROLE_OF = {"kv-broker": "broker", "router": "router", "prefill-worker": "prefill", "decode-worker": "decode"}
-
-def add_up_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", default=os.environ.get("PDSERVE_NATS"),
-                        help="use this NATS server instead of starting one [env PDSERVE_NATS]")
-    parser.add_argument("--host", default="127.0.0.1", help="router HTTP bind address [default 127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8000, help="router HTTP port [default 8000]")
-    parser.add_argument("--prefill", type=int, default=1, help="prefill workers [default 1]")
-    parser.add_argument("--decode", type=int, default=1, help="decode workers [default 1]")
-    parser.add_argument("--engine", default="mock", choices=["mock", "vllm"], help="inference engine [default mock]")
-    parser.add_argument("--model", default="", help=f"vllm: a local Hugging Face directory [default {DEFAULT_VLLM_MODEL}, "
-                                                    f"pulled once]; mock: the name to serve [default {MOCK_MODEL}]")
-    parser.add_argument("--advertise-host", default=None, help="address workers advertise [default: detected]")
-    parser.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "shm", "cuda-ipc"],
-                        help="how pulled KV travels between workers [default auto: shm on one host, tcp across hosts]")
-    parser.add_argument("--startup-timeout-s", type=float, default=None,
-                        help="how long to wait for every service to come up [default 60 mock, 600 vllm]")
-    parser.add_argument("--log-level", default="INFO", help="log level of every service [default INFO]")
-    parser.add_argument("--run-dir", default=None,
-                        help="where its NATS keeps its configuration, log and the roles' NATS identities (the "
-                             "observer's is for `pdserve status` and `nats sub`) [default: a new private temporary "
-                             "directory, removed at exit]")
-    security = parser.add_argument_group("security (see README: Security and overload)")
-    security.add_argument("--api-keys-file", default=os.environ.get("PDSERVE_API_KEYS_FILE"),
-                          help="router: clients must send `Authorization: Bearer KEY` with a key of this file (one per "
-                               "line, # comments) [env PDSERVE_API_KEYS_FILE; PDSERVE_API_KEYS=k1,k2 also works]")
-    security.add_argument("--nats-credentials-dir", default=os.environ.get("PDSERVE_NATS_CREDENTIALS_DIR"),
-                          help="with --nats: the directory `pdserve nats-config` wrote; each service gets its role's "
-                               "identity from it [env PDSERVE_NATS_CREDENTIALS_DIR]")
-    for name, what in (("user", "user name"), ("password", "password"), ("token", "auth token")):
-        security.add_argument(f"--nats-{name}", default=os.environ.get(f"PDSERVE_NATS_{name.upper()}"),
-                              help=f"with --nats: one NATS {what} for every service (no per-role permissions; "
-                                   f"prefer --nats-credentials-dir) [env PDSERVE_NATS_{name.upper()}]")
-    for name, what in (("ca", "CA certificate of the NATS server"), ("cert", "client certificate"),
-                       ("key", "client certificate's key")):
-        security.add_argument(f"--nats-tls-{name}", default=os.environ.get(f"PDSERVE_NATS_TLS_{name.upper()}"),
-                              help=f"TLS to an external --nats: {what} (PEM) [env PDSERVE_NATS_TLS_{name.upper()}]")
 
 
 def _say(message: str) -> None:
@@ -97,19 +61,19 @@ def _port_free(host: str, port: int) -> bool:
 
 
 class System:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, config: UpConfig):
+        self.config = config
         self.supervisor = Supervisor(_say)
         self.nats: nats_server.NatsServer | None = None
-        self.nats_url: str = args.nats or ""
-        self._own_run_dir = args.run_dir is None
-        self.run_dir = args.run_dir or tempfile.mkdtemp(prefix="pdserve-up-")
+        self.nats_url: str = config.nats or ""
+        self._own_run_dir = config.run_dir is None
+        self.run_dir = config.run_dir or tempfile.mkdtemp(prefix="pdserve-up-")
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        self.credentials_dir: str | None = args.nats_credentials_dir
+        self.credentials_dir: str | None = config.nats_credentials_dir
         self.env = {k: v for k, v in os.environ.items() if k not in _NATS_IDENTITY_ENV}
         for name in _NATS_SECURITY:
-            if getattr(args, name, None):
-                self.env[f"PDSERVE_{name.upper()}"] = getattr(args, name)
+            if getattr(config, name):
+                self.env[f"PDSERVE_{name.upper()}"] = getattr(config, name)
 
     @property
     def children(self) -> list[Child]:
@@ -119,17 +83,16 @@ class System:
         return nats_auth.credentials_path(self.credentials_dir, "observer") if self.credentials_dir else None
 
     def start(self) -> None:
-        a = self.args
+        a = self.config
         if not self.nats_url:
             self._start_nats()
         common = ["--nats", self.nats_url, "--log-level", a.log_level]
-        worker = [*common, "--engine", a.engine]
+        worker = [*common, "--engine", a.engine, "--kv-transport", a.kv_transport,
+                  "--prefix-caching" if a.prefix_caching else "--no-prefix-caching"]
         if a.model:
             worker += ["--model", a.model]
         if a.advertise_host:
             worker += ["--advertise-host", a.advertise_host]
-        if a.kv_transport:
-            worker += ["--kv-transport", a.kv_transport]
         self._spawn("kv-broker", ["kv-broker", *common])
         cores = sorted(os.sched_getaffinity(0))
         roles = ["prefill"] * a.prefill + ["decode"] * a.decode
@@ -175,7 +138,7 @@ class System:
 
     def wait_healthy(self, stop_requested) -> dict:
         """The router's /health once every service announced itself; RuntimeError naming what did not."""
-        a = self.args
+        a = self.config
         host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
         url = f"http://{host}:{a.port}/health"
         deadline = time.monotonic() + a.startup_timeout_s
@@ -249,48 +212,12 @@ def _get_json(url: str) -> dict | None:
         return None
 
 
-def _security_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the security options, before anything starts."""
-    if args.api_keys_file:
-        try:
-            if not read_api_keys(args.api_keys_file):
-                return f"--api-keys-file {args.api_keys_file}: no key in it; put one API key per line"
-        except OSError as e:
-            return f"--api-keys-file {args.api_keys_file}: cannot read it ({e.strerror})"
-    if args.nats_password and not args.nats_user:
-        return "--nats-password needs --nats-user"
-    if not args.nats and (args.nats_user or args.nats_token or args.nats_credentials_dir):
-        return ("--nats-user/--nats-token/--nats-credentials-dir are for an external NATS (--nats URL): the NATS "
-                "server pdserve up starts gives every role its own identity by itself")
-    if args.nats_credentials_dir and (args.nats_user or args.nats_token):
-        return "give the NATS identities one way: --nats-credentials-dir, or --nats-user/--nats-token"
-    if args.nats_credentials_dir:
-        for role in nats_auth.ROLES:
-            path = nats_auth.credentials_path(args.nats_credentials_dir, role)
-            try:
-                nats_auth.read_credentials_file(path)
-            except nats_auth.CredentialsFileError as e:
-                return f"--nats-credentials-dir: {e}; write the directory with `pdserve nats-config --out DIR`"
-    if not args.nats and (args.nats_tls_ca or args.nats_tls_cert or args.nats_tls_key):
-        return ("--nats-tls-* are for an external NATS with TLS (--nats URL); the NATS server pdserve up starts "
-                "listens on 127.0.0.1 without TLS")
-    return None
-
-
-def up(args: argparse.Namespace) -> int:
-    if not _port_free(args.host, args.port):
-        _say(f"port {args.port} on {args.host} is in use (another pdserve or server?); pass --port with a free one")
+def up(config: UpConfig) -> int:
+    """Run the system until Ctrl-C / SIGTERM (0) or a child that keeps dying (1); config is already validated."""
+    if not _port_free(config.host, config.port):
+        _say(f"port {config.port} on {config.host} is in use (another pdserve or server?); pass --port with a free one")
         return 1
-    if args.startup_timeout_s is None:
-        args.startup_timeout_s = 600.0 if args.engine == "vllm" else 60.0
-    if args.prefill < 1 or args.decode < 1:
-        _say("--prefill and --decode must be at least 1")
-        return 2
-    problem = _security_problem(args)
-    if problem:
-        _say(problem)
-        return 2
-    if args.engine == "vllm" and not args.model:
+    if config.engine == "vllm" and not config.model:
         from pdserve.models import pull_default_model
 
         pull_default_model()  # once, here, rather than in every worker at the same time
@@ -302,16 +229,16 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    system = System(args)
+    system = System(config)
     try:
         system.start()
-        _say(f"NATS at {system.nats_url}; starting KV broker, router, {args.prefill} prefill and "
-             f"{args.decode} decode worker(s) with engine {args.engine}")
+        _say(f"NATS at {system.nats_url}; starting KV broker, router, {config.prefill} prefill and "
+             f"{config.decode} decode worker(s) with engine {config.engine}")
         health = system.wait_healthy(lambda: stopping)
         models = ", ".join(sorted({w["model"] for w in health["workers"] if w.get("model")}))
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        _say(f"ready: OpenAI API at http://{host}:{args.port}/v1 (model {models}); "
-             f"health at http://{host}:{args.port}/health; Ctrl-C stops everything")
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        _say(f"ready: OpenAI API at http://{host}:{config.port}/v1 (model {models}); "
+             f"health at http://{host}:{config.port}/health; Ctrl-C stops everything")
         observer = system.observer_credentials()
         if observer:
             _say(f"watch it: pdserve status --nats {system.nats_url} --nats-credentials-file {observer} "

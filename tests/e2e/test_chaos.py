@@ -74,6 +74,10 @@ WORKER_ENV = {
     "PDSERVE_HEARTBEAT_INTERVAL_S": "0.5",
     "PDSERVE_MOCK_MS_PER_DECODE_STEP": "20",
     "PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": "0.1",
+    # With the prefix cache (on by default) a worker soon touches every page of its KV pool: at the default 2048
+    # blocks (1.5 GB of mock KV) nine workers' first touches on this 2-core machine froze decode workers past
+    # their heartbeat allowance. 512 blocks hold this load's KV many times over.
+    "PDSERVE_NUM_KV_BLOCKS": "512",
 }
 CLEAN_ERROR_STATUSES = {429, 502, 503, 504}  # overload, worker failures, deadlines; never a 500 or a 4xx of ours
 

@@ -1,4 +1,4 @@
-"""KV-aware routing end to end: `pdserve up --engine mock --prefill 2 --decode 2` with prefix caching.
+"""KV-aware routing end to end: `pdserve up --engine mock --prefill 2 --decode 2` (prefix caching: on by default).
 
 The router asks the KV broker which workers hold a prompt's blocks and weighs that against load; the route it
 chose is in its log line (`request ID: route REASON: prefill P (M of N blocks cached), decode D (M cached);
@@ -42,7 +42,7 @@ def question(i: int) -> str:
 def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kvrouting")
     nats = nats_server.start(store_dir=str(tmp / "nats"), die_with_parent=True)
-    env = {"PDSERVE_PREFIX_CACHING": "1", "PDSERVE_LOCAL_PREFILL_MAX_TOKENS": str(LOCAL_PREFILL_MAX_TOKENS),
+    env = {"PDSERVE_LOCAL_PREFILL_MAX_TOKENS": str(LOCAL_PREFILL_MAX_TOKENS),
            "PDSERVE_PREFILL_QUEUE_LIMIT": str(PREFILL_QUEUE_LIMIT), "PDSERVE_ROUTING": "kv"}
     up = PdserveUp(tmp, free_port(), "--nats", nats.url, "--prefill", "2", "--decode", "2", env=env)
     try:

@@ -49,7 +49,7 @@ def test_router_and_worker_metrics_move_with_traffic(system_2p2d):
     assert grew("pdserve_inter_token_latency_seconds_count") > 0
     assert grew("pdserve_http_responses_total", code="400") == 1
     assert grew("pdserve_prompt_tokens_total") > 6 * 20  # six prompts of 20+ tokens went through prefill
-    assert grew("pdserve_prompt_cached_tokens_total") == 0  # the mock engine has no prefix cache
+    assert grew("pdserve_prompt_cached_tokens_total") == 0  # six prompts that differ in their first block: no hit
 
     sent = received = served = 0.0
     for wid, (role, url) in worker_urls.items():

@@ -1,4 +1,4 @@
-"""KV events end to end: `pdserve up --engine mock` with prefix caching, its broker's index over NATS.
+"""KV events end to end: `pdserve up --engine mock` (prefix caching on by default), its broker's index over NATS.
 
 After requests through the router, the broker's lookup for each served prompt names the prefill worker and
 the decode worker that keep its blocks; the broker killed with SIGKILL and a new one started rebuilds the
@@ -72,8 +72,7 @@ def poll(url: str, condition, timeout_s: float) -> tuple[dict, float]:
 
 
 def test_served_prompts_are_indexed_rebuilt_after_a_broker_restart_and_dropped_with_their_worker(nats, tmp_path):
-    up = PdserveUp(tmp_path, free_port(), "--nats", nats.url, "--prefill", "2", "--decode", "1",
-                   env={"PDSERVE_PREFIX_CACHING": "1"})
+    up = PdserveUp(tmp_path, free_port(), "--nats", nats.url, "--prefill", "2", "--decode", "1")  # caching: default
     broker: Service | None = None
     try:
         health = up.wait_ready(2, 1)

@@ -137,8 +137,9 @@ def test_every_decode_worker_full_is_429_not_5xx(full_workers):
 @pytest.fixture(scope="module")
 def slow_prefill(tmp_path_factory):
     """A prompt of 200 byte tokens takes the one prefill worker 2 s; every request must end within 5 s."""
+    # The same prompt each time, computed anew each time: no prefix cache (on by default) to answer it at once.
     up = start_up(tmp_path_factory, "slowprefill", {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": "10",
-                                                    "PDSERVE_REQUEST_TIMEOUT_S": "5"})
+                                                    "PDSERVE_PREFIX_CACHING": "0", "PDSERVE_REQUEST_TIMEOUT_S": "5"})
     yield up
     stop_up(up)
 
@@ -162,7 +163,7 @@ def test_request_whose_deadline_cannot_be_met_is_refused_at_once(slow_prefill):
 
 def test_early_refusal_can_be_turned_off(tmp_path_factory):
     """--no-early-refusal: the same overload waits instead, and ends in the request's own timeout."""
-    up = start_up(tmp_path_factory, "norefusal", {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": "10",
+    up = start_up(tmp_path_factory, "norefusal", {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": "10", "PDSERVE_PREFIX_CACHING": "0",
                                                   "PDSERVE_REQUEST_TIMEOUT_S": "5", "PDSERVE_EARLY_REFUSAL": "0"})
     try:
         prompt = "x" * 200

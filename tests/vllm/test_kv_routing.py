@@ -1,5 +1,5 @@
-"""KV-aware routing on real vLLM engines: `pdserve up --engine vllm --prefix-caching` (1 prefill + 1 decode,
-SmolLM2-135M-Instruct). A second request sharing a long prefix is routed as a prefix hit (the broker's
+"""KV-aware routing on real vLLM engines: `pdserve up --engine vllm` (prefix caching on by default; 1 prefill +
+1 decode, SmolLM2-135M-Instruct). A second request sharing a long prefix is routed as a prefix hit (the broker's
 lookup, from vLLM's own KV events), vLLM's prefix cache on the chosen prefill worker serves the prefix
 (the router's cached-token counter), and its time to first token is lower than that of a request of the same
 length whose prefix nobody holds.
@@ -28,8 +28,7 @@ def vllm_system(tmp_path_factory):
     from pdserve.models import pull_default_model
 
     pull_default_model(quiet=True)
-    up = PdserveUp(tmp_path_factory.mktemp("vllm-kv-routing"), free_port(), "--engine", "vllm",
-                   env={"PDSERVE_PREFIX_CACHING": "1"})
+    up = PdserveUp(tmp_path_factory.mktemp("vllm-kv-routing"), free_port(), "--engine", "vllm")
     with up.running(1, 1, ready_timeout_s=600, stop_timeout_s=60):
         yield up
 
