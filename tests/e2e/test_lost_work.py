@@ -81,15 +81,30 @@ async def worker_stats(up: PdserveUp, role: str) -> list[WorkerStats]:
         await bus.close()
 
 
+async def open_stream(port: int, prompt: str, max_tokens: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A streamed completion sent on a plain socket, so that "dropped" means the socket is closed, nothing in between."""
+    body = orjson.dumps({"model": MOCK_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                         "stream": True})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    return reader, writer
+
+
+async def wait_until_idle(up: PdserveUp, role: str, since: float, within_s: float, what: str) -> None:
+    """Every worker of the role with nothing running, queued or held, within within_s of `since`."""
+    while True:
+        stats = await worker_stats(up, role)
+        if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
+            return
+        assert time.monotonic() - since < within_s, f"{what}: {stats}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_hundred_streams_dropped_after_their_first_chunk_leave_no_decode_running(system):
     async def drop_after_first_chunk(i: int) -> None:
-        """A client on a plain socket, so that "dropped" means the socket is closed, nothing in between."""
-        body = orjson.dumps({"model": MOCK_MODEL, "prompt": f"dropped stream {i}", "max_tokens": MAX_TOKENS,
-                             "temperature": 0, "stream": True})
-        reader, writer = await asyncio.open_connection("127.0.0.1", system.port)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
+        reader, writer = await open_stream(system.port, f"dropped stream {i}", MAX_TOKENS)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             assert head.startswith(b"HTTP/1.1 200"), head
@@ -103,12 +118,7 @@ async def test_a_hundred_streams_dropped_after_their_first_chunk_leave_no_decode
     dropped_at = time.monotonic()
     # Decoding a stream to the end takes MAX_TOKENS x MS_PER_DECODE_STEP = 8 s: any left running shows up here
     # (and in `served` below), however loaded the machine is.
-    while True:
-        stats = await worker_stats(system, "decode")
-        if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
-            break
-        assert time.monotonic() - dropped_at < 5.0, f"decodes still running for dropped streams: {stats}"
-        await asyncio.sleep(0.1)
+    await wait_until_idle(system, "decode", dropped_at, 5.0, "decodes still running for dropped streams")
     served = sum(s.num_requests_served for s in await worker_stats(system, "decode")) - before
     assert served == 0, f"{served} dropped streams were decoded to the end for nobody"
 
@@ -120,23 +130,13 @@ async def test_a_client_that_leaves_during_prefill_stops_the_prefill(tmp_path):
     prompt = "p" * 400  # 4 s of prefill
     env = {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": str(ms_per_prompt_token)}
     with PdserveUp(tmp_path, free_port(), "--prefill", "1", "--decode", "1", env=env).running(1, 1) as up:
-        body = orjson.dumps({"model": MOCK_MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True})
-        reader, writer = await asyncio.open_connection("127.0.0.1", up.port)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
+        _, writer = await open_stream(up.port, prompt, 8)
         deadline = time.monotonic() + 10
         while not any(s.num_running + s.num_queued for s in await worker_stats(up, "prefill")):
             assert time.monotonic() < deadline, "the prefill never started"
             await asyncio.sleep(0.05)
         writer.close()  # the client leaves while its prompt is computed
         await writer.wait_closed()
-        left_at = time.monotonic()
-        while True:
-            stats = await worker_stats(up, "prefill")
-            if all(s.num_running == 0 and s.num_queued == 0 and s.num_held_blocks == 0 for s in stats):
-                break
-            # Computing the prompt to its end takes 4 s, and its KV would then be held for the lease (30 s).
-            assert time.monotonic() - left_at < 2.0, f"the prefill went on for a client that left: {stats}"
-            await asyncio.sleep(0.05)
+        # Computing the prompt to its end takes 4 s, and its KV would then be held for the lease (30 s).
+        await wait_until_idle(up, "prefill", time.monotonic(), 2.0, "the prefill went on for a client that left")
         assert all(s.num_requests_served == 0 for s in await worker_stats(up, "decode"))
