@@ -187,8 +187,11 @@ def test_table_has_one_row_per_member_and_dashes_for_a_brokers_engine_columns():
     rows = json.loads(status.render(members, "nats://x:4222", 1.5, as_json=True))
     assert set(rows[0]) == {"worker_id", "role", "model", "transfer_address", "num_queued", "num_running", "kv_usage",
                             "num_held_blocks", "num_requests_served", "last_heartbeat_s", "kv_transports",
-                            "num_kv_pulls"}
+                            "num_kv_pulls", "unreachable_peer_ids"}
     assert rows[0]["kv_usage"] == 0.25 and rows[1]["model"] is None
+    assert "unreachable KV paths" not in text
+    members.append(make_seen(make_heartbeat("d1", "decode", unreachable_peer_ids=("p1", "p9"))))
+    assert "\n  d1 cannot reach p1, p9" in status.render(members, "nats://x:4222", 1.5, as_json=False)
 
 
 # ------------------------------------------------------------------------- against a real nats-server

@@ -132,6 +132,11 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     max_queue: int = _opt(256, "requests waiting or running before new ones are refused")
     kv_lease_s: float = _opt(30.0, "how long prefill keeps a request's KV for the decode worker")
     kv_pull_timeout_s: float = _opt(10.0, "deadline for pulling one request's KV before recomputing locally")
+    kv_connect_timeout_s: float = _opt(2.0, "deadline for a new connection to a prefill worker's transfer endpoint "
+                                       "(shorter than the pull's: a path that cannot connect is marked unreachable "
+                                       "and later requests avoid it)")
+    kv_probe_interval_s: float = _opt(2.0, "decode: how often a prefill worker marked unreachable is probed (a TCP "
+                                      "connect to its endpoint); the mark clears when a probe connects")
     kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc"] = _opt(
         "auto", "how pulled KV travels: auto (from a prefill worker on this host: cuda-ipc between GPUs, shm "
         "otherwise; tcp across hosts), tcp, shm or cuda-ipc (these two fall back to tcp with a WARNING where they "
@@ -150,7 +155,8 @@ class WorkerConfig(BusOptions, MockEngineOptions):
         for name in ("max_model_len", "block_size", "num_kv_blocks", "max_queue"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive whole number")
-        for name in ("heartbeat_interval_s", "kv_lease_s", "kv_pull_timeout_s"):
+        for name in ("heartbeat_interval_s", "kv_lease_s", "kv_pull_timeout_s", "kv_connect_timeout_s",
+                     "kv_probe_interval_s"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.max_model_len > self.num_kv_blocks * self.block_size:

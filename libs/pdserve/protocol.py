@@ -135,6 +135,9 @@ class Heartbeat(Message):
     kv_transports: tuple[str, ...] = Field(default=(), max_length=8, description="paths its endpoint offers")
     num_kv_pulls: dict[str, int] = Field(default_factory=dict, max_length=8,
                                          description="KV pulls this worker made, by the path the bytes took")
+    unreachable_peer_ids: tuple[str, ...] = Field(default=(), max_length=1024, description=(
+        "prefill workers whose transfer endpoints this worker could not connect to (peer_paths.py): routers do not "
+        "pair it with them until a probe clears the mark"))
     interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
     sent_at: float
     started_at: float

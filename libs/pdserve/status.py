@@ -120,6 +120,7 @@ def row(seen: Seen) -> dict:
         "num_requests_served": hb.num_requests_served,
         "kv_transports": list(hb.kv_transports),
         "num_kv_pulls": dict(hb.num_kv_pulls),
+        "unreachable_peer_ids": list(hb.unreachable_peer_ids),
         "last_heartbeat_s": round(seen.age_s, 2),
     }
 
@@ -161,7 +162,17 @@ def render(members: list[Seen], nats_url: str, listen_s: float, as_json: bool) -
                 "--nats pointing at this server, or pass the --nats URL they use")
     roles = [r["role"] for r in rows]
     summary = ", ".join(f"{roles.count(role)} {role}" for role in _ROLE_ORDER if role in roles)
-    return f"{format_table(rows)}\n\n{summary} on {nats_url}"
+    return f"{format_table(rows)}\n\n{summary} on {nats_url}{unreachable_lines(rows)}"
+
+
+def unreachable_lines(rows: list[dict]) -> str:
+    """One line per worker that cannot reach some prefill workers' KV endpoints (empty when every path works)."""
+    lines = [f"  {r['worker_id']} cannot reach {', '.join(r['unreachable_peer_ids'])}"
+             for r in rows if r.get("unreachable_peer_ids")]
+    if not lines:
+        return ""
+    return ("\n\nunreachable KV paths (routers avoid these pairs; a probe clears a mark once it connects; "
+            "`pdserve doctor` on the decode host says why):\n" + "\n".join(lines))
 
 
 # -------------------------------------------------------------------------------------------- CLI

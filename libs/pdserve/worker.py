@@ -23,6 +23,7 @@ from pdserve.kv.events import KVEventRelay
 from pdserve.kv.wire import PATHS
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
+from pdserve.peer_paths import PeerPaths
 from pdserve.protocol import ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,13 @@ class WorkerRuntime:
         self.num_in_flight = 0  # admitted and not yet ended (queued or running)
         self.started_at = time.time()
         self._stack = contextlib.AsyncExitStack()
-        self._heartbeats: HeartbeatPublisher
+        self._heartbeats: HeartbeatPublisher | None = None  # from __aenter__ on
         self.metrics: WorkerMetrics
         self.metrics_address: str | None = None
         self._pending: set[asyncio.Task] = set()
+        # Prefill workers whose endpoints this worker's pulls could not connect to (heartbeats say which).
+        self.peer_paths = PeerPaths(config.worker_id, probe_interval_s=config.kv_probe_interval_s,
+                                    connect_timeout_s=config.kv_connect_timeout_s, on_change=self._beat_now)
 
     async def __aenter__(self) -> "WorkerRuntime":
         cfg = self.config
@@ -77,8 +81,15 @@ class WorkerRuntime:
 
     async def announce(self) -> None:
         """Start heartbeats once the role's handlers are subscribed (not before: the router would send work)."""
+        assert self._heartbeats is not None
         await self._heartbeats.start()
         self._stack.push_async_callback(self._heartbeats.stop)
+        self._stack.push_async_callback(self.peer_paths.stop)
+
+    async def _beat_now(self) -> None:
+        """A heartbeat out of turn: what routers must know now (a path found dead or working again)."""
+        if self._heartbeats is not None:
+            await self._heartbeats.beat()
 
     async def __aexit__(self, *exc: object) -> None:
         log.info("worker %s stopping", self.worker_id)
@@ -107,6 +118,7 @@ class WorkerRuntime:
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
             kv_transports=tuple(values.get("kv_transports", ())),
             num_kv_pulls={path: int(values.get(f"num_kv_pulls_{path}", 0)) for path in PATHS},
+            unreachable_peer_ids=self.peer_paths.unreachable_ids,
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

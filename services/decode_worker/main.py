@@ -5,6 +5,8 @@ this worker's own subject, and cancels -> heartbeats -> wait for SIGTERM -> good
 A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
 stream subject with sequence numbers, the last one with finish_reason and usage. The engine's stream tells
 when the prompt's KV is loaded (a KVLoadReport among the tokens): then the prefill worker may free its copy.
+A pull that could not connect to the prefill worker marks it unreachable (pdserve.peer_paths); a request whose
+KV sits on a worker marked so is not pulled: its prompt (and first token) is recomputed here at once.
 """
 
 from __future__ import annotations
@@ -78,10 +80,28 @@ class DecodeHandlers:
         with tracing.span("decode", kind=SpanKind.SERVER, attributes=attributes) as span:
             await self._decode(req, span)
 
+    def _skip_pull(self, req: DecodeRequest, span: tracing.Span) -> bool:
+        """Whether req's KV sits on a prefill worker this worker cannot reach (then it is not pulled: the prefill
+        worker may free it now)."""
+        params = req.kv_transfer_params
+        pulls = params is not None and req.first_token_id is not None and not req.resume_token_ids
+        why = self.rt.peer_paths.why_unreachable(params.worker_id) if pulls else None
+        if why is None or self._requests.get(req.request_id) is not req:
+            return False
+        del self._requests[req.request_id]
+        self._send_release(req, ok=False)
+        span.set_attributes({"kv_recomputed": True, "kv_error": f"unreachable: {why}"})
+        log.info("request %s: prefill worker %s is marked unreachable from here (%s); recomputing the prompt "
+                 "without trying to pull", req.request_id, params.worker_id, why)
+        return True
+
     async def _decode(self, req: DecodeRequest, span: tracing.Span) -> None:
         """KV load and generation; ttft_ms: to this worker's first output; tpot_ms: mean time per token after it."""
         rt = self.rt
         seq = 0
+        first_token_id, params, resume = req.first_token_id, req.kv_transfer_params, req.resume_token_ids
+        if self._skip_pull(req, span):  # the client has the first token: go on after it, as on a resume
+            first_token_id, params, resume = None, None, (*resume, req.first_token_id)
         num_tokens = len(req.resume_token_ids) + (1 if req.first_token_id is not None else 0)
         started = time.monotonic()
         first_at = last_at = 0.0
@@ -89,8 +109,7 @@ class DecodeHandlers:
         try:
             # aclosing: the engine frees the request's KV as soon as this ends, whichever way (a failed publish too)
             async with contextlib.aclosing(rt.engine.generate(
-                    req.request_id, req.prompt_token_ids, req.sampling, req.first_token_id, req.kv_transfer_params,
-                    req.resume_token_ids)) as outputs:
+                    req.request_id, req.prompt_token_ids, req.sampling, first_token_id, params, resume)) as outputs:
                 async for out in outputs:
                     if isinstance(out, KVLoadReport):  # not a token: nothing to stream, nothing timed
                         self._kv_loaded(req, out)
@@ -137,6 +156,8 @@ class DecodeHandlers:
             return
         del self._requests[request_id]
         params = req.kv_transfer_params
+        if report.unreachable:
+            self.rt.peer_paths.mark(params.worker_id, params.address, report.error or "no connection")
         self._send_release(req, ok=not report.recomputed)
         done = KVTransferDone(request_id=request_id, prefill_worker_id=params.worker_id, decode_worker_id=self.rt.worker_id,
                               ok=not report.recomputed, num_blocks=report.num_blocks, num_bytes=report.num_bytes,

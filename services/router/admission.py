@@ -1,5 +1,6 @@
 """Whether a request may start at all, checked before any work is routed: the bus is up, the request fits in
-one message on the bus, workers of both roles serve its model, and its deadline can be met."""
+one message on the bus, a decode worker serves its model (with no prefill worker, decode workers serve whole
+requests: see policy.RoutePlan's no_prefill_worker), and its deadline can be met."""
 
 from __future__ import annotations
 
@@ -24,15 +25,14 @@ _ENVELOPE_BYTES = 4096
 
 def refuse_unless_servable(req: GenerateRequest, bus: Bus, membership: Membership, router_id: str) -> None:
     """BusUnavailable (503) while the router reconnects to NATS; PayloadTooLarge (413) when the request cannot
-    travel; NoWorkerError (503) when no live worker of a role serves its model."""
+    travel; NoWorkerError (503) when no live decode worker serves its model."""
     if not bus.connected:
         raise BusUnavailable("The router has lost its connection to NATS and is reconnecting by itself; "
                              "retry after the time in the Retry-After header.")
     refuse_if_too_large(req, bus.max_payload, router_id)
-    for role in ("prefill", "decode"):
-        if not membership.live(role, req.model):
-            raise NoWorkerError(f"no live {role} worker serves model {req.model!r}; start one with "
-                                f"`pdserve {role}-worker --nats URL --model {req.model}` (pdserve up starts both)")
+    if not membership.live("decode", req.model):
+        raise NoWorkerError(f"no live decode worker serves model {req.model!r}; start one with "
+                            f"`pdserve decode-worker --nats URL --model {req.model}` (pdserve up starts one)")
 
 
 def refuse_if_too_large(req: GenerateRequest, max_payload: int, router_id: str) -> None:

@@ -60,17 +60,24 @@ class Orchestrator:
         workers = [{"worker_id": hb.worker_id, "role": hb.role, "model": hb.model.name if hb.model else None,
                     "num_requests_served": hb.num_requests_served, "num_queued": hb.num_queued,
                     "num_running": hb.num_running, "kv_usage": hb.kv_usage,
-                    "transfer_address": hb.transfer_address, "metrics_address": hb.metrics_address}
+                    "transfer_address": hb.transfer_address, "metrics_address": hb.metrics_address,
+                    "unreachable_peer_ids": list(hb.unreachable_peer_ids)}
                    for hb in live if hb.role != "broker"]
         brokers = [hb.worker_id for hb in live if hb.role == "broker"]
         roles = {w["role"] for w in workers}
         problems = []  # each names what is missing and what it costs
         if not bus.connected:
             problems.append("NATS: this router lost its connection and is reconnecting; requests get 503 meanwhile")
-        problems += [f"no live {role} worker: requests get 503" for role in ("prefill", "decode") if role not in roles]
+        if "decode" not in roles:
+            problems.append("no live decode worker: requests get 503")
         if not all(tokenizers.has(hb.model.tokenizer) for hb in live if hb.model):
             problems.append("loading a model's tokenizer")
         serving = not problems
+        if "prefill" not in roles:
+            problems.append("no live prefill worker: decode workers serve whole requests (prefill included)")
+        problems += [f"{w['worker_id']} cannot reach the KV endpoints of {', '.join(w['unreachable_peer_ids'])}: "
+                     "routers do not pair them; `pdserve doctor` on its host says why"
+                     for w in workers if w["unreachable_peer_ids"]]
         if not brokers and config.routing == "kv":
             problems.append("no live KV broker: KV-aware routing is off, requests are routed by load alone")
         return {"status": "ok" if not problems else "degraded", "serving": serving, "problems": problems,

@@ -129,8 +129,10 @@ class RoutePlan:
 
     reason: cache_hit (the decode worker holds every full block of the prompt), local_prefill (what is left
     to compute after the decode worker's cache hit is under local_prefill_max_tokens), prefill_queues_full
-    (every prefill worker's load is at prefill_queue_limit), prefix_hit (the prefill worker was chosen with
-    some of the prompt cached), load (nothing cached anywhere that mattered: load alone decided).
+    (every prefill worker's load is at prefill_queue_limit), no_prefill_worker (none is alive: decode serves
+    alone), prefill_unreachable (no decode worker can pull from any live prefill worker: see
+    Heartbeat.unreachable_peer_ids), prefix_hit (the prefill worker was chosen with some of the prompt cached),
+    load (nothing cached anywhere that mattered: load alone decided).
     kv_lookup: ok, timeout, error, no_broker, off (routing is not "kv" or the prompt has no full block).
     """
 
@@ -166,7 +168,9 @@ class KVAwarePolicy(LeastLoadPolicy):
     (its own cache hit counted) prefills the request itself when it holds the whole prompt, when what is left
     to compute is under local_prefill_max_tokens, or when every prefill worker's load is at
     prefill_queue_limit (0 turns either threshold off); otherwise the prefill worker of lowest cost prefills
-    and the decode worker of lowest load (it pulls the KV, its cache does not matter) decodes.
+    and the decode worker of lowest load (it pulls the KV, its cache does not matter) decodes. Only pairs that
+    work are planned: a decode worker that marked a prefill worker unreachable (its heartbeat says so) is not
+    given that worker's KV; with no working pair, or no prefill worker at all, D prefills itself.
     """
 
     def __init__(self, membership: Membership, weights: CostWeights = CostWeights(), mode: str = "kv",
@@ -227,6 +231,26 @@ class KVAwarePolicy(LeastLoadPolicy):
             return plan("prefill_queues_full", local)
         prefill = self.choose("prefill", model, num_prompt_blocks=num_prompt_blocks, matched=matched)
         if prefill is None:
-            return plan("load", local)  # no prefill worker: the orchestrator refuses before planning
+            return plan("no_prefill_worker", local)
         decode = self.choose("decode", model) if self.mode == "kv" and matched else local
+        if not reaches(decode, prefill.worker_id):
+            decode = self.choose_decode_reaching(model, prefill.worker_id)
+            if decode is None:  # nobody pulls from that one: a prefill worker the local one reaches, or none
+                decode = local
+                prefill = self.choose("prefill", model, exclude=local.unreachable_peer_ids,
+                                      num_prompt_blocks=num_prompt_blocks, matched=matched)
+                if prefill is None:
+                    return plan("prefill_unreachable", local)
         return plan("prefix_hit" if matched.get(prefill.worker_id, 0) > 0 else "load", decode, prefill)
+
+    def choose_decode_reaching(self, model: str, prefill_worker_id: str,
+                               exclude: Iterable[str] = ()) -> Heartbeat | None:
+        """The decode worker of lowest load among those that have not marked prefill_worker_id unreachable."""
+        cannot = [hb.worker_id for hb in self._membership.live("decode", model)
+                  if not reaches(hb, prefill_worker_id)]
+        return self.choose("decode", model, exclude=[*exclude, *cannot])
+
+
+def reaches(decode: Heartbeat, prefill_worker_id: str) -> bool:
+    """Whether decode can pull from prefill_worker_id as far as anyone knows (it has not marked it unreachable)."""
+    return prefill_worker_id not in decode.unreachable_peer_ids

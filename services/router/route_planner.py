@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from pdserve import subjects
+from pdserve.throttled_log import ThrottledLog
 from pdserve.bus import Bus, BusTimeout
 from pdserve.config import RouterConfig
 from pdserve.kv.hashing import block_hashes
@@ -20,6 +21,13 @@ from services.router.policy import KVAwarePolicy, RoutePlan
 
 log = logging.getLogger(__name__)
 
+# Routes that work around a missing or unreachable prefill tier: served, but operators must hear of it.
+DEGRADED_REASONS = {
+    "no_prefill_worker": "no live prefill worker: decode workers serve whole requests; start a prefill worker",
+    "prefill_unreachable": "no decode worker can pull from any live prefill worker (see `pdserve status`, "
+                           "unreachable peers): decode workers prefill themselves; fix the path (address, route, firewall)",
+}
+
 
 class RoutePlanner:
     def __init__(self, config: RouterConfig, bus: Bus, membership: Membership, policy: KVAwarePolicy,
@@ -29,6 +37,7 @@ class RoutePlanner:
         self.membership = membership
         self.policy = policy
         self.metrics = metrics
+        self._degraded_log = ThrottledLog(log, burst=1, period_s=10.0)
 
     async def plan(self, req: GenerateRequest, card: ModelCard) -> RoutePlan:
         block_size = card.kv_layout.block_size
@@ -39,6 +48,8 @@ class RoutePlanner:
         self.metrics.route_decisions.labels(reason=plan.reason).inc()
         if plan.prefill is None:
             self.metrics.local_prefills.inc()
+        if plan.reason in DEGRADED_REASONS:
+            self._degraded_log.warning("request %s: %s", req.request_id, DEGRADED_REASONS[plan.reason])
         log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s",
                  req.request_id, plan.reason, plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
                  plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.decode.worker_id,

@@ -39,7 +39,7 @@ from services.router.admission import refuse_if_late, refuse_unless_servable
 from services.router.attempts import AttemptFailed, Candidates, DecodeAttempt, prefill_on
 from services.router.backend import GenerateDelta, GenerateRequest
 from services.router.errors import NoWorkerError, Overloaded, RouterError, UpstreamError, UpstreamTimeout
-from services.router.policy import RoutePlan
+from services.router.policy import RoutePlan, reaches
 from services.router.shared import Shared
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,16 @@ class RouterRequest:
     def _decode_worker(self, candidates: Candidates) -> Heartbeat | None:
         req, plan, policy = self.req, self.plan, self.router.policy
         assert plan is not None
-        if not candidates.excluded and (self.ready is None) == (plan.prefill is None):
+        ready = self.ready
+        if (not candidates.excluded and (ready is None) == (plan.prefill is None)
+                and (ready is None or reaches(plan.decode, ready.worker_id))):
             return plan.decode  # as planned (not after a failed prefill: any decode worker may do)
-        if self.ready is None:  # it prefills: its own cache hit counts
+        if ready is None:  # it prefills: its own cache hit counts
             return policy.choose("decode", req.model, exclude=candidates.excluded,
                                  num_prompt_blocks=plan.num_prompt_blocks, matched=plan.matched)
-        return policy.choose("decode", req.model, exclude=candidates.excluded)
+        # one that can pull ready's KV; else any (it recomputes the prompt at once: see peer_paths)
+        return (policy.choose_decode_reaching(req.model, ready.worker_id, exclude=candidates.excluded)
+                or policy.choose("decode", req.model, exclude=candidates.excluded))
 
     def _decode_attempt(self, worker_id: str) -> DecodeAttempt:
         """A decode attempt on worker_id: with P's KV, or, once tokens were streamed, resuming after them."""

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 from pdserve import subjects
 from pdserve.engine.base import TokenOutput
+from pdserve.peer_paths import PeerPaths
 from pdserve.protocol import (CancelRequest, DecodeRequest, ErrorReply, KVLayout, KVRelease, KVTransferParams,
                               SamplingParams)
 from services.decode_worker.main import DecodeHandlers
@@ -65,6 +66,12 @@ class FakeRuntime:
         self.num_in_flight = 0
         self.num_requests_served = 0
         self._spawned: set[asyncio.Task] = set()
+        self.peer_paths = PeerPaths(self.worker_id, probe_interval_s=60.0, connect_timeout_s=1.0,
+                                    on_change=self._announced)
+        self.num_announcements = 0
+
+    async def _announced(self) -> None:
+        self.num_announcements += 1
 
     def refusal(self, model: str, deadline: float):
         return None

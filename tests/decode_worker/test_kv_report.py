@@ -78,3 +78,34 @@ async def test_a_recomputed_kv_releases_prefills_copy_as_not_pulled():
     assert [(d.ok, d.error) for d in done] == [(False, "TransferTimeout: too slow")]
     assert rt.metrics.observed == []
     assert len([m for _, m in published if isinstance(m, TokenChunk)]) == 5
+
+
+async def test_an_unreachable_prefill_worker_is_marked_and_later_requests_recompute_without_pulling():
+    rt = make_runtime(KVLoadReport(0, 0, 0.0, recomputed=True, error="PeerUnreachable: no connection", unreachable=True))
+    calls = []
+    generate = rt.engine.generate
+
+    def recording_generate(request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
+                           resume_token_ids=()):
+        calls.append((request_id, first_token_id, kv_transfer_params is not None, tuple(resume_token_ids)))
+        return generate(request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params, resume_token_ids)
+
+    rt.engine.generate = recording_generate
+    try:
+        await run_one(rt)
+        assert rt.peer_paths.unreachable_ids == ("prefill-1",) and rt.num_announcements == 1
+        handlers = DecodeHandlers(rt)
+        await handlers.on_decode(request("r2", with_kv=True))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rt.num_in_flight == 0:
+                break
+        await asyncio.gather(*rt._spawned)
+        # r1 tried the pull; r2 did not: the first token the client has is resumed after, as on a resume
+        assert calls == [("r1", 97, True, ()), ("r2", None, False, (97,))]
+        releases = [(m.request_id, m.ok) for s, m in rt.bus.published if isinstance(m, KVRelease)]
+        assert releases == [("r1", False), ("r2", False)]  # prefill frees r2's copy at once, not at lease end
+        r2_chunks = [m for _, m in rt.bus.published if isinstance(m, TokenChunk) and m.request_id == "r2"]
+        assert r2_chunks[-1].usage.completion_tokens == 6
+    finally:
+        await rt.peer_paths.stop()

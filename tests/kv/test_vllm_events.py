@@ -231,5 +231,6 @@ def vllm_engine(*, prefix_caching: bool, kv_events: Sink):
     card = ModelCard(name="m", tokenizer="unused", max_model_len=64, kv_layout=layout)
     return VllmEngine(VllmEngineConfig(
         worker_id="kv-events-test", model_path=Path("unused"), card=card, advertise_host="127.0.0.1",
-        bind_host="127.0.0.1", kv_lease_s=30.0, kv_pull_timeout_s=1.0, prefix_caching=prefix_caching),
+        bind_host="127.0.0.1", kv_lease_s=30.0, kv_pull_timeout_s=1.0, kv_connect_timeout_s=1.0,
+        prefix_caching=prefix_caching),
         kv_events=kv_events)

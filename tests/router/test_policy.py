@@ -151,3 +151,36 @@ def test_plan_every_prefill_queue_at_its_limit_means_local_prefill(limit, local)
     policy.acquire("p2")  # p2: heartbeat says 1, this router has 2 in flight
     plan = policy.plan(MODEL, 100, BLOCK_SIZE, {})
     assert (plan.reason == "prefill_queues_full") == local and (plan.prefill is None) == local
+
+
+def test_plan_without_a_prefill_worker_has_decode_serve_alone():
+    plan = make_policy(make_heartbeat("d1", "decode")).plan(MODEL, 100, BLOCK_SIZE, {})
+    assert (plan.reason, plan.prefill, plan.decode.worker_id) == ("no_prefill_worker", None, "d1")
+
+
+def test_plan_never_pairs_a_decode_worker_with_a_prefill_worker_it_marked_unreachable():
+    # d1 (least loaded) cannot reach p1; p1 holds the prefix: p1 prefills, d2 decodes.
+    policy = make_policy(make_heartbeat("p1", "prefill"), make_heartbeat("p2", "prefill", num_running=3),
+                         make_heartbeat("d1", "decode", unreachable_peer_ids=("p1",)),
+                         make_heartbeat("d2", "decode", num_running=2))
+    for _ in range(20):  # ties are broken at random: every draw must avoid the pair
+        plan = policy.plan(MODEL, 30 * BLOCK_SIZE, BLOCK_SIZE, {"p1": 20}, "ok")
+        assert (plan.prefill.worker_id, plan.decode.worker_id) == ("p1", "d2")
+        plan = policy.plan(MODEL, 30 * BLOCK_SIZE, BLOCK_SIZE, {}, "ok")
+        assert (plan.prefill.worker_id, plan.decode.worker_id) != ("p1", "d1")
+
+
+def test_plan_with_no_working_pair_for_the_best_prefill_worker_takes_one_the_decode_worker_reaches():
+    policy = make_policy(make_heartbeat("p1", "prefill"), make_heartbeat("p2", "prefill", num_running=3),
+                         make_heartbeat("d1", "decode", unreachable_peer_ids=("p1",)))
+    plan = policy.plan(MODEL, 30 * BLOCK_SIZE, BLOCK_SIZE, {"p1": 20}, "ok")
+    assert (plan.reason, plan.prefill.worker_id, plan.decode.worker_id) == ("load", "p2", "d1")
+
+
+def test_plan_with_every_prefill_worker_unreachable_prefills_on_decode():
+    policy = make_policy(make_heartbeat("p1", "prefill"), make_heartbeat("p2", "prefill"),
+                         make_heartbeat("d1", "decode", unreachable_peer_ids=("p1", "p2")))
+    plan = policy.plan(MODEL, 30 * BLOCK_SIZE, BLOCK_SIZE, {}, "ok")
+    assert (plan.reason, plan.prefill, plan.decode.worker_id) == ("prefill_unreachable", None, "d1")
+    # choose_decode_reaching: the request's KV is on p2; nobody reaches it
+    assert policy.choose_decode_reaching(MODEL, "p2") is None

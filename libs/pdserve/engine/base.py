@@ -49,6 +49,7 @@ class KVLoadReport:
     recomputed: bool
     error: str | None = None
     transport: str = ""  # the path the bytes took (tcp, shm); "" when nothing was pulled
+    unreachable: bool = False  # no connection to the prefill worker's endpoint could be made (kv.PeerUnreachable)
 
 
 class KVLoadError(Exception):

@@ -48,7 +48,8 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
             worker_id=config.worker_id, card=mock_card(config), num_kv_blocks=config.num_kv_blocks,
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
-            kv_transport=config.kv_transport, prefix_caching=config.prefix_caching,
+            kv_connect_timeout_s=config.kv_connect_timeout_s, kv_transport=config.kv_transport,
+            prefix_caching=config.prefix_caching,
         ), kv_events=kv_events)
     if config.engine == "vllm":
         from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
@@ -58,7 +59,8 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
         return VllmEngine(VllmEngineConfig(
             worker_id=config.worker_id, model_path=model_path, card=vllm_card(config, model_path),
             advertise_host=advertise_host, bind_host=bind_host, kv_lease_s=config.kv_lease_s,
-            kv_pull_timeout_s=config.kv_pull_timeout_s, kv_transport=config.kv_transport,
+            kv_pull_timeout_s=config.kv_pull_timeout_s, kv_connect_timeout_s=config.kv_connect_timeout_s,
+            kv_transport=config.kv_transport,
             kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
             prefix_caching=config.prefix_caching,
         ), kv_events=kv_events)

@@ -32,7 +32,7 @@ from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
-from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferResult
+from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
 from pdserve.tracing import SpanKind
@@ -52,6 +52,7 @@ class MockEngineConfig:
     advertise_host: str
     bind_host: str
     kv_pull_timeout_s: float
+    kv_connect_timeout_s: float
     kv_transport: str = "auto"
     prefix_caching: bool = True
 
@@ -84,7 +85,7 @@ class MockEngine(Engine):
         self._held: dict[str, _Held] = {}
         self._endpoint = TransferEndpoint(self._pool, bind_host=config.bind_host,
                                           advertise_host=config.advertise_host, on_pull=self._on_pull)
-        self._client = TransferClient(transport=config.kv_transport)
+        self._client = TransferClient(transport=config.kv_transport, connect_timeout_s=config.kv_connect_timeout_s)
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
@@ -195,6 +196,7 @@ class MockEngine(Engine):
                        params: KVTransferParams) -> KVLoadReport:
         """Pull the prompt's KV from prefill; on any failure recompute it locally (never hang, never decode bad KV)."""
         error: str | None = None
+        unreachable = False
         if params.kv_layout != self._layout:
             error = (f"KV layout differs: prefill {params.worker_id} has {params.kv_layout}, this decode worker has "
                      f"{self._layout}; run every worker with the same model, dtype and block size")
@@ -214,12 +216,13 @@ class MockEngine(Engine):
                                         recomputed=False, transport=result.transport)
             except TransferError as e:
                 error = f"{type(e).__name__}: {e}"
+                unreachable = isinstance(e, PeerUnreachable)
         log.warning("request %s: KV load from %s failed (%s); recomputing the prefill locally",
                     request_id, params.worker_id, error)
         self._counters["num_recomputes"] += 1
         await self._compute(len(prompt_token_ids))
         self._write_prompt_kv(prompt_token_ids, block_ids)
-        return KVLoadReport(0, 0, 0.0, recomputed=True, error=error)
+        return KVLoadReport(0, 0, 0.0, recomputed=True, error=error, unreachable=unreachable)
 
     async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int]) -> TransferResult:
         """The pull under a "kv pull" span, whose traceparent rides in the pull so the endpoint's span is its child."""

@@ -60,6 +60,7 @@ class VllmEngineConfig:
     bind_host: str
     kv_lease_s: float
     kv_pull_timeout_s: float
+    kv_connect_timeout_s: float
     kv_transport: str = "auto"
     kv_cache_gib: int = 1
     cpu_cores: str | None = None
@@ -114,6 +115,7 @@ class VllmEngine(Engine):
                     "worker_id": self.worker_id, "model_name": card.name,
                     "advertise_host": cfg.advertise_host, "bind_host": cfg.bind_host,
                     "lease_s": cfg.kv_lease_s, "pull_timeout_s": cfg.kv_pull_timeout_s,
+                    "connect_timeout_s": cfg.kv_connect_timeout_s,
                     "transport": cfg.kv_transport,
                     "stats_path": self._stats_path,
                     "reports_endpoint": self._load_reports.endpoint,
@@ -323,7 +325,8 @@ class VllmEngine(Engine):
             return None
         return KVLoadReport(num_blocks=report["num_blocks"], num_bytes=report["num_bytes"],
                             transfer_ms=report["transfer_ms"], recomputed=report["recomputed"],
-                            error=report.get("error"), transport=report.get("transport") or "")
+                            error=report.get("error"), transport=report.get("transport") or "",
+                            unreachable=bool(report.get("unreachable")))
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:

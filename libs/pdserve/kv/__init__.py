@@ -9,6 +9,7 @@ from pdserve.kv.client import TRANSPORTS, TransferClient
 from pdserve.kv.endpoint import TransferEndpoint, default_batch_blocks
 from pdserve.kv.errors import (
     LayoutMismatch,
+    PeerUnreachable,
     TransferError,
     TransferIntegrityError,
     TransferRefused,
@@ -22,6 +23,7 @@ __all__ = [
     "ArrayBlockPool",
     "BlockPool",
     "LayoutMismatch",
+    "PeerUnreachable",
     "TransferClient",
     "TransferEndpoint",
     "TransferError",

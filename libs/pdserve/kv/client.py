@@ -46,10 +46,12 @@ class TransferClient:
     """
 
     def __init__(self, *, io_threads: int = 1, max_concurrent_pulls: int = 16, window_messages: int = 8,
-                 tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool | None = None) -> None:
+                 tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool | None = None,
+                 connect_timeout_s: float = 2.0) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         self.transport = transport
+        self.connect_timeout_s = connect_timeout_s  # a new connection not made by then: PeerUnreachable
         # tcp bytes on the endpoint's plain TCP stream (stream.py), or as ZeroMQ frames; None: by this host's cores
         self.tcp_stream = stream.prefers_stream() if tcp_stream is None else tcp_stream
         self._stream_refused: dict[str, str] = {}  # endpoint address -> why its stream could not be opened
@@ -196,7 +198,7 @@ class TransferClient:
             if not conn.was_dropped():
                 return conn
             conn.close()
-        conn = Connection(self._ctx, address)
+        conn = Connection(self._ctx, address, self.connect_timeout_s)
         try:
             conn.sock.connect(address)
         except zmq.ZMQError as e:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
-from pdserve.kv import TransferClient, TransferEndpoint, TransferError, TransferRefused
+from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
 from pdserve.kv.connector_stats import STATS_PUBLISH_S, write_json
 from pdserve.kv.vllm_pool import make_kv_block_pool
@@ -71,6 +71,7 @@ class ConnectorWorker:
         self.bind_host = str(extra.get("bind_host", "127.0.0.1"))
         self.advertise_host = str(extra.get("advertise_host", "127.0.0.1"))
         self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
+        self.connect_timeout_s = float(extra.get("connect_timeout_s", 2.0))
         self.transport = str(extra.get("transport", "auto"))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
@@ -110,7 +111,7 @@ class ConnectorWorker:
         self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
                                          on_pull=self._on_pull_served)
         self.endpoint.start()
-        self._client = TransferClient(transport=self.transport)
+        self._client = TransferClient(transport=self.transport, connect_timeout_s=self.connect_timeout_s)
         if self.reports_endpoint:
             self._report_sender = LoadReportSender(self.reports_endpoint)
         self._loop = asyncio.new_event_loop()
@@ -282,7 +283,7 @@ class ConnectorWorker:
         elif (exc := task.exception()) is not None:
             reason = f" ({exc.reason})" if isinstance(exc, TransferRefused) else ""
             error = f"{type(exc).__name__}{reason}: {exc}"
-            report = _failure_report(error, recomputed=True)
+            report = _failure_report(error, recomputed=True, unreachable=isinstance(exc, PeerUnreachable))
         else:
             result, error = task.result(), None
             report = dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes, transfer_ms=result.seconds * 1000,
@@ -403,8 +404,8 @@ class ConnectorWorker:
                 logger.exception("kv connector: could not publish stats to %s", self.stats_path)
 
 
-def _failure_report(error: str, *, recomputed: bool) -> dict:
-    return dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=recomputed, error=error)
+def _failure_report(error: str, *, recomputed: bool, unreachable: bool = False) -> dict:
+    return dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=recomputed, error=error, unreachable=unreachable)
 
 
 

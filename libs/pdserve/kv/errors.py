@@ -38,6 +38,12 @@ class TransferTimeout(TransferError):
     """No (complete) answer within timeout_s: the endpoint is stalled, gone or unreachable."""
 
 
+class PeerUnreachable(TransferTimeout):
+    """No connection to the endpoint could be made within the connect deadline (wrong advertised address, no
+    route, a firewall that drops or refuses its port): unlike a stalled transfer, the path itself does not work.
+    The puller marks the pair and later requests do not pay for it again (see the decode worker's peer_paths)."""
+
+
 class TransferIntegrityError(TransferError):
     """A block's checksum did not match the bytes that arrived."""
 

@@ -23,8 +23,8 @@ import orjson
 import zmq
 
 from pdserve.kv import shm, stream, wire
-from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, TransferError, TransferIntegrityError,
-                               TransferRefused, TransferTimeout)
+from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PeerUnreachable, TransferError,
+                               TransferIntegrityError, TransferRefused, TransferTimeout)
 from pdserve.kv.connection import Connection
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
 
@@ -206,8 +206,15 @@ class Receiver:
             # one wire.CLIENT_POLL_S, and what arrived before the drop is still read.
             with contextlib.suppress(zmq.Again):
                 return conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            if conn.was_dropped():
+            dropped = conn.was_dropped()
+            if dropped and conn.connected:
                 raise _closed(self.transfer_id, address, received, self.num_blocks)
+            if dropped or conn.never_connected_in_time():  # dropped before it was ever made: no route
+                raise PeerUnreachable(
+                    f"transfer {self.transfer_id}: no connection to {address} "
+                    f"{'could be made' if dropped else f'within {conn.connect_timeout_s:g}s (--kv-connect-timeout-s)'}: "
+                    "the prefill worker's advertised address is not reachable from this host; check its "
+                    "--advertise-host, the route between the hosts, and firewalls on its port")
             conn.sock.poll(max(1, math.ceil(min(left, wire.CLIENT_POLL_S) * 1000)))
 
     def _time_left(self, received: int) -> float:

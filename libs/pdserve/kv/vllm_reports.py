@@ -9,7 +9,7 @@ side pushes each report on an ipc:// ZMQ socket that the pdserve worker listens 
 waits for it.
 
 A report: {"request_id": vLLM's id, "num_blocks", "num_bytes", "transfer_ms", "recomputed", "error",
-"transport"}. vLLM's id is "<the id pdserve gave>-<8 random chars>"; reports are matched on either.
+"transport", "unreachable"}. vLLM's id is "<the id pdserve gave>-<8 random chars>"; reports are matched on either.
 """
 
 from __future__ import annotations
