@@ -21,6 +21,8 @@ from pdserve.kv.wire import PATHS
 # Latency buckets in seconds: from sub-millisecond control-plane hops to minutes-long CPU generations.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# A routing decision: tens of microseconds in the policy, a NATS round trip to the broker.
+_DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
 class RouterMetrics:
@@ -39,8 +41,12 @@ class RouterMetrics:
         self.local_prefills = Counter("pdserve_local_prefills", "Requests whose decode worker prefilled itself",
                                       registry=registry)
         self.route_decisions = Counter("pdserve_route_decisions", "Routing decisions by reason (cache_hit, "
-                                       "local_prefill, prefill_queues_full, prefix_hit, load)", ["reason"],
-                                       registry=registry)
+                                       "local_prefill, prefill_queues_full, no_prefill_worker, prefill_unreachable, "
+                                       "prefix_hit, load)", ["reason"], registry=registry)
+        self.route_seconds = Histogram("pdserve_route_decision_seconds", "Time to choose a request's workers, the "
+                                       "KV broker's lookup included", buckets=_DECISION_BUCKETS, registry=registry)
+        self.kv_lookup_seconds = Histogram("pdserve_kv_lookup_seconds", "The KV broker's lookup, as the router waits "
+                                           "for it (request to answer)", buckets=_DECISION_BUCKETS, registry=registry)
         self.resumes = Counter("pdserve_decode_resumes", "Streams continued on another decode worker after tokens "
                                "were streamed (it prefilled prompt + those tokens)", registry=registry)
         # Their ratio is the prefix-cache hit rate of the prefills this router sent.

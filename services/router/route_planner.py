@@ -6,6 +6,7 @@ where and why; the caller puts the plan's attributes on the "route" span."""
 from __future__ import annotations
 
 import logging
+import time
 
 from pdserve import subjects
 from pdserve.throttled_log import ThrottledLog
@@ -41,19 +42,27 @@ class RoutePlanner:
 
     async def plan(self, req: GenerateRequest, card: ModelCard) -> RoutePlan:
         block_size = card.kv_layout.block_size
+        started = time.perf_counter()
         matched, kv_lookup = await self._lookup(req, block_size)
+        looked_up = time.perf_counter()
         plan = self.policy.plan(req.model, len(req.prompt_token_ids), block_size, matched, kv_lookup)
         if plan is None:
             raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
+        decided = time.perf_counter()
+        self.metrics.route_seconds.observe(decided - started)
+        if kv_lookup in ("ok", "timeout", "error"):
+            self.metrics.kv_lookup_seconds.observe(looked_up - started)
         self.metrics.route_decisions.labels(reason=plan.reason).inc()
         if plan.prefill is None:
             self.metrics.local_prefills.inc()
         if plan.reason in DEGRADED_REASONS:
             self._degraded_log.warning("request %s: %s", req.request_id, DEGRADED_REASONS[plan.reason])
-        log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s",
-                 req.request_id, plan.reason, plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
+        log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s "
+                 "%.3f ms, decided in %.3f ms", req.request_id, plan.reason,
+                 plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
                  plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.decode.worker_id,
-                 plan.num_matched_blocks(plan.decode), kv_lookup)
+                 plan.num_matched_blocks(plan.decode), kv_lookup, (looked_up - started) * 1000,
+                 (decided - started) * 1000)
         return plan
 
     async def _lookup(self, req: GenerateRequest, block_size: int) -> tuple[dict[str, int], str]:
