@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
+import orjson
 import pytest
 import zmq
+import zmq.asyncio
 
-from pdserve import doctor, models, status, subjects
+from pdserve import doctor, models, netaddr, status, subjects
 from pdserve.bus import Bus
 from pdserve.config import BusOptions
+from pdserve.kv.endpoint import TransferEndpoint
+from pdserve.kv.pool import ArrayBlockPool
 from pdserve.protocol import Goodbye, Heartbeat, KVLayout, ModelCard
-from tests.e2e.conftest import PdserveUp, free_port
+from tests.e2e.conftest import PdserveUp, Service, free_port
 
 
 def make_heartbeat(worker_id: str, role: str = "prefill", *, model: str | None = "m", tokenizer: str = "byte",
@@ -236,8 +243,8 @@ async def test_doctor_reports_a_broken_cluster_from_its_heartbeats(nats, tmp_pat
         beating.cancel()
         await bus.close()
     verdicts = {r.name: r.status for r in results}
-    assert verdicts == {"nats": "OK", "members": "WARN", "transfer": "FAIL", "advertise": "OK", "models": "FAIL",
-                        "model-files": "OK", "clock": "FAIL"}, results
+    assert verdicts == {"nats": "OK", "members": "WARN", "transfer": "FAIL", "metrics": "SKIP", "advertise": "OK",
+                        "models": "FAIL", "model-files": "OK", "clock": "FAIL"}, results
     by_name = {r.name: r.message for r in results}
     assert dead_address in by_name["transfer"] and "p1" in by_name["clock"]
     assert "p1 has 32" in by_name["models"] and "d1 has 16" in by_name["models"]
@@ -286,8 +293,8 @@ def test_status_and_doctor_against_pdserve_up(nats, tmp_path, capsys):
         model_dir = make_model_dir(tmp_path / "model")
         assert doctor.run(parse(doctor, "--nats", nats.url, "--model", str(model_dir))) == 0
         lines = capsys.readouterr().out.strip().splitlines()
-        assert lines[-1] == "7 OK", lines
-        assert [line.split()[0] for line in lines[:-2]] == ["OK"] * 7
+        assert lines[-1] == "8 OK", lines
+        assert [line.split()[0] for line in lines[:-2]] == ["OK"] * 8
 
         # The command line as an operator runs it: --watch redraws until Ctrl-C, which ends it cleanly.
         watch = subprocess.Popen([sys.executable, "-m", "pdserve.status", "--nats", nats.url, "--watch", "0.3"],
@@ -307,3 +314,141 @@ def test_status_and_doctor_against_pdserve_up(nats, tmp_path, capsys):
     finally:
         up.stop()
         assert not up.kill_leftovers()
+
+
+# ------------------------------------------------------------------------ doctor's reachability probes
+
+
+@contextlib.contextmanager
+def silent_port():
+    """A port whose connects time out, as behind a firewall that drops packets: a listener whose accept queue is
+    full (Linux drops further SYNs), held by connections nobody accepts."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        held.append(s)
+    time.sleep(0.1)
+    try:
+        yield port
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
+async def test_every_dead_endpoint_is_named_with_its_reason_within_one_timeout():
+    with silent_port() as port:
+        hbs = [make_heartbeat(f"p{i}", transfer_address=f"tcp://127.0.0.1:{port}") for i in range(20)]
+        hbs.append(make_heartbeat("d1", "decode", transfer_address=f"tcp://127.0.0.1:{closed_port()}"))
+        started = time.monotonic()
+        result = await doctor.check_transfer_endpoints(hbs, timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    assert elapsed < 4, f"probes ran one after another: {elapsed:.1f}s"
+    assert result.status == "FAIL"
+    lines = result.message.splitlines()
+    assert "21 of 21" in lines[0]
+    timed_out = [line for line in lines[1:] if "timed out after 1s" in line]
+    assert len(timed_out) == 20 and all("firewall" in line and "--advertise-host" in line for line in timed_out)
+    [refused] = [line for line in lines[1:] if line.startswith("d1 ")]
+    assert "Connection refused (ECONNREFUSED)" in refused and "--bind-host 0.0.0.0" in refused
+
+
+async def test_an_endpoint_whose_byte_stream_is_unreachable_warns_naming_its_port():
+    """A ROUTER that answers hello as an endpoint does, naming a stream port where nothing listens."""
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dead_stream_port = closed_port()
+
+    async def answer_hello() -> None:
+        while True:
+            identity, raw = await router.recv_multipart()
+            hello = orjson.loads(raw)
+            await router.send_multipart([identity, orjson.dumps(
+                {"k": "hello", "nonce": hello["nonce"], "port": dead_stream_port, "ticket": "00" * 16})])
+
+    answering = asyncio.create_task(answer_hello())
+    try:
+        hb = make_heartbeat("p1", transfer_address=f"tcp://127.0.0.1:{port}")
+        result = await doctor.check_transfer_endpoints([hb])
+    finally:
+        answering.cancel()
+        router.close(linger=0)
+        ctx.term()
+    assert result.status == "WARN", result.message
+    assert f"p1 byte stream 127.0.0.1:{dead_stream_port}" in result.message
+    assert "Connection refused" in result.message and "ZeroMQ frames" in result.message
+
+
+async def test_a_real_transfer_endpoint_is_reachable_with_its_byte_stream():
+    endpoint = TransferEndpoint(ArrayBlockPool([np.zeros((4, 64), np.uint8)]), bind_host="127.0.0.1",
+                                tune_malloc=False, offer_shm=False)
+    endpoint.start()
+    try:
+        result = await doctor.check_transfer_endpoints([make_heartbeat("p1", transfer_address=endpoint.address)])
+    finally:
+        endpoint.stop()
+    assert result.status == "OK" and "not checked" not in result.message, result.message
+
+
+async def test_unreachable_metrics_endpoints_warn_naming_each():
+    with socket.socket() as up:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        hbs = [make_heartbeat("p1", metrics_address=f"http://127.0.0.1:{up.getsockname()[1]}/metrics"),
+               make_heartbeat("p2", metrics_address=f"http://127.0.0.1:{closed_port()}/metrics"),
+               make_heartbeat("d1", "decode", metrics_address="ftp://x/metrics")]
+        result = await doctor.check_metrics_endpoints(hbs)
+    assert result.status == "WARN"
+    assert "2 of 3" in result.message and "p1 " not in result.message
+    assert "p2 metrics" in result.message and "Connection refused" in result.message and "d1:" in result.message
+    assert (await doctor.check_metrics_endpoints([make_heartbeat("p1")])).status == "SKIP"
+
+
+async def test_each_unreachable_nats_server_of_a_list_is_named(nats):
+    dead = f"nats://127.0.0.1:{closed_port()}"
+    result, bus = await doctor.check_nats(BusOptions(nats=f"{nats.url},{dead}"), 3)
+    try:
+        assert result.status == "WARN" and "1 of 2" in result.message, result.message
+        assert f"{dead}: Connection refused" in result.message and nats.url + ":" not in result.message
+    finally:
+        await bus.close()
+
+
+def test_doctor_names_both_workers_that_advertise_an_address_they_do_not_listen_on(nats, tmp_path, capsys):
+    """Real workers listening on 127.0.0.1 and advertising 127.0.0.2 (where, on Linux, nothing listens: refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        probe.listen()
+        refused = asyncio.run(netaddr.tcp_unreachable("127.0.0.2", probe.getsockname()[1], 1.0))
+    if refused is None or refused.kind != "refused":
+        pytest.skip(f"127.0.0.2 does not refuse connections here ({refused})")
+    workers = [Service(["prefill-worker", "--nats", nats.url, "--engine", "mock", "--worker-id", f"p{i}",
+                        "--bind-host", "127.0.0.1", "--advertise-host", "127.0.0.2", "--num-kv-blocks", "256"],
+                       str(tmp_path / f"p{i}.log")) for i in (1, 2)]
+    try:
+        deadline = time.monotonic() + 30
+        while not all("prefill worker" in w.output() for w in workers):
+            assert time.monotonic() < deadline and all(w.process.poll() is None for w in workers), \
+                [w.output() for w in workers]
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert doctor.run(parse(doctor, "--nats", nats.url, "--listen-s", "1.5")) == 1
+        elapsed = time.monotonic() - started
+    finally:
+        for w in workers:
+            w.stop()
+    out = capsys.readouterr().out
+    transfer = out[out.index("FAIL  transfer"):out.index("WARN  metrics")]
+    assert "2 of 2" in transfer
+    for worker_id in ("p1", "p2"):
+        assert f"- {worker_id} transfer endpoint tcp://127.0.0.2:" in transfer
+    assert transfer.count("Connection refused (ECONNREFUSED)") == 2 and "--bind-host 0.0.0.0" in transfer
+    assert "WARN  metrics" in out and out.count("metrics http://127.0.0.2:") == 2
+    assert elapsed < 8, f"doctor took {elapsed:.1f}s"

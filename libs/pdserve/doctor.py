@@ -1,28 +1,33 @@
 """`pdserve doctor`: pre-flight checks of a cluster, each answered OK / WARN / FAIL (or SKIP) with the fix.
 
-    pdserve doctor [--nats URL] [--model PATH] [--timeout-s 3] [--listen-s 1.5]
+    pdserve doctor [--nats URL] [--model PATH] [--timeout-s 3] [--listen-s 1.5] [--probe-timeout-s 1.5]
 
 Each check is a small function over heartbeats (or a path) that returns a CheckResult, so each can be tested
 with hand-made heartbeats. They cover the failures operators of disaggregated serving hit most: NATS not
-reachable, a transfer endpoint this host cannot reach, a loopback address advertised to other machines,
-workers of one model that disagree on the KV layout (every transfer would be refused and recomputed),
-model files missing, and clocks far enough apart to spoil KV leases. Exit status 1 on any FAIL, else 0
-(WARN and SKIP do not fail); 2 for a bad --nats URL.
+reachable, endpoints this host cannot reach (every one named, with why and the fix: transfer endpoints' control
+and byte-stream ports, metrics endpoints, each NATS server of a list), a loopback address advertised to other
+machines, workers of one model that disagree on the KV layout (every transfer would be refused and recomputed),
+model files missing, and clocks far enough apart to spoil KV leases. Probes run concurrently, each bounded by
+--probe-timeout-s, so a cluster of many dead endpoints is diagnosed in seconds. Exit status 1 on any FAIL,
+else 0 (WARN and SKIP do not fail); 2 for a bad --nats URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import ipaddress
 import logging
-import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 from urllib.parse import urlsplit
+
+import orjson
+import zmq
+import zmq.asyncio
 
 from pdserve import config as cfg
 from pdserve import models, netaddr, status
@@ -32,7 +37,7 @@ from pdserve.protocol import Heartbeat
 log = logging.getLogger(__name__)
 
 Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
-TRANSFER_CONNECT_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.5  # each connect (and each hello) of the reachability checks
 # Leases (--kv-lease-s) are 30 s by default and compared across machines by wall clock: a few seconds of
 # skew only shortens them, ten or more eats a third of a lease.
 SKEW_WARN_S = 2.0
@@ -56,14 +61,36 @@ def _listing(summary: str, findings: list[str]) -> str:
 # ------------------------------------------------------------------------------------------ checks
 
 
-async def check_nats(options: cfg.BusOptions, timeout_s: float) -> tuple[CheckResult, Bus | None]:
-    """1. NATS answers within timeout_s; returns the open Bus for the checks that read heartbeats."""
+async def check_nats(options: cfg.BusOptions, timeout_s: float,
+                     probe_timeout_s: float = PROBE_TIMEOUT_S) -> tuple[CheckResult, Bus | None]:
+    """1. NATS answers within timeout_s; returns the open Bus for the checks that read heartbeats. Of a list of
+    servers, each one this host cannot reach is named (a client connected to one fails over to the others)."""
     url = ",".join(options.nats_servers)
+    servers = options.nats_servers
+    connecting = asyncio.create_task(status.connect(options, "pdserve doctor", timeout_s))
+    problems = await _nats_problems(servers, probe_timeout_s) if len(servers) > 1 else []
     try:
-        bus = await status.connect(options, "pdserve doctor", timeout_s)
+        bus = await connecting
     except BusError as e:
-        return CheckResult("nats", "FAIL", str(e).removeprefix("pdserve doctor: ")), None
+        return CheckResult("nats", "FAIL", _listing(str(e).removeprefix("pdserve doctor: "), problems)), None
+    if problems:
+        summary = (f"connected, but {len(problems)} of {len(servers)} NATS servers are unreachable from here (services "
+                   "on this host cannot fail over to them): fix their URLs in --nats, or open their ports to this host")
+        return CheckResult("nats", "WARN", _listing(summary, problems)), bus
     return CheckResult("nats", "OK", f"reachable at {url}"), bus
+
+
+async def _nats_problems(servers: list[str], timeout_s: float) -> list[str]:
+    async def probe(url: str) -> str | None:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 4222
+        except ValueError:
+            return f"{url}: its port is not a number"
+        problem = await netaddr.tcp_unreachable(parts.hostname or "127.0.0.1", port, timeout_s)
+        return None if problem is None else f"{url}: {problem.reason}"
+
+    return [p for p in await asyncio.gather(*(probe(u) for u in servers)) if p]
 
 
 def check_members(heartbeats: list[Heartbeat], nats_url: str, listen_s: float) -> CheckResult:
@@ -91,50 +118,144 @@ def parse_transfer_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-async def _tcp_connect(host: str, port: int, timeout_s: float) -> str | None:
-    """None when a TCP connection opens within timeout_s, else why not (ZeroMQ accepts a bare TCP connect)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except asyncio.TimeoutError:
-        return f"no answer within {timeout_s:g}s (a firewall drops it, or the address is not this worker's)"
-    except OSError as e:
-        if e.errno == errno.ECONNREFUSED:
-            return "connection refused (nothing listens there: the worker is gone, or the address is not its own)"
-        return os.strerror(e.errno) if e.errno else str(e)
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass  # the endpoint hung up first: it was reachable all the same
-    return None
+# Why a worker's advertised address does not take a connection, and what to change, by the kind of failure.
+_WHY_AND_FIX: dict[str, tuple[str, str]] = {
+    "refused": ("nothing listens there: the worker is gone, or it listens on another address than it advertises",
+                "restart it with --bind-host 0.0.0.0, or with --advertise-host set to an address it has"),
+    "timeout": ("a firewall drops the packets, or no host answers at that address",
+                "open the worker's ports to this host (firewall, security group), or restart it with --advertise-host "
+                "set to an address this host reaches"),
+    "unroutable": ("this host has no route to that address",
+                   "restart the worker with --advertise-host set to an address on a network this host reaches"),
+    "unresolved": ("", "restart the worker with --advertise-host set to an IP address, or a name this host resolves"),
+    "other": ("", "check the firewall between the hosts, and the worker's --advertise-host"),
+}
 
 
-async def check_transfer_endpoints(heartbeats: list[Heartbeat],
-                                   timeout_s: float = TRANSFER_CONNECT_TIMEOUT_S) -> CheckResult:
-    """2. Each advertised transfer endpoint accepts a TCP connection from here (no KV is read)."""
+def _finding(what: str, problem: netaddr.Unreachable, fix: str | None = None) -> str:
+    why, default_fix = _WHY_AND_FIX[problem.kind]
+    return f"{what}: {problem.reason}{f' ({why})' if why else ''}; {fix or default_fix}"
+
+
+@dataclass(frozen=True)
+class _TransferProbe:
+    """One endpoint's answer: unreachable (fail), reachable but not its byte stream (warn), or its stream port
+    unknown (no answer to hello, so not checked)."""
+
+    fail: str | None = None
+    warn: str | None = None
+    stream_unchecked: bool = False
+
+
+async def check_transfer_endpoints(heartbeats: list[Heartbeat], timeout_s: float = PROBE_TIMEOUT_S) -> CheckResult:
+    """2. Each advertised transfer endpoint takes connections from here: its control port, and the port of its
+    byte stream, which the endpoint names when asked as a client asks (hello on the control socket; no KV is read).
+    An unreachable control port fails (no pull can be made); an unreachable stream port warns, since pulls then
+    go as ZeroMQ frames, slower."""
     workers = [hb for hb in heartbeats if hb.transfer_address]
     if not workers:
         return CheckResult("transfer", "SKIP", "no worker advertises a transfer endpoint")
+    ctx = zmq.asyncio.Context()
+    try:
+        probes = await asyncio.gather(*(_probe_transfer(ctx, hb, timeout_s) for hb in workers))
+    finally:
+        ctx.term()
+    fails = [p.fail for p in probes if p.fail]
+    warns = [p.warn for p in probes if p.warn]
+    num_unchecked = sum(p.stream_unchecked for p in probes)
+    note = (f" ({num_unchecked} did not say where their byte stream listens within {timeout_s:g}s: not checked)"
+            if num_unchecked else "")
+    if fails:
+        return CheckResult("transfer", "FAIL", _listing(
+            f"{len(fails)} of {len(workers)} transfer endpoint(s) unreachable from here, so workers here cannot pull "
+            "their KV: open their ports to the other workers (firewall, security group), or restart each with "
+            f"--advertise-host set to an address the others reach it at (and --bind-host 0.0.0.0 behind NAT){note}",
+            fails + warns))
+    if warns:
+        return CheckResult("transfer", "WARN", _listing(
+            f"{len(warns)} of {len(workers)} transfer endpoint(s) take control connections from here but not their "
+            f"byte stream, so their KV comes as ZeroMQ frames, slower{note}", warns))
+    return CheckResult("transfer", "OK", f"{len(workers)} transfer endpoint(s) reachable from here{note}")
+
+
+async def _probe_transfer(ctx: zmq.asyncio.Context, hb: Heartbeat, timeout_s: float) -> _TransferProbe:
+    address = hb.transfer_address
+    assert address is not None
+    try:
+        host, port = parse_transfer_address(address)
+    except ValueError as e:
+        return _TransferProbe(fail=f"{hb.worker_id}: {e}; restart it with --advertise-host set to its address")
+    problem = await netaddr.tcp_unreachable(host, port, timeout_s)
+    if problem is not None:
+        return _TransferProbe(fail=_finding(f"{hb.worker_id} transfer endpoint {address}", problem))
+    answered, stream_port = await _ask_stream_port(ctx, address, timeout_s)
+    if not answered:
+        return _TransferProbe(stream_unchecked=True)
+    if stream_port is None:  # the endpoint offers no byte stream
+        return _TransferProbe()
+    problem = await netaddr.tcp_unreachable(host, stream_port, timeout_s)
+    if problem is None:
+        return _TransferProbe()
+    return _TransferProbe(warn=_finding(
+        f"{hb.worker_id} byte stream {host}:{stream_port} (its control port {port} is reachable)", problem,
+        "open the worker's ports to this host, not only the control port (both are picked at start), or forward "
+        "its stream port too where a NAT or proxy forwards the control port"))
+
+
+async def _ask_stream_port(ctx: zmq.asyncio.Context, address: str, timeout_s: float) -> tuple[bool, int | None]:
+    """(answered, the stream port it names, None if it offers none), asking as kv.client does: {"op": "hello"}.
+    The ticket that comes with the answer is left unused; the endpoint forgets it among its oldest."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    loop = asyncio.get_running_loop()
+    try:
+        sock.connect(address)
+        nonce = secrets.token_hex(8)
+        await sock.send(orjson.dumps({"op": "hello", "nonce": nonce}))
+        deadline = loop.time() + timeout_s
+        while (left_s := deadline - loop.time()) > 0:
+            if not await sock.poll(left_s * 1000):
+                break
+            header = orjson.loads((await sock.recv_multipart())[0])
+            if isinstance(header, dict) and header.get("nonce") == nonce:
+                port = header.get("port") if header.get("k") == "hello" else None
+                return True, port if type(port) is int and 0 < port < 65536 else None
+    except (zmq.ZMQError, orjson.JSONDecodeError) as e:
+        log.debug("hello to %s: %s", address, e)
+    finally:
+        sock.close(linger=0)
+    return False, None
+
+
+async def check_metrics_endpoints(heartbeats: list[Heartbeat], timeout_s: float = PROBE_TIMEOUT_S) -> CheckResult:
+    """3. Each advertised /metrics endpoint takes a TCP connection from here (a Prometheus here could scrape it);
+    serving does not need them, so an unreachable one warns."""
+    members = [hb for hb in heartbeats if hb.metrics_address]
+    if not members:
+        return CheckResult("metrics", "SKIP", "no worker advertises a metrics endpoint")
 
     async def probe(hb: Heartbeat) -> str | None:
+        parts = urlsplit(hb.metrics_address)
         try:
-            host, port = parse_transfer_address(hb.transfer_address)
-        except ValueError as e:
-            return f"{hb.worker_id}: {e}"
-        problem = await _tcp_connect(host, port, timeout_s)
-        return f"{hb.worker_id} at {hb.transfer_address}: {problem}" if problem else None
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            return f"{hb.worker_id}: {hb.metrics_address!r} is not http://HOST:PORT/metrics"
+        problem = await netaddr.tcp_unreachable(parts.hostname, port, timeout_s)
+        return None if problem is None else _finding(f"{hb.worker_id} metrics {hb.metrics_address}", problem)
 
-    problems = [p for p in await asyncio.gather(*(probe(hb) for hb in workers)) if p]
+    problems = [p for p in await asyncio.gather(*(probe(hb) for hb in members)) if p]
     if problems:
-        return CheckResult("transfer", "FAIL", _listing(
-            f"{len(problems)} of {len(workers)} transfer endpoint(s) unreachable from here: open their ports to the "
-            "other workers (firewall, security group), or restart each with --advertise-host set to an address "
-            "the others reach it at", problems))
-    return CheckResult("transfer", "OK", f"{len(workers)} transfer endpoint(s) reachable from here")
+        return CheckResult("metrics", "WARN", _listing(
+            f"{len(problems)} of {len(members)} metrics endpoint(s) unreachable from here, so a Prometheus on this "
+            "host cannot scrape them (serving is not affected); they listen where the transfer endpoints do "
+            "(--bind-host, --advertise-host)", problems))
+    return CheckResult("metrics", "OK", f"{len(members)} metrics endpoint(s) reachable from here")
 
 
 def check_advertised_hosts(heartbeats: list[Heartbeat], nats_servers: list[str]) -> CheckResult:
-    """3. No worker advertises an address other machines cannot use while NATS (and so the cluster) is remote."""
+    """4. No worker advertises an address other machines cannot use while NATS (and so the cluster) is remote."""
     nats_hosts = [urlsplit(u).hostname or "127.0.0.1" for u in nats_servers]
     nats_remote = not all(netaddr.is_loopback(h) for h in nats_hosts)
     problems = []
@@ -173,7 +294,7 @@ _LAYOUT_FIELDS: tuple[tuple[str, Callable], ...] = tuple(
 
 
 def check_model_agreement(heartbeats: list[Heartbeat]) -> CheckResult:
-    """4. Workers serving one model name agree on its KV layout, context limit and tokenizer."""
+    """5. Workers serving one model name agree on its KV layout, context limit and tokenizer."""
     by_model: dict[str, list[Heartbeat]] = {}
     for hb in heartbeats:
         if hb.model is not None:
@@ -220,7 +341,7 @@ def _disagreement(heartbeats: list[Heartbeat], get: Callable[[Heartbeat], object
 
 
 def check_model_files(heartbeats: list[Heartbeat], model: str | None) -> CheckResult:
-    """5. --model, and each worker's model directory found on this machine, is a complete HF directory."""
+    """6. --model, and each worker's model directory found on this machine, is a complete HF directory."""
     paths: list[str] = [model] if model else []
     elsewhere, num_mock = [], 0
     for hb in heartbeats:
@@ -256,7 +377,7 @@ def _model_problem(model: str) -> str | None:
 
 
 def check_clock_skew(members: list[status.Seen]) -> CheckResult:
-    """6. Each heartbeat's sent_at is close to when it arrived here (wall clocks agree)."""
+    """7. Each heartbeat's sent_at is close to when it arrived here (wall clocks agree)."""
     if not members:
         return CheckResult("clock", "SKIP", "no heartbeats to compare clocks with")
     skews = sorted(((s.received_at - s.heartbeat.sent_at, s.heartbeat.worker_id) for s in members),
@@ -276,21 +397,27 @@ def check_clock_skew(members: list[status.Seen]) -> CheckResult:
 # ------------------------------------------------------------------------------------------ driver
 
 
-async def diagnose(options: cfg.BusOptions, model: str | None, timeout_s: float, listen_s: float) -> list[CheckResult]:
-    """Every check, in order; those that need heartbeats are skipped when NATS is unreachable."""
-    nats, bus = await check_nats(options, timeout_s)
+async def diagnose(options: cfg.BusOptions, model: str | None, timeout_s: float, listen_s: float,
+                   probe_timeout_s: float = PROBE_TIMEOUT_S) -> list[CheckResult]:
+    """Every check, in order; those that need heartbeats are skipped when NATS is unreachable. The reachability
+    probes run at once, so that each waits for its own timeout only."""
+    nats, bus = await check_nats(options, timeout_s, probe_timeout_s)
     if bus is None:
-        skipped = [CheckResult(name, "SKIP", "needs NATS") for name in ("members", "transfer", "advertise", "models")]
+        skipped = [CheckResult(name, "SKIP", "needs NATS")
+                   for name in ("members", "transfer", "metrics", "advertise", "models")]
         return [nats, *skipped, check_model_files([], model), CheckResult("clock", "SKIP", "needs NATS")]
     try:
         members = await status.collect(bus, listen_s)
     finally:
         await bus.close()
     heartbeats = [s.heartbeat for s in members]
+    transfer, metrics = await asyncio.gather(check_transfer_endpoints(heartbeats, probe_timeout_s),
+                                             check_metrics_endpoints(heartbeats, probe_timeout_s))
     return [
         nats,
         check_members(heartbeats, ",".join(options.nats_servers), listen_s),
-        await check_transfer_endpoints(heartbeats),
+        transfer,
+        metrics,
         check_advertised_hosts(heartbeats, options.nats_servers),
         check_model_agreement(heartbeats),
         check_model_files(heartbeats, model),
@@ -311,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for NATS [default 3]")
     parser.add_argument("--listen-s", type=float, default=status.DEFAULT_LISTEN_S,
                         help=f"how long to listen for heartbeats [default {status.DEFAULT_LISTEN_S:g}]")
+    parser.add_argument("--probe-timeout-s", type=float, default=PROBE_TIMEOUT_S,
+                        help="how long each connect to an endpoint may take (all run at once) "
+                             f"[default {PROBE_TIMEOUT_S:g}]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve doctor: {e}", file=sys.stderr)
         return 2
     try:
-        results = asyncio.run(diagnose(options, args.model, args.timeout_s, args.listen_s))
+        results = asyncio.run(diagnose(options, args.model, args.timeout_s, args.listen_s, args.probe_timeout_s))
     except KeyboardInterrupt:
         return 130
     for result in results:

@@ -31,15 +31,21 @@ def shutdown_event() -> asyncio.Event:
     return stop
 
 
+class StartupError(Exception):
+    """A service cannot start as configured (an address this host cannot bind, say); the message is one line that
+    names the flag to change or the fix, and is all the operator sees of it."""
+
+
 def run(main: Callable[[], Awaitable[None]]) -> int:
-    """Runs a service to its end; exit status 1, with one line that names the fix, when NATS cannot be used."""
+    """Runs a service to its end; exit status 1, with one line that names the fix, when NATS cannot be used or the
+    service cannot start as configured."""
     from pdserve.bus import BusError
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
-    except BusError as e:  # unreachable, wrong credentials, TLS: the message says what to change
+    except (BusError, StartupError) as e:  # NATS unreachable, credentials, TLS, addresses: the message says the fix
         log.error("%s", e)
         return 1
     return 0

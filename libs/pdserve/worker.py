@@ -25,6 +25,7 @@ from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
 from pdserve.peer_paths import PeerPaths
 from pdserve.protocol import ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
+from pdserve.service import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,17 @@ class WorkerRuntime:
     async def __aenter__(self) -> "WorkerRuntime":
         cfg = self.config
         try:
+            # Where this worker listens is checked before NATS and the engine: an address it cannot bind is then
+            # one line naming the flag, for both engines (vLLM's connector binds in vLLM's own process).
+            try:
+                advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
+            except ValueError as e:
+                raise StartupError(str(e)) from e
+            refusal = netaddr.bind_refusal(advertise_host, cfg.bind_host, detected=not cfg.advertise_host)
+            if refusal is not None:
+                raise StartupError(refusal)
             self.bus = await Bus.connect_with(cfg, self.worker_id)
             self._stack.push_async_callback(self.bus.close)
-            advertise_host = cfg.advertise_host or netaddr.detect_advertise_host(cfg.nats_servers[0])
             # The engine's block events go to the broker's index (the card's name is the served model name);
             # the relay outlives the engine so that the engine's last removals are sent before NATS is drained.
             self.kv_events = KVEventRelay(self.worker_id, cfg.served_model_name, self._publish_kv_event)
@@ -63,10 +72,18 @@ class WorkerRuntime:
             self.engine = create_engine(cfg, advertise_host=advertise_host, bind_host=cfg.bind_host or advertise_host,
                                         kv_events=self.kv_events)
             assert self.engine.card.name == cfg.served_model_name
-            await self.engine.start()
+            try:
+                await self.engine.start()
+            except netaddr.BindError as e:
+                raise StartupError(str(e)) from e
             self._stack.push_async_callback(self.engine.stop)
             self.metrics = WorkerMetrics(self._metric_values, {"worker_id": self.worker_id, "role": cfg.role})
-            port = self.metrics.serve(cfg.bind_host or advertise_host)
+            try:
+                port = self.metrics.serve(cfg.bind_host or advertise_host)
+            except OSError as e:
+                raise StartupError(f"the metrics server cannot listen on {cfg.bind_host or advertise_host} "
+                                   f"({e.strerror or e}); pass --bind-host with an address of this host "
+                                   "(0.0.0.0: all of them)") from e
             self._stack.callback(self.metrics.stop)
             self.metrics_address = f"{netaddr.http_url(advertise_host, port)}/metrics"
             await self.bus.serve(subjects.worker_stats(self.worker_id), StatsRequest, self._on_stats)

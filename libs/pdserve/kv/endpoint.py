@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import orjson
 import zmq
 
+from pdserve import netaddr
 from pdserve.kv import shm, stream, wire
 from pdserve.kv.cutter import Cutter, ServedPull
 from pdserve.kv.host import host_id
@@ -130,7 +131,18 @@ class TransferEndpoint:
         if ":" in self.bind_host:
             sock.ipv6 = True
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
-        sock.bind(f"tcp://{host}:0")
+        try:
+            sock.bind(f"tcp://{host}:0")
+            if self._offer_stream:
+                self._streams = stream.StreamServer(self.bind_host)
+        except (zmq.ZMQError, OSError) as e:
+            sock.close(linger=0)
+            self._ctx.term()
+            if isinstance(e, netaddr.BindError):
+                raise
+            raise netaddr.BindError(e.errno, f"the KV transfer endpoint cannot listen on {self.bind_host} "
+                                    f"({e.strerror or e}); pass --bind-host with an address of this host (0.0.0.0: "
+                                    "all of them)") from e
         port = int(sock.last_endpoint.decode().rsplit(":", 1)[1])
         adv = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
         self._address = f"tcp://{adv}:{port}"
@@ -138,8 +150,7 @@ class TransferEndpoint:
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
-        if self._offer_stream:
-            self._streams = stream.StreamServer(self.bind_host)
+        if self._streams is not None:
             self._watch(self._streams.listener.fileno(), zmq.POLLIN)
         self._thread = threading.Thread(target=self._serve, name=f"kv-endpoint-{port}", daemon=True)
         self._thread.start()

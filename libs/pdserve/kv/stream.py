@@ -32,6 +32,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from pdserve import netaddr
+
 logger = logging.getLogger(__name__)
 
 TICKET_NBYTES = 16
@@ -118,9 +120,14 @@ class StreamServer:
     def __init__(self, bind_host: str) -> None:
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((bind_host, 0))
-        self.listener.listen(128)
+        try:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((bind_host, 0))
+            self.listener.listen(128)
+        except OSError as e:
+            self.listener.close()
+            raise netaddr.BindError(e.errno, f"the KV byte stream cannot listen on {bind_host} ({e.strerror or e}); "
+                                    "pass --bind-host with an address of this host (0.0.0.0: all of them)") from e
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
         self._tickets: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # ticket -> identity
