@@ -4,6 +4,7 @@ real nats-server."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -90,3 +91,19 @@ def test_the_transfer_endpoint_and_its_stream_name_bind_host_when_they_cannot_li
     assert isinstance(raised.value, OSError) and raised.value.errno is not None
     with pytest.raises(netaddr.BindError, match=f"byte stream cannot listen on {NOT_HERE} .*--bind-host"):
         stream.StreamServer(NOT_HERE)
+
+
+def test_a_router_that_cannot_listen_names_host_or_port(nats):
+    """The router checks its HTTP address before anything else (uvicorn alone would end in a traceback)."""
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "router", "--nats", nats.url, "--host", NOT_HERE],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=30)
+    assert done.returncode != 0 and f"--host {NOT_HERE} is not an address of this host" in the_one_line(done.stdout)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pdserve.cli", "router", "--nats", nats.url, "--port", str(port)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=30)
+    assert done.returncode != 0 and f"--port {port} on 127.0.0.1 is taken" in the_one_line(done.stdout)

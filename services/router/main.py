@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from typing import Iterator
 
 import uvicorn
@@ -20,7 +22,7 @@ from pdserve.bus import Bus
 from pdserve.config import RouterConfig
 from pdserve.membership import Membership
 from pdserve.metrics import RouterMetrics
-from pdserve.service import shutdown_event
+from pdserve.service import StartupError, shutdown_event
 from pdserve.tracing import setup_tracing, shutdown_tracing
 from services.router.api import create_app
 from services.router.auth import ApiKeys
@@ -49,8 +51,30 @@ async def serve(config: RouterConfig) -> None:
         shutdown_tracing()  # after the last request's spans ended
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """StartupError, one line naming the flag, when the HTTP server could not listen on host:port (uvicorn would
+    end in a traceback); checked before NATS, so nothing else is started for nothing."""
+    problem = netaddr.bind_problem(host)
+    if problem is not None:
+        raise StartupError(f"--host {host} {problem}; pass one of this host's addresses, 127.0.0.1 (this machine "
+                           "only) or 0.0.0.0 (every interface)")
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise StartupError(f"--port {port} on {host} is taken by another process; pass another --port (0: "
+                                   "any free one) or stop what listens there") from e
+            raise StartupError(f"--port {port} on {host} cannot be bound ({e.strerror or e}); pass another --port") from e
+
+
 async def _serve(config: RouterConfig, tracing_on: bool) -> None:
     stop = shutdown_event()
+    check_listen_address(config.host, config.port)
     bus = await Bus.connect_with(config, config.router_id)
     membership = Membership()
     try:
