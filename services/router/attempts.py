@@ -225,4 +225,7 @@ class DecodeAttempt:
         try:  # wait_for costs a task and a timer (~20 us on 3.11): only when there is something to wait for
             return await asyncio.wait_for(chunks.get(), timeout=max(timeout_s, 0.001))
         except asyncio.TimeoutError:
+            if self.req.remaining_s() <= 0:  # the request's own deadline, not the worker's silence: no retry
+                raise AttemptFailed("the request's deadline passed while it decoded", timeout=True,
+                                    retryable=False) from None
             raise AttemptFailed(f"no tokens for {timeout_s:.1f}s{self._why}", timeout=True) from None

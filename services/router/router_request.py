@@ -149,6 +149,9 @@ class RouterRequest:
         if num_full and num_full == len(candidates.failed):
             return Overloaded(f"Every decode worker is full ({num_full} tried); retry after the time in the "
                               "Retry-After header.", retry_after_s=WORKERS_FULL_RETRY_AFTER_S)
+        if self.req.remaining_s() <= 0:
+            return UpstreamTimeout(f"request {self.req.request_id} ran out of time during decode, after "
+                                   f"{len(self.streamed or ())} tokens (its timeout, else --request-timeout-s)")
         error_cls = UpstreamTimeout if last_error.timeout else UpstreamError
         return error_cls(f"decode failed after {len(candidates.excluded)} attempt(s): {last_error}")
 
