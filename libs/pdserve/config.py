@@ -265,6 +265,9 @@ class BrokerConfig(BusOptions):
 
 
 _SECURITY = "security (see README: Security and overload)"
+# pdserve up's cluster is on one machine, for failover: 3 nodes survive any one dying; more only cost memory
+# and routes (every node routes to every other).
+MAX_NATS_CLUSTER = 7
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,11 @@ class UpConfig:
     """`pdserve up`: the whole system on one machine (launcher.py). Not BusOptions: without --nats it starts its
     own NATS, and the identities it is given are for the services it starts, each by its environment."""
 
-    nats: str | None = _opt(None, "use this NATS server instead of starting one", shown_default="start one")
+    nats: str | None = _opt(None, "use this NATS server (or cluster: its URLs comma-separated) instead of starting "
+                            "one", shown_default="start one")
+    nats_cluster: int = _opt(1, "without --nats: start this many nats-servers on 127.0.0.1 as one cluster, and give "
+                             "every service all their URLs (a service whose node dies carries on through another; "
+                             "a node that dies is restarted)")
     host: str = _opt("127.0.0.1", "router HTTP bind address")
     port: int = _opt(8000, "router HTTP port")
     prefill: int = _opt(1, "prefill workers")
@@ -322,6 +329,12 @@ class UpConfig:
             if url.strip() and not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
                 _fail("nats", f"{url.strip()!r} is not a NATS URL", "use nats://HOST:PORT, or leave it out: pdserve up "
                       "then starts its own")
+        if not 1 <= self.nats_cluster <= MAX_NATS_CLUSTER:
+            _fail("nats_cluster", f"{self.nats_cluster} nodes is not 1 to {MAX_NATS_CLUSTER}",
+                  f"give 1 (one nats-server, the default) to {MAX_NATS_CLUSTER}")
+        if self.nats_cluster > 1 and self.nats:
+            _fail("nats_cluster", "given together with --nats", "leave out --nats to have pdserve up start the cluster, "
+                  "or give --nats every URL of your own cluster, comma-separated")
         self._check_security()
 
     def _check_security(self) -> None:

@@ -3,17 +3,18 @@
 Algorithm:
 1. With the config (config.py's UpConfig, flags and PDSERVE_* variables, validated by the CLI), check the router's
    port is free (the one fixed port besides NATS'), else stop with the fix.
-2. Start nats-server on a free port (or use --nats URL). Its own NATS gives each role its own identity
-   (nats_auth.py: router, prefill, decode, broker, observer; fresh passwords, files in the run directory only
-   this user can read) and a max_payload that fits long prompts (8 MiB). Each child gets its role's file through
-   its environment (PDSERVE_NATS_CREDENTIALS_FILE), never its command line; with --nats URL, the identity
-   files of --nats-credentials-dir, or the --nats-user/--nats-token given.
+2. Start nats-server on a free port (or use --nats URL); with --nats-cluster N, N of them on 127.0.0.1 that
+   form one cluster (nats_cluster.py), and every service is given all their URLs. Its own NATS gives each role
+   its own identity (nats_auth.py: router, prefill, decode, broker, observer; fresh passwords, files in the run
+   directory only this user can read) and a max_payload that fits long prompts (8 MiB), on every node alike.
+   Each child gets its role's file through its environment (PDSERVE_NATS_CREDENTIALS_FILE), never its command
+   line; with --nats URL, the identity files of --nats-credentials-dir, or the --nats-user/--nats-token given.
 3. Start the KV broker, the router and N prefill + M decode workers as child processes; each child dies
    with this process (PR_SET_PDEATHSIG) so none is ever left behind, even after a kill -9 of `pdserve up`.
    Their output goes to ours, and their last lines are kept.
 4. Poll the router's /health until every worker and the broker have announced themselves; on timeout, or
    when a child exits early, name what did not come up (with its last lines) and stop everything.
-5. Print where everything is; then supervise (supervisor.py): a child (nats-server too) that dies is restarted
+5. Print where everything is; then supervise (supervisor.py): a child (each nats-server too) that dies is restarted
    with backoff and a line that says so; one that keeps dying ends `pdserve up` with status 1, naming it and
    its last log lines. Ctrl-C / SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period), then
    nats-server.
@@ -33,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pdserve import nats_auth, nats_server
+from pdserve import nats_auth, nats_cluster, nats_server
 from pdserve.config import UpConfig
 from pdserve.supervisor import Child, OutputTail, Supervisor, file_tail
 
@@ -65,6 +66,7 @@ class System:
         self.config = config
         self.supervisor = Supervisor(_say)
         self.nats: nats_server.NatsServer | None = None
+        self.nats_cluster: nats_cluster.NatsCluster | None = None
         self.nats_url: str = config.nats or ""
         self._own_run_dir = config.run_dir is None
         self.run_dir = config.run_dir or tempfile.mkdtemp(prefix="pdserve-up-")
@@ -104,22 +106,33 @@ class System:
         self._spawn("router", ["router", *common, "--host", a.host, "--port", str(a.port), *keys])
 
     def _start_nats(self) -> None:
-        """Our own nats-server: one identity per role, credentials in the run directory."""
+        """Our own nats-server, or cluster of them: one identity per role, credentials in the run directory."""
         credentials = nats_auth.generate()
         self.credentials_dir = os.path.join(self.run_dir, "nats-credentials")
         nats_auth.write_credentials(self.credentials_dir, credentials)
-        log_file = os.path.join(self.run_dir, "nats-server.log")
-        self.nats = nats_server.start(die_with_parent=True, store_dir=os.path.join(self.run_dir, "nats"),
-                                      log_file=log_file, authorization=nats_auth.authorization_block(credentials),
-                                      max_payload=OWN_NATS_MAX_PAYLOAD)
-        self.nats_url = self.nats.url
-        nats = self.nats
+        settings = dict(die_with_parent=True, authorization=nats_auth.authorization_block(credentials),
+                        max_payload=OWN_NATS_MAX_PAYLOAD)
+        if self.config.nats_cluster > 1:
+            self.nats_cluster = nats_cluster.start_cluster(
+                self.config.nats_cluster, store_dir=os.path.join(self.run_dir, "nats-cluster"), log_dir=self.run_dir,
+                **settings)
+            self.nats_url = self.nats_cluster.url
+            for i, (node, log_file) in enumerate(zip(self.nats_cluster.nodes, self.nats_cluster.log_files)):
+                self._supervise_nats(f"nats-server-{i}", node, log_file)
+        else:
+            log_file = os.path.join(self.run_dir, "nats-server.log")
+            self.nats = nats_server.start(store_dir=os.path.join(self.run_dir, "nats"), log_file=log_file, **settings)
+            self.nats_url = self.nats.url
+            self._supervise_nats("nats-server", self.nats, log_file)
+
+    def _supervise_nats(self, name: str, nats: nats_server.NatsServer, log_file: str) -> None:
+        """Restarted on its own ports when it dies: clients know its URL, the other nodes its route URL."""
 
         def restart() -> subprocess.Popen:
             nats.restart()
             return nats.process
 
-        self.supervisor.children.append(Child("nats-server", restart, lambda: file_tail(log_file), nats.process))
+        self.supervisor.children.append(Child(name, restart, lambda: file_tail(log_file), nats.process))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         env = dict(self.env)
@@ -177,7 +190,7 @@ class System:
 
     def stop(self, grace_s: float = 10.0) -> None:
         # Router first (no new requests), then workers and broker, then NATS.
-        services = [c for c in self.children if c.name != "nats-server" and c.process is not None]
+        services = [c for c in self.children if not c.name.startswith("nats-server") and c.process is not None]
         for child in reversed(services):
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -191,6 +204,8 @@ class System:
                 child.process.wait()
         if self.nats:
             self.nats.stop()
+        if self.nats_cluster:
+            self.nats_cluster.stop()
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -237,8 +252,9 @@ def up(config: UpConfig) -> int:
         health = system.wait_healthy(lambda: stopping)
         models = ", ".join(sorted({w["model"] for w in health["workers"] if w.get("model")}))
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        nodes = f" (a cluster of {config.nats_cluster} nats-servers)" if system.nats_cluster else ""
         _say(f"ready: OpenAI API at http://{host}:{config.port}/v1 (model {models}); "
-             f"health at http://{host}:{config.port}/health; Ctrl-C stops everything")
+             f"health at http://{host}:{config.port}/health; NATS at {system.nats_url}{nodes}; Ctrl-C stops everything")
         observer = system.observer_credentials()
         if observer:
             _say(f"watch it: pdserve status --nats {system.nats_url} --nats-credentials-file {observer} "
