@@ -20,19 +20,23 @@ class EarlyCancels:
         assert keep_s > 0 and max_entries > 0
         self.keep_s = keep_s
         self.max_entries = max_entries
-        self._when: OrderedDict[str, float] = OrderedDict()  # request_id -> monotonic time of its cancel
+        # request_id -> (monotonic time of its cancel, the last attempt it covers; None: every attempt)
+        self._when: OrderedDict[str, tuple[float, int | None]] = OrderedDict()
 
-    def remember(self, request_id: str) -> None:
+    def remember(self, request_id: str, attempt: int | None = None) -> None:
         now = time.monotonic()
         self._when.pop(request_id, None)
-        self._when[request_id] = now
-        while self._when and (len(self._when) > self.max_entries or next(iter(self._when.values())) < now - self.keep_s):
+        self._when[request_id] = (now, attempt)
+        while self._when and (len(self._when) > self.max_entries or next(iter(self._when.values()))[0] < now - self.keep_s):
             self._when.popitem(last=False)
 
-    def take(self, request_id: str) -> bool:
-        """Whether request_id was cancelled before it arrived (and is still remembered); forgets it."""
-        when = self._when.pop(request_id, None)
-        return when is not None and when >= time.monotonic() - self.keep_s
+    def take(self, request_id: str, attempt: int = 0) -> bool:
+        """Whether this attempt of request_id was cancelled before it arrived (and is still remembered); forgets
+        the cancel. A cancel of earlier attempts only (a resume on the same worker came after it) does not count."""
+        entry = self._when.pop(request_id, None)
+        if entry is None or entry[0] < time.monotonic() - self.keep_s:
+            return False
+        return entry[1] is None or attempt <= entry[1]
 
     def __len__(self) -> int:
         return len(self._when)

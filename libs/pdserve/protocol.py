@@ -261,6 +261,9 @@ class DecodeRequest(Message):
         default=(), description="tokens an earlier decode worker streamed before it failed: prefill prompt + "
         "them locally and continue after them (first_token_id and kv_transfer_params are then None)"
     )
+    attempt: int = Field(default=0, ge=0, description="the router's decode attempt of this request, counting up: "
+                         "a later attempt on the same worker (a resume after chunks were lost) replaces the earlier "
+                         "one, and a cancel of the earlier one does not stop it")
 
 
 class DecodeAccepted(Message):
@@ -309,6 +312,8 @@ class CancelRequest(Message):
     type: Literal["cancel"] = "cancel"
     request_id: str
     worker_id: str | None = None
+    attempt: int | None = Field(default=None, ge=0, description="only decode attempts up to this one (a later "
+                                "attempt of the request on the same worker goes on); None: every attempt")
 
 
 class ErrorReply(Message):

@@ -39,6 +39,7 @@ class WorkerRuntime:
         self.kv_events: KVEventRelay
         self.num_requests_served = 0
         self.num_in_flight = 0  # admitted and not yet ended (queued or running)
+        self.stopping = False  # shutting down: new requests are refused
         self.started_at = time.time()
         self._stack = contextlib.AsyncExitStack()
         self._heartbeats: HeartbeatPublisher | None = None  # from __aenter__ on
@@ -110,6 +111,9 @@ class WorkerRuntime:
 
     async def __aexit__(self, *exc: object) -> None:
         log.info("worker %s stopping", self.worker_id)
+        # From now on new requests are refused (retryable): one a router sent before it heard the goodbye goes
+        # elsewhere at once, instead of being taken by a worker whose engine is about to stop.
+        self.stopping = True
         await self._stack.aclose()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -141,7 +145,10 @@ class WorkerRuntime:
         )
 
     def refusal(self, model: str, deadline: float) -> ErrorReply | None:
-        """Why a new request cannot be taken here (wrong model, too late, full), or None to take it."""
+        """Why a new request cannot be taken here (stopping, wrong model, too late, full), or None to take it."""
+        if self.stopping:
+            return ErrorReply(code="stopping", message=f"{self.worker_id} is stopping; try another worker",
+                              retryable=True)
         if model != self.engine.card.name:
             return ErrorReply(code="wrong_model", message=f"{self.worker_id} serves {self.engine.card.name}, not {model}")
         if time.time() >= deadline:

@@ -5,6 +5,8 @@ this worker's own subject, and cancels -> heartbeats -> wait for SIGTERM -> good
 A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
 stream subject with sequence numbers, the last one with finish_reason and usage. The engine's stream tells
 when the prompt's KV is loaded (a KVLoadReport among the tokens): then the prefill worker may free its copy.
+A later attempt of a request on this worker (the router resumes here after chunks were lost in NATS) replaces
+the earlier one once that one has stopped; a cancel of the earlier attempt does not stop the later.
 A pull that could not connect to the prefill worker marks it unreachable (pdserve.peer_paths); a request whose
 KV sits on a worker marked so is not pulled: its prompt (and first token) is recomputed here at once.
 """
@@ -28,34 +30,54 @@ from pdserve.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+# How long a later attempt waits for the earlier one it replaces to stop and free what it holds.
+REPLACE_TIMEOUT_S = 5.0
+
 
 class DecodeHandlers:
     def __init__(self, rt: WorkerRuntime):
         self.rt = rt
         self._requests: dict[str, DecodeRequest] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._attempts: dict[str, int] = {}  # request id -> the router's attempt its task runs
         # A request whose cancel came first is refused on arrival, not decoded to max_tokens for nobody.
         self._cancelled_early = EarlyCancels(rt.config.kv_lease_s)
 
     async def on_decode(self, req: DecodeRequest) -> Message:
         rt = self.rt
-        if self._cancelled_early.take(req.request_id):
+        if self._cancelled_early.take(req.request_id, req.attempt):
             log.info("request %s: cancelled before it arrived; not decoded", req.request_id)
             if req.kv_transfer_params:  # the prefill worker may free its copy now, not at lease end
                 self._send_release(req, ok=False)
             # retryable: a router that still wants it (it resent after a NATS blip) may try another worker
             return ErrorReply(code="cancelled", message=f"request {req.request_id} was cancelled", retryable=True)
+        if req.request_id in self._tasks and not await self._replace(req):
+            return ErrorReply(code="duplicate", message=f"{rt.worker_id} already decodes {req.request_id} "
+                              f"(attempt {self._attempts.get(req.request_id, 0)})")
         refusal = rt.refusal(req.model, req.deadline)
         if refusal is not None:
             return refusal
-        if req.request_id in self._tasks:
-            return ErrorReply(code="duplicate", message=f"{rt.worker_id} already decodes {req.request_id}")
         rt.num_in_flight += 1
         self._requests[req.request_id] = req
         task = asyncio.create_task(self._run(req), name=f"decode-{req.request_id}")
         self._tasks[req.request_id] = task
+        self._attempts[req.request_id] = req.attempt
         task.add_done_callback(lambda _: self._ended(req, task))
         return DecodeAccepted(request_id=req.request_id, worker_id=rt.worker_id)
+
+    async def _replace(self, req: DecodeRequest) -> bool:
+        """A later attempt of a request running here: stop the earlier one (it frees its KV as it ends, the engine
+        aborts it) and wait for that, so that the two never share the request id in the engine. False when req
+        is not later, or the earlier one did not stop in time."""
+        running, attempt = self._tasks[req.request_id], self._attempts.get(req.request_id, 0)
+        if req.attempt <= attempt:
+            return False
+        log.info("request %s: attempt %d replaces attempt %d here (the router resumes after lost chunks)",
+                 req.request_id, req.attempt, attempt)
+        running.cancel()
+        await asyncio.wait({running}, timeout=REPLACE_TIMEOUT_S)
+        await self.rt.engine.abort(req.request_id)
+        return req.request_id not in self._tasks
 
     def _ended(self, req: DecodeRequest, task: asyncio.Task) -> None:
         """Undo what accepting the request counted, however its task ended: a task cancelled before its first
@@ -63,6 +85,7 @@ class DecodeHandlers:
         self.rt.num_in_flight -= 1
         if self._tasks.get(req.request_id) is task:
             del self._tasks[req.request_id]
+            del self._attempts[req.request_id]
         if self._requests.get(req.request_id) is req:
             del self._requests[req.request_id]
             if req.kv_transfer_params:  # never loaded: let prefill free its copy now, not at lease end
@@ -185,10 +208,12 @@ class DecodeHandlers:
         if msg.worker_id not in (None, self.rt.worker_id):
             return
         task = self._tasks.get(msg.request_id)
+        if task and msg.attempt is not None and self._attempts.get(msg.request_id, 0) > msg.attempt:
+            return  # the attempt it cancels was replaced here by a later one, which goes on
         if task:
             task.cancel()
         else:  # not here yet (or over already: then the entry just ages out)
-            self._cancelled_early.remember(msg.request_id)
+            self._cancelled_early.remember(msg.request_id, msg.attempt)
         await self.rt.engine.abort(msg.request_id)
 
 

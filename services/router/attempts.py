@@ -34,16 +34,19 @@ _NOTHING = object()
 class AttemptFailed(Exception):
     """An attempt failed. retryable: another worker may do better (after streamed tokens: by resuming after
     them), not when the worker refused for good; overloaded: it refused because it is full; not_listening:
-    nobody received the request (NoResponders); delivered: the worker got the request and may hold work."""
+    nobody received the request (NoResponders); delivered: the worker got the request and may hold work;
+    lost_messages: the worker is alive and working, but NATS lost some of its chunks (a node of a cluster died,
+    the router reconnected): it may be tried again (a resume there replaces the attempt)."""
 
     def __init__(self, message: str, *, retryable: bool = True, timeout: bool = False, overloaded: bool = False,
-                 not_listening: bool = False, delivered: bool = True):
+                 not_listening: bool = False, delivered: bool = True, lost_messages: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.timeout = timeout
         self.overloaded = overloaded
         self.not_listening = not_listening
         self.delivered = delivered
+        self.lost_messages = lost_messages
 
     @classmethod
     def of(cls, e: BusError) -> "AttemptFailed":
@@ -59,8 +62,10 @@ class AttemptFailed(Exception):
 class Candidates:
     """The workers of one role a request may still try.
 
-    A worker that failed the request is not tried again, and at most max_attempts may fail. A worker that was
-    not listening (NoResponders: nobody subscribes to its subject right now) costs no attempt: it died (NATS
+    A worker that failed the request is not tried again, and at most max_attempts may fail. A worker whose
+    chunks were lost on the way (AttemptFailed.lost_messages) counts as a failed attempt but may be tried again:
+    it works, NATS lost its messages (with one decode worker, it is the only one that can resume the stream).
+    A worker that was not listening (NoResponders: nobody subscribes to its subject right now) costs no attempt: it died (NATS
     dropped its subscriptions with its connection) or it, or this router, is reconnecting to NATS. The request
     moves on to another worker at once; when only such workers are left, it tries them again after a short
     pause (after a NATS restart, workers subscribe again within moments; a dead one leaves the membership
@@ -72,6 +77,7 @@ class Candidates:
         self.budget_s = budget_s
         self.failed: list[str] = []
         self.not_listening: list[str] = []
+        self.num_lost = 0  # attempts whose messages were lost (their workers stay candidates)
         self.waited_s = 0.0
 
     @property
@@ -79,10 +85,13 @@ class Candidates:
         return self.failed + self.not_listening
 
     def more(self) -> bool:
-        return len(self.failed) < self.max_attempts
+        return len(self.failed) + self.num_lost < self.max_attempts
 
     def record(self, worker_id: str, failure: AttemptFailed) -> None:
-        (self.not_listening if failure.not_listening else self.failed).append(worker_id)
+        if failure.lost_messages:
+            self.num_lost += 1
+        else:
+            (self.not_listening if failure.not_listening else self.failed).append(worker_id)
 
     async def pause(self, remaining_s: float) -> bool:
         """Called when no other worker is left: wait, then let the workers that were not listening be tried
@@ -145,10 +154,11 @@ class DecodeAttempt:
     """
 
     def __init__(self, router: Shared, req: GenerateRequest, worker_id: str, ready: KVReady | None,
-                 resume_token_ids: tuple[int, ...]):
+                 resume_token_ids: tuple[int, ...], number: int = 0):
         self.router = router
         self.req = req
         self.worker_id = worker_id
+        self.number = number  # of the request's decode attempts, counting from 0 (DecodeRequest.attempt)
         self.ready = ready
         self.resume_token_ids = resume_token_ids
         self.num_chunks = 0
@@ -168,7 +178,7 @@ class DecodeAttempt:
             sampling=req.sampling, first_token_id=ready.first_token_id if ready else None,
             kv_transfer_params=ready.kv_transfer_params if ready else None,
             stream_subject=self.router.streams.subject(req.request_id), stream_token=self._stream.token,
-            deadline=req.deadline, resume_token_ids=self.resume_token_ids,
+            deadline=req.deadline, resume_token_ids=self.resume_token_ids, attempt=self.number,
         )
         timeout_s = min(self.router.config.decode_accept_timeout_s, req.remaining_s())
         try:
@@ -210,10 +220,11 @@ class DecodeAttempt:
     def _check(self, chunk: TokenChunk | None) -> None:
         """Raise AttemptFailed unless chunk is the next good one (None: the worker is gone)."""
         if chunk is None:
-            raise AttemptFailed(f"decode worker {self.worker_id} is gone (missed heartbeats)")
+            raise AttemptFailed(f"decode worker {self.worker_id} is gone (goodbye or missed heartbeats)")
         if chunk.seq != self.num_chunks:
             # Resuming from the tokens the client has is right whatever was lost in between.
-            raise AttemptFailed(f"chunk {chunk.seq} arrived, expected {self.num_chunks}; tokens were lost")
+            raise AttemptFailed(f"chunk {chunk.seq} arrived, expected {self.num_chunks}; tokens were lost",
+                                lost_messages=True)
         if chunk.error:
             raise AttemptFailed(chunk.error)
         self.num_chunks += 1
@@ -228,4 +239,5 @@ class DecodeAttempt:
             if self.req.remaining_s() <= 0:  # the request's own deadline, not the worker's silence: no retry
                 raise AttemptFailed("the request's deadline passed while it decoded", timeout=True,
                                     retryable=False) from None
-            raise AttemptFailed(f"no tokens for {timeout_s:.1f}s{self._why}", timeout=True) from None
+            raise AttemptFailed(f"no tokens for {timeout_s:.1f}s{self._why}", timeout=True,
+                                lost_messages=bool(self._why)) from None

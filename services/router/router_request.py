@@ -57,6 +57,7 @@ class RouterRequest:
         self.ready: KVReady | None = None  # P's answer: the first token and where the prompt's KV is
         self.streamed: list[int] | None = None  # every token the client has, once a decode attempt streamed some
         self.holders: set[str] = set()  # workers that may hold work or KV of this request
+        self.num_decode_attempts = 0
         self.finished = False
         self.span: Span | None = None  # "route": the router's span of the whole request
         self._timer = RequestTimer(router.metrics)
@@ -113,7 +114,7 @@ class RouterRequest:
                         last_error = e
                         num_full += e.overloaded
                         candidates.record(worker.worker_id, e)
-                        await self._cancel_unless_refused(worker.worker_id, e)
+                        await self._cancel_unless_refused(worker.worker_id, e, attempt=attempt.number)
                         if not e.retryable:
                             break
                         router.metrics.retries.labels(role="decode").inc()
@@ -220,24 +221,27 @@ class RouterRequest:
             self.router.metrics.resumes.inc()
             self.span.set_attribute("num_resumed_tokens", len(resume))
             log.info("request %s: resuming on %s after %d tokens", self.req.request_id, worker_id, len(resume))
-        return DecodeAttempt(self.router, self.req, worker_id, None if resume else self.ready, resume)
+        number, self.num_decode_attempts = self.num_decode_attempts, self.num_decode_attempts + 1
+        return DecodeAttempt(self.router, self.req, worker_id, None if resume else self.ready, resume, number)
 
-    async def _cancel_unless_refused(self, worker_id: str, failure: AttemptFailed) -> None:
+    async def _cancel_unless_refused(self, worker_id: str, failure: AttemptFailed, attempt: int | None = None) -> None:
         """After a failed attempt: cancel on the worker if it may have the request (it stalled or failed: stop
-        its work, free its KV); one that refused it or never received it holds nothing."""
+        its work, free its KV); one that refused it or never received it holds nothing. attempt: the decode
+        attempt that failed (a later one on the same worker is not cancelled with it)."""
         if failure.delivered:
-            await self._cancel(worker_id)
+            await self._cancel(worker_id, attempt)
         else:
             self.holders.discard(worker_id)
 
-    async def _cancel(self, worker_id: str) -> None:
-        """Tell worker_id to stop its work on this request and free what it holds (once)."""
+    async def _cancel(self, worker_id: str, attempt: int | None = None) -> None:
+        """Tell worker_id to stop its work on this request (up to decode attempt `attempt`; None: all) and free
+        what it holds (once)."""
         if worker_id not in self.holders:
             return
         self.holders.discard(worker_id)
         try:
             await self.router.bus.publish(subjects.CANCEL, CancelRequest(request_id=self.req.request_id,
-                                                                          worker_id=worker_id),
+                                                                          worker_id=worker_id, attempt=attempt),
                                           request_id=self.req.request_id)
         except Exception as e:  # NATS down: leases and deadlines free the rest
             log.warning("request %s: cancel to %s not sent: %s", self.req.request_id, worker_id, e)

@@ -39,6 +39,10 @@ class WorkerWatch:
     async def unless_gone(self, worker_id: str, request: Awaitable[T]) -> T:
         """request's answer, or WorkerGone as soon as worker_id is declared gone (its request is dropped), or
         when this router reconnected to NATS meanwhile and no answer came within the silence allowance."""
+        if self.membership.get(worker_id) is None:  # it left after the request was routed to it
+            if asyncio.iscoroutine(request):
+                request.close()
+            raise WorkerGone(f"worker {worker_id} has left (goodbye or missed heartbeats) since it was chosen")
         loop = asyncio.get_running_loop()
         gone, reconnected = loop.create_future(), loop.create_future()
         waiters = self._gone_waiters.setdefault(worker_id, set())
@@ -54,7 +58,7 @@ class WorkerWatch:
                     raise WorkerGone(f"no answer from worker {worker_id} within {grace_s:.1f}s after the router "
                                      "reconnected to NATS (the answer was lost meanwhile)")
             if not answer.done():
-                raise WorkerGone(f"worker {worker_id} is gone (missed heartbeats)")
+                raise WorkerGone(f"worker {worker_id} is gone (goodbye or missed heartbeats)")
             return answer.result()
         finally:
             if not answer.done():  # its reply is of no use any more; nor its error, should it still come

@@ -17,8 +17,8 @@ from typing import AsyncIterator
 from pdserve import subjects
 from pdserve.engine.base import TokenOutput
 from pdserve.peer_paths import PeerPaths
-from pdserve.protocol import (CancelRequest, DecodeRequest, ErrorReply, KVLayout, KVRelease, KVTransferParams,
-                              SamplingParams)
+from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, ErrorReply, KVLayout, KVRelease,
+                              KVTransferParams, SamplingParams)
 from services.decode_worker.main import DecodeHandlers
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bf16", dtype_bytes=2, block_size=16)
@@ -150,3 +150,31 @@ async def test_a_cancel_for_another_worker_is_ignored_and_one_for_this_worker_st
     assert task.cancelling()
     await asyncio.sleep(0.05)
     assert rt.num_in_flight == 0 and not rt.engine.running and rt.num_requests_served == 0
+
+
+async def test_a_later_attempt_replaces_the_running_one_and_a_cancel_of_the_earlier_does_not_stop_it():
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    first = request("r1", with_kv=False).model_copy(update={"sampling": SamplingParams(max_tokens=500)})
+    assert isinstance(await handlers.on_decode(first), DecodeAccepted)
+    await asyncio.sleep(0.02)
+    resumed = first.model_copy(update={"attempt": 1, "resume_token_ids": (97, 97)})
+    assert isinstance(await handlers.on_decode(resumed), DecodeAccepted)  # attempt 0 stopped first
+    assert isinstance(await handlers.on_decode(resumed), ErrorReply)  # the same attempt again: a duplicate
+    await handlers.on_cancel(CancelRequest(request_id="r1", worker_id="decode-1", attempt=0))  # came late
+    await asyncio.sleep(0.02)
+    assert "r1" in rt.engine.running and rt.num_in_flight == 1
+    await handlers.on_cancel(CancelRequest(request_id="r1", worker_id="decode-1"))  # every attempt
+    await asyncio.sleep(0.02)
+    assert "r1" not in rt.engine.running and rt.num_in_flight == 0
+
+
+async def test_an_early_cancel_of_an_earlier_attempt_does_not_refuse_the_later_one():
+    rt = FakeRuntime()
+    handlers = DecodeHandlers(rt)
+    await handlers.on_cancel(CancelRequest(request_id="r2", worker_id="decode-1", attempt=0))
+    later = request("r2", with_kv=False).model_copy(update={"attempt": 1, "resume_token_ids": (97,)})
+    assert isinstance(await handlers.on_decode(later), DecodeAccepted)
+    await handlers.on_cancel(CancelRequest(request_id="r3", worker_id="decode-1", attempt=1))
+    assert isinstance(await handlers.on_decode(request("r3", with_kv=False)), ErrorReply)  # attempt 0 <= 1
+    await handlers.on_cancel(CancelRequest(request_id="r2", worker_id="decode-1"))
