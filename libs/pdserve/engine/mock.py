@@ -52,7 +52,7 @@ class MockEngineConfig:
     advertise_host: str
     bind_host: str
     kv_pull_timeout_s: float
-    kv_connect_timeout_s: float
+    kv_connect_timeout_s: float = 2.0  # as --kv-connect-timeout-s
     kv_transport: str = "auto"
     prefix_caching: bool = True
 

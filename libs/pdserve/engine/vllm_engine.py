@@ -60,7 +60,7 @@ class VllmEngineConfig:
     bind_host: str
     kv_lease_s: float
     kv_pull_timeout_s: float
-    kv_connect_timeout_s: float
+    kv_connect_timeout_s: float = 2.0  # as --kv-connect-timeout-s
     kv_transport: str = "auto"
     kv_cache_gib: int = 1
     cpu_cores: str | None = None
