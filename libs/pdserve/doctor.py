@@ -17,24 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 from urllib.parse import urlsplit
 
-import orjson
-import zmq
-import zmq.asyncio
-
 from pdserve import config as cfg
-from pdserve import models, netaddr, status
+from pdserve import models, netaddr, probes, status
 from pdserve.bus import Bus, BusError
 from pdserve.protocol import Heartbeat
-
-log = logging.getLogger(__name__)
 
 Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
 PROBE_TIMEOUT_S = 1.5  # each connect (and each hello) of the reachability checks
@@ -68,7 +60,7 @@ async def check_nats(options: cfg.BusOptions, timeout_s: float,
     url = ",".join(options.nats_servers)
     servers = options.nats_servers
     connecting = asyncio.create_task(status.connect(options, "pdserve doctor", timeout_s))
-    problems = await _nats_problems(servers, probe_timeout_s) if len(servers) > 1 else []
+    problems = await probes.nats_problems(servers, probe_timeout_s) if len(servers) > 1 else []
     try:
         bus = await connecting
     except BusError as e:
@@ -78,19 +70,6 @@ async def check_nats(options: cfg.BusOptions, timeout_s: float,
                    "on this host cannot fail over to them): fix their URLs in --nats, or open their ports to this host")
         return CheckResult("nats", "WARN", _listing(summary, problems)), bus
     return CheckResult("nats", "OK", f"reachable at {url}"), bus
-
-
-async def _nats_problems(servers: list[str], timeout_s: float) -> list[str]:
-    async def probe(url: str) -> str | None:
-        parts = urlsplit(url)
-        try:
-            port = parts.port or 4222
-        except ValueError:
-            return f"{url}: its port is not a number"
-        problem = await netaddr.tcp_unreachable(parts.hostname or "127.0.0.1", port, timeout_s)
-        return None if problem is None else f"{url}: {problem.reason}"
-
-    return [p for p in await asyncio.gather(*(probe(u) for u in servers)) if p]
 
 
 def check_members(heartbeats: list[Heartbeat], nats_url: str, listen_s: float) -> CheckResult:
@@ -110,43 +89,6 @@ def check_members(heartbeats: list[Heartbeat], nats_url: str, listen_s: float) -
     return CheckResult("members", "OK", f"{counts} heartbeating")
 
 
-def parse_transfer_address(address: str) -> tuple[str, int]:
-    """(host, port) of tcp://host:port or tcp://[v6]:port; ValueError when it is neither."""
-    parts = urlsplit(address)
-    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
-        raise ValueError(f"{address!r} is not tcp://HOST:PORT")
-    return parts.hostname, parts.port
-
-
-# Why a worker's advertised address does not take a connection, and what to change, by the kind of failure.
-_WHY_AND_FIX: dict[str, tuple[str, str]] = {
-    "refused": ("nothing listens there: the worker is gone, or it listens on another address than it advertises",
-                "restart it with --bind-host 0.0.0.0, or with --advertise-host set to an address it has"),
-    "timeout": ("a firewall drops the packets, or no host answers at that address",
-                "open the worker's ports to this host (firewall, security group), or restart it with --advertise-host "
-                "set to an address this host reaches"),
-    "unroutable": ("this host has no route to that address",
-                   "restart the worker with --advertise-host set to an address on a network this host reaches"),
-    "unresolved": ("", "restart the worker with --advertise-host set to an IP address, or a name this host resolves"),
-    "other": ("", "check the firewall between the hosts, and the worker's --advertise-host"),
-}
-
-
-def _finding(what: str, problem: netaddr.Unreachable, fix: str | None = None) -> str:
-    why, default_fix = _WHY_AND_FIX[problem.kind]
-    return f"{what}: {problem.reason}{f' ({why})' if why else ''}; {fix or default_fix}"
-
-
-@dataclass(frozen=True)
-class _TransferProbe:
-    """One endpoint's answer: unreachable (fail), reachable but not its byte stream (warn), or its stream port
-    unknown (no answer to hello, so not checked)."""
-
-    fail: str | None = None
-    warn: str | None = None
-    stream_unchecked: bool = False
-
-
 async def check_transfer_endpoints(heartbeats: list[Heartbeat], timeout_s: float = PROBE_TIMEOUT_S) -> CheckResult:
     """2. Each advertised transfer endpoint takes connections from here: its control port, and the port of its
     byte stream, which the endpoint names when asked as a client asks (hello on the control socket; no KV is read).
@@ -155,14 +97,10 @@ async def check_transfer_endpoints(heartbeats: list[Heartbeat], timeout_s: float
     workers = [hb for hb in heartbeats if hb.transfer_address]
     if not workers:
         return CheckResult("transfer", "SKIP", "no worker advertises a transfer endpoint")
-    ctx = zmq.asyncio.Context()
-    try:
-        probes = await asyncio.gather(*(_probe_transfer(ctx, hb, timeout_s) for hb in workers))
-    finally:
-        ctx.term()
-    fails = [p.fail for p in probes if p.fail]
-    warns = [p.warn for p in probes if p.warn]
-    num_unchecked = sum(p.stream_unchecked for p in probes)
+    answers = await probes.probe_transfer_endpoints(workers, timeout_s)
+    fails = [p.fail for p in answers if p.fail]
+    warns = [p.warn for p in answers if p.warn]
+    num_unchecked = sum(p.stream_unchecked for p in answers)
     note = (f" ({num_unchecked} did not say where their byte stream listens within {timeout_s:g}s: not checked)"
             if num_unchecked else "")
     if fails:
@@ -178,74 +116,13 @@ async def check_transfer_endpoints(heartbeats: list[Heartbeat], timeout_s: float
     return CheckResult("transfer", "OK", f"{len(workers)} transfer endpoint(s) reachable from here{note}")
 
 
-async def _probe_transfer(ctx: zmq.asyncio.Context, hb: Heartbeat, timeout_s: float) -> _TransferProbe:
-    address = hb.transfer_address
-    assert address is not None
-    try:
-        host, port = parse_transfer_address(address)
-    except ValueError as e:
-        return _TransferProbe(fail=f"{hb.worker_id}: {e}; restart it with --advertise-host set to its address")
-    problem = await netaddr.tcp_unreachable(host, port, timeout_s)
-    if problem is not None:
-        return _TransferProbe(fail=_finding(f"{hb.worker_id} transfer endpoint {address}", problem))
-    answered, stream_port = await _ask_stream_port(ctx, address, timeout_s)
-    if not answered:
-        return _TransferProbe(stream_unchecked=True)
-    if stream_port is None:  # the endpoint offers no byte stream
-        return _TransferProbe()
-    problem = await netaddr.tcp_unreachable(host, stream_port, timeout_s)
-    if problem is None:
-        return _TransferProbe()
-    return _TransferProbe(warn=_finding(
-        f"{hb.worker_id} byte stream {host}:{stream_port} (its control port {port} is reachable)", problem,
-        "open the worker's ports to this host, not only the control port (both are picked at start), or forward "
-        "its stream port too where a NAT or proxy forwards the control port"))
-
-
-async def _ask_stream_port(ctx: zmq.asyncio.Context, address: str, timeout_s: float) -> tuple[bool, int | None]:
-    """(answered, the stream port it names, None if it offers none), asking as kv.client does: {"op": "hello"}.
-    The ticket that comes with the answer is left unused; the endpoint forgets it among its oldest."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    loop = asyncio.get_running_loop()
-    try:
-        sock.connect(address)
-        nonce = secrets.token_hex(8)
-        await sock.send(orjson.dumps({"op": "hello", "nonce": nonce}))
-        deadline = loop.time() + timeout_s
-        while (left_s := deadline - loop.time()) > 0:
-            if not await sock.poll(left_s * 1000):
-                break
-            header = orjson.loads((await sock.recv_multipart())[0])
-            if isinstance(header, dict) and header.get("nonce") == nonce:
-                port = header.get("port") if header.get("k") == "hello" else None
-                return True, port if type(port) is int and 0 < port < 65536 else None
-    except (zmq.ZMQError, orjson.JSONDecodeError) as e:
-        log.debug("hello to %s: %s", address, e)
-    finally:
-        sock.close(linger=0)
-    return False, None
-
-
 async def check_metrics_endpoints(heartbeats: list[Heartbeat], timeout_s: float = PROBE_TIMEOUT_S) -> CheckResult:
     """3. Each advertised /metrics endpoint takes a TCP connection from here (a Prometheus here could scrape it);
     serving does not need them, so an unreachable one warns."""
     members = [hb for hb in heartbeats if hb.metrics_address]
     if not members:
         return CheckResult("metrics", "SKIP", "no worker advertises a metrics endpoint")
-
-    async def probe(hb: Heartbeat) -> str | None:
-        parts = urlsplit(hb.metrics_address)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            port = None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-            return f"{hb.worker_id}: {hb.metrics_address!r} is not http://HOST:PORT/metrics"
-        problem = await netaddr.tcp_unreachable(parts.hostname, port, timeout_s)
-        return None if problem is None else _finding(f"{hb.worker_id} metrics {hb.metrics_address}", problem)
-
-    problems = [p for p in await asyncio.gather(*(probe(hb) for hb in members)) if p]
+    problems = [p for p in await asyncio.gather(*(probes.metrics_problem(hb, timeout_s) for hb in members)) if p]
     if problems:
         return CheckResult("metrics", "WARN", _listing(
             f"{len(problems)} of {len(members)} metrics endpoint(s) unreachable from here, so a Prometheus on this "
@@ -263,7 +140,7 @@ def check_advertised_hosts(heartbeats: list[Heartbeat], nats_servers: list[str])
         if not hb.transfer_address:
             continue
         try:
-            host, _ = parse_transfer_address(hb.transfer_address)
+            host, _ = probes.parse_transfer_address(hb.transfer_address)
         except ValueError as e:
             problems.append(f"{hb.worker_id}: {e}")
             continue

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -24,27 +24,18 @@ logger = logging.getLogger(__name__)
 STATS_PUBLISH_S = 0.5
 
 
-class PoolUsagePublisher:
-    """KV usage of the whole engine, as vLLM's scheduler sees its block pool (running and waiting requests'
-    blocks and the blocks held for transfers alike), published for the pdserve worker at `path` as
-    {"num_free_blocks", "kv_usage", "published_at"} every STATS_PUBLISH_S when it changed.
+class StatsPublisher:
+    """`snapshot()` published at `path` as JSON (with "published_at") every STATS_PUBLISH_S when it changed, from
+    a thread of its own (named `name`); stop() ends the thread and removes the file, so that nothing stale is
+    left for a later worker of the same id. snapshot() must be safe to call from that thread."""
 
-    The worker side only knows the blocks held for transfers (num_held_blocks); the pool lives with the
-    scheduler, in the EngineCore process. Reading the free count from this thread is a read of one int
-    that vLLM's engine thread updates: a snapshot, never a torn value.
-    """
-
-    def __init__(self, block_pool: Any, path: str):
-        self.block_pool = block_pool
+    def __init__(self, snapshot: Callable[[], dict], path: str, name: str):
+        self.snapshot = snapshot
         self.path = path
+        self.name = name
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: dict | None = None
-
-    def snapshot(self) -> dict:
-        usable = self.block_pool.num_gpu_blocks - 1  # vLLM's null block is neither free nor usable
-        free = self.block_pool.get_num_free_blocks()
-        return {"num_free_blocks": free, "kv_usage": 1.0 - free / usable if usable > 0 else 0.0}
 
     def publish(self) -> None:
         snapshot = self.snapshot()
@@ -54,7 +45,7 @@ class PoolUsagePublisher:
 
     def start(self) -> None:
         self.publish()
-        self._thread = threading.Thread(target=self._run, name="pdserve-kv-usage", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -62,7 +53,7 @@ class PoolUsagePublisher:
             try:
                 self.publish()
             except Exception:  # a full disk must not take the engine down; retried next round
-                logger.exception("kv connector: could not publish KV usage to %s", self.path)
+                logger.exception("kv connector: could not publish %s to %s", self.name, self.path)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -70,6 +61,26 @@ class PoolUsagePublisher:
             self._thread.join(timeout=2.0)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+class PoolUsagePublisher(StatsPublisher):
+    """KV usage of the whole engine, as vLLM's scheduler sees its block pool (running and waiting requests'
+    blocks and the blocks held for transfers alike), published for the pdserve worker as {"num_free_blocks",
+    "kv_usage", "published_at"}.
+
+    The worker side only knows the blocks held for transfers (num_held_blocks); the pool lives with the
+    scheduler, in the EngineCore process. Reading the free count from this thread is a read of one int
+    that vLLM's engine thread updates: a snapshot, never a torn value.
+    """
+
+    def __init__(self, block_pool: Any, path: str):
+        super().__init__(self.usage, path, "pdserve-kv-usage")
+        self.block_pool = block_pool
+
+    def usage(self) -> dict:
+        usable = self.block_pool.num_gpu_blocks - 1  # vLLM's null block is neither free nor usable
+        free = self.block_pool.get_num_free_blocks()
+        return {"num_free_blocks": free, "kv_usage": 1.0 - free / usable if usable > 0 else 0.0}
 
 
 

@@ -10,9 +10,7 @@ to it on the WORKER role; the pdserve worker reaches it through PdserveWorkerExt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -23,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
-from pdserve.kv.connector_stats import STATS_PUBLISH_S, write_json
+from pdserve.kv.connector_stats import StatsPublisher
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.kv.vllm_reports import LoadReportSender
 from pdserve.kv.wire import PATHS
@@ -93,8 +91,7 @@ class ConnectorWorker:
         self._reports: dict[str, dict] = {}
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
                               **{f"num_kv_pulls_{path}": 0 for path in PATHS})
-        self._stopping = threading.Event()
-        self._publisher: threading.Thread | None = None
+        self._publisher: StatsPublisher | None = None
         # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
         # worker turns them into "kv serve" spans in its own process, where tracing is set up.
         self._served: dict[str, list[dict]] = {}
@@ -118,7 +115,9 @@ class ConnectorWorker:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-pulls", daemon=True)
         self._loop_thread.start()
         if self.stats_path:
-            self._publisher = threading.Thread(target=self._publish_stats, name="pdserve-kv-stats", daemon=True)
+            # The pdserve worker reads this file instead of calling pdserve_stats: every collective_rpc makes
+            # vLLM's worker process busy-poll its message queue for ~1 s afterwards (a full core, measured).
+            self._publisher = StatsPublisher(self._snapshot, self.stats_path, "pdserve-kv-stats")
             self._publisher.start()
         logger.info("kv connector worker: %d blocks of %d B in %d segments, layout_tag %r, endpoint %s",
                     self.pool.num_blocks, bytes_per_block, len(self.pool.segment_nbytes), self.pool.layout_tag,
@@ -129,11 +128,8 @@ class ConnectorWorker:
         return PdserveHandshake(self.endpoint.address, self.endpoint.host_id, self.endpoint.transports)
 
     def shutdown(self) -> None:
-        self._stopping.set()
         if self._publisher is not None:
-            self._publisher.join(timeout=2.0)
-            with contextlib.suppress(OSError):
-                os.unlink(self.stats_path)
+            self._publisher.stop()
         if self._loop is not None:
             for rid in list(self._loads):
                 self._loop.call_soon_threadsafe(self._cancel_pull, rid)
@@ -387,21 +383,6 @@ class ConnectorWorker:
             "num_loads_in_flight": len(self._loads),
             "num_total_blocks": self.num_blocks,
         }
-
-    def _publish_stats(self) -> None:
-        """Every STATS_PUBLISH_S, if anything changed: the snapshot as JSON at stats_path (atomically
-        replaced). The pdserve worker reads it instead of calling pdserve_stats: every collective_rpc makes
-        vLLM's worker process busy-poll its message queue for ~1 s afterwards (a full core, measured)."""
-        last = None
-        while not self._stopping.wait(STATS_PUBLISH_S):
-            try:
-                snapshot = self._snapshot()
-                if snapshot == last:
-                    continue
-                write_json(self.stats_path, {**snapshot, "published_at": time.time()})
-                last = snapshot
-            except Exception:  # a full disk must not take the engine down; retried next round
-                logger.exception("kv connector: could not publish stats to %s", self.stats_path)
 
 
 def _failure_report(error: str, *, recomputed: bool, unreachable: bool = False) -> dict:
