@@ -4,7 +4,7 @@ The engine is built as the factory builds it (constructing one starts nothing) a
 engine reads: the connector's worker-side counters and the block pool's free count that the scheduler side
 publishes (connector_stats.pool_stats_path). No vLLM runs, so a request the check lets through would fail on
 the missing AsyncLLM: the tests call the check itself for those. Also without vLLM: how a pulled decode's
-stream merges vLLM's outputs with the connector's load report (_with_report).
+stream merges vLLM's outputs with the connector's load report (vllm_io.with_report).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 from pdserve.engine.base import EngineFull, KVLoadReport, TokenOutput
-from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig, _with_report
+from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from pdserve.engine.vllm_io import with_report as _with_report
 from pdserve.kv.connector_stats import pool_stats_path
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
 

@@ -33,6 +33,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
+from pdserve.engine.vllm_io import finish_reason, tokens_prompt, vllm_request, with_report
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
@@ -180,11 +181,11 @@ class VllmEngine(Engine):
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                       lease_s: float) -> PrefillResult:
         self._check_room(request_id, len(prompt_token_ids))
-        params = self._sampling(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        params = vllm_request(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         final = None
         self._running.add(request_id)
         try:
-            async for output in self._llm.generate(self._prompt(prompt_token_ids), params, request_id):
+            async for output in self._llm.generate(tokens_prompt(prompt_token_ids), params, request_id):
                 final = output
         finally:
             self._running.discard(request_id)
@@ -250,10 +251,10 @@ class VllmEngine(Engine):
             report_task = self._spawn_report(request_id, pull_span, self._load_reports.expect(request_id))
         else:
             self._num_local_prefills += 1
-        params = self._sampling(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
+        params = vllm_request(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
         finished = counted = False
         self._running.add(request_id)
-        outputs = _with_report(self._llm.generate(self._prompt(prompt), params, request_id), report_task)
+        outputs = with_report(self._llm.generate(tokens_prompt(prompt), params, request_id), report_task)
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
@@ -264,7 +265,7 @@ class VllmEngine(Engine):
                         self._num_cached_tokens += output.num_cached_tokens or 0
                     counted = True
                     completion = output.outputs[0]
-                    finish = _finish_reason(completion.finish_reason) if output.finished else None
+                    finish = finish_reason(completion.finish_reason) if output.finished else None
                     finished = output.finished
                     yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
         finally:
@@ -369,58 +370,3 @@ class VllmEngine(Engine):
 
     async def _rpc(self, method: str, *args: Any) -> Any:
         return (await self._llm.collective_rpc(method, args=args))[0]
-
-    @staticmethod
-    def _prompt(token_ids: tuple[int, ...]) -> Any:
-        from vllm.inputs import TokensPrompt
-
-        return TokensPrompt(prompt_token_ids=list(token_ids))
-
-    @staticmethod
-    def _sampling(sampling: SamplingParams, *, max_tokens: int, kv_transfer_params: dict | None) -> Any:
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.sampling_params import SamplingParams as VllmSamplingParams
-
-        return VllmSamplingParams(
-            max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            stop=list(sampling.stop) or None, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
-        )
-
-
-async def _with_report(outputs: AsyncIterator[Any], report: asyncio.Task | None) -> AsyncIterator[Any]:
-    """vLLM's outputs, with the load report (the result of `report`, unless None) put in the moment it is ready:
-    normally before the first output, which vLLM computes only after the load. Neither waits for the other; an
-    output and the report both ready go report first. A report still awaited when the outputs end is left to
-    its task (it ends the "kv pull" span)."""
-    next_output: asyncio.Future | None = None  # the outputs' next item, awaited beside the report
-    try:
-        while report is not None:
-            next_output = next_output or asyncio.ensure_future(anext(outputs))
-            await asyncio.wait((next_output, report), return_when=asyncio.FIRST_COMPLETED)
-            if report.done():  # cancelled: the engine stops
-                if not report.cancelled() and report.result() is not None:
-                    yield report.result()
-                report = None
-            elif next_output.done():
-                output, next_output = next_output, None
-                try:
-                    yield output.result()
-                except StopAsyncIteration:
-                    return
-        if next_output is not None:
-            output, next_output = next_output, None
-            try:
-                yield await output
-            except StopAsyncIteration:
-                return
-        async for output in outputs:
-            yield output
-    finally:
-        if next_output is not None and not next_output.done():  # closed early: vLLM's generate aborts on cancel
-            next_output.cancel()
-            await asyncio.wait((next_output,))
-
-
-def _finish_reason(reason: str | None) -> FinishReason:
-    return reason if reason in ("stop", "length", "abort") else "stop"  # type: ignore[return-value]
