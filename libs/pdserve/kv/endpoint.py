@@ -3,8 +3,9 @@ allowed transfer id and its token (wire.py has the protocol), over a plain TCP s
 ZeroMQ frames where a client has none) or, to a puller on this host, as descriptors of its own memory (shm.py).
 
 This module is the endpoint's life and its serving thread: whom it serves and when (requests in, credit, rounds
-of sends, streams, reaping). Beside it: ledger.py (leases and counters, shared with the caller's threads),
-pull_request.py (whether a request may be served), cutter.py (how a pull's blocks become messages)."""
+of sends, reaping). Beside it: ledger.py (leases and counters, shared with the caller's threads), pull_request.py
+(whether a request may be served), cutter.py (how a pull's blocks become messages), control_socket.py (the ZeroMQ
+ROUTER: its bounds, bursts in, answers out), streamer.py (the byte streams: their sockets, tickets, a pull's turns)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import zmq
 
 from pdserve import netaddr
 from pdserve.kv import shm, stream, wire
+from pdserve.kv.control_socket import ControlSocket
 from pdserve.kv.cutter import Cutter, ServedPull
 from pdserve.kv.host import host_id
 from pdserve.kv.ledger import FORGET_EXPIRED_AFTER_S, Ledger
 from pdserve.kv.pool import BlockPool
 from pdserve.kv.pull_request import BadRequest, parse_pull, refusal
+from pdserve.kv.streamer import StreamEnd, Streamer
 from pdserve.throttled_log import ThrottledLog, clip
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,6 @@ _MIN_SPAN_NBYTES = 768 << 10  # see default_batch_blocks()
 # One shm message describes this much of a batch: small enough that the endpoint checksums the next batch
 # while the puller copies this one, large enough that the per-message work is a small part of it.
 SHM_BATCH_NBYTES = 8 << 20
-_STREAM_CHUNKS_PER_ROUND = 8  # stream.CHUNK_NBYTES each
 
 
 def default_batch_blocks(pool: BlockPool) -> int:
@@ -82,9 +84,8 @@ class TransferEndpoint:
         self._io_threads = io_threads
         self._tune_malloc = tune_malloc
         self._offer_stream = offer_stream
-        self._streams: stream.StreamServer | None = None
+        self._streams: Streamer | None = None
         self._poller: zmq.Poller | None = None
-        self._watched: dict[int, int] = {}  # raw socket fd -> poll flags registered
         self._cutting = threading.Lock()  # held while a message is cut from pool memory; see release()
         self._ledger = Ledger(pool.num_blocks)
         self._cutter = Cutter(pool, batch_blocks, self.shm_batch_blocks, self._ledger.count)
@@ -92,7 +93,7 @@ class TransferEndpoint:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
+        self._control: ControlSocket | None = None
         self._address: str | None = None
         self._paused_until = 0.0
         self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
@@ -121,37 +122,25 @@ class TransferEndpoint:
         if self._tune_malloc:
             wire.tune_malloc_for_transfers()
         self._ctx = zmq.Context(self._io_threads)
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.router_mandatory = 1  # a vanished client raises EHOSTUNREACH instead of silently eating batches
-        # Credit bounds the data queued per pull (and a peer's pulls are bounded), so a well-behaved peer never
-        # reaches this; one that sends requests and never reads finds its queue full and gets nothing more.
-        sock.sndhwm = wire.SEND_QUEUE_MESSAGES
-        sock.maxmsgsize = self.max_request_nbytes
-        if ":" in self.bind_host:
-            sock.ipv6 = True
-        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        control = ControlSocket(self._ctx, self.bind_host, self.max_request_nbytes, self._complaints)
+        self._poller = zmq.Poller()
         try:
-            sock.bind(f"tcp://{host}:0")
+            port = control.bind()
             if self._offer_stream:
-                self._streams = stream.StreamServer(self.bind_host)
+                self._streams = Streamer(self.bind_host, self._poller, self._cutter, self._cutting)
         except (zmq.ZMQError, OSError) as e:
-            sock.close(linger=0)
+            control.close()
             self._ctx.term()
             if isinstance(e, netaddr.BindError):
                 raise
             raise netaddr.BindError(e.errno, f"the KV transfer endpoint cannot listen on {self.bind_host} "
                                     f"({e.strerror or e}); pass --bind-host with an address of this host (0.0.0.0: "
                                     "all of them)") from e
-        port = int(sock.last_endpoint.decode().rsplit(":", 1)[1])
         adv = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
         self._address = f"tcp://{adv}:{port}"
-        self._cutter.coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, sock.copy_threshold)
-        self._sock = sock
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        if self._streams is not None:
-            self._watch(self._streams.listener.fileno(), zmq.POLLIN)
+        self._cutter.coalesce_below = max(wire.ZERO_COPY_MIN_NBYTES, control.sock.copy_threshold)
+        self._control = control
+        self._poller.register(control.sock, zmq.POLLIN)
         self._thread = threading.Thread(target=self._serve, name=f"kv-endpoint-{port}", daemon=True)
         self._thread.start()
         logger.info("kv transfer endpoint serving on %s (bound %s:%d; paths %s; tcp stream port %s)", self._address,
@@ -165,7 +154,7 @@ class TransferEndpoint:
         if self._thread.is_alive():
             logger.error("kv transfer endpoint %s: serving thread did not stop within 5 s", self._address)
             return  # closing a socket another thread still uses would crash; the thread is a daemon
-        self._sock.close(linger=0)
+        self._control.close()
         if self._streams is not None:
             self._streams.close()
         self._ctx.term()
@@ -211,10 +200,10 @@ class TransferEndpoint:
                 if self._paused_until > time.monotonic():  # checked after poll: pausing may race with it
                     self._stopping.wait(min(self._paused_until - time.monotonic(), wire.POLL_MS / 1000))
                     continue
-                if events.pop(self._sock, 0):
+                if events.pop(self._control.sock, 0):
                     self._receive_all()
                 if events:
-                    self._on_stream_events(events)
+                    self._on_stream_ends(self._streams.on_events(events))
                 self._send_round()
             except Exception:  # one bad message or peer must not take the endpoint down
                 logger.exception("kv transfer endpoint %s: unexpected error in serving loop", self._address)
@@ -223,59 +212,29 @@ class TransferEndpoint:
                 self._reap(now)
                 next_reap = now + 1.0
 
-    def _watch(self, fd: int, flags: int) -> None:
-        """Poll a raw socket for `flags` (0: not at all)."""
-        if self._watched.get(fd, 0) == flags:
-            return
-        if flags:
-            self._poller.register(fd, flags)
-            self._watched[fd] = flags
-        else:
-            self._poller.unregister(fd)
-            del self._watched[fd]
-
-    def _on_stream_events(self, events: dict) -> None:
-        streams = self._streams
-        for fd, flags in events.items():
-            if fd == streams.listener.fileno():
-                for sock in streams.accept():
-                    self._watch(sock.fileno(), zmq.POLLIN)
-            elif fd in streams.pending:
-                self._watch(fd, 0)
-                attached = streams.read_ticket(fd)
-                if attached is not None or fd in streams.pending:
-                    self._watch(fd, zmq.POLLIN)
-            elif (s := streams.by_fd.get(fd)) is not None:
-                if flags & (zmq.POLLIN | zmq.POLLERR):  # clients never write after the ticket: it hung up
-                    self._drop_stream(s, "its client closed the stream")
-                elif flags & zmq.POLLOUT:
-                    self._send_stream(s)
+    def _on_stream_ends(self, ends: list[StreamEnd]) -> None:
+        """What the byte streams met (streamer.py): a pull served, released or failed, or a client gone."""
+        for end in ends:
+            if end.how == "served":
+                self._pulls.remove(end.pull)
+                self._finish(end.pull)
+            elif end.how == "released":
+                self._refuse_released(end.pull)
+                self._drop_stream(end.stream, "released mid-pull")  # the client must not wait for the rest
+            elif end.how == "failed":
+                self._fail(end.pull, end.error)
+                self._drop_stream(end.stream, "serving failed")
+            else:
+                self._drop_stream(end.stream, end.why)
 
     def _drop_stream(self, s: stream.Stream, why: str) -> None:
         for pull in [p for p in self._pulls if p.stream is s]:
             self._pulls.remove(pull)
             logger.warning("transfer %s: dropped mid-pull (%s)", pull.transfer_id, why)
-        self._watch(s.sock.fileno(), 0)
         self._streams.drop(s)
 
-    def _send_stream(self, s: stream.Stream) -> None:
-        try:
-            s.send_queued(4 * stream.CHUNK_NBYTES)
-        except OSError as e:
-            self._drop_stream(s, f"its client went away: {e}")
-            return
-        self._after_stream_send(s)
-
     def _receive_all(self) -> None:
-        for _ in range(256):  # bounded, so sending is never starved by a flood of requests
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                self._complaints.warning("kv transfer endpoint: dropped a message of %d frames", len(frames))
-                continue
-            identity, raw = frames
+        for identity, raw in self._control.receive():
             header = None
             try:
                 header = orjson.loads(raw)
@@ -297,9 +256,9 @@ class TransferEndpoint:
                 tid = header.get("transfer_id") if isinstance(header, dict) else None
                 self._complaints.warning("transfer %s: bad request from peer: %s", clip(tid), clip(e))
                 self._ledger.count(num_transfers_refused=1)
-                self._send_error(identity, nonce if isinstance(nonce, str) else None, "bad_request",
-                                 f"malformed pull request ({clip(e)}); client and endpoint must run the same pdserve "
-                                 "version")
+                self._control.send_error(identity, nonce if isinstance(nonce, str) else None, "bad_request",
+                                         f"malformed pull request ({clip(e)}); client and endpoint must run the same "
+                                         "pdserve version")
 
     def _on_pull_request(self, identity: bytes, h: dict) -> None:
         request = parse_pull(h)
@@ -313,9 +272,7 @@ class TransferEndpoint:
             return self._refuse(identity, nonce, tid, *refused)
         attached = None
         if path == "tcp" and request.stream is not None:
-            ticket = request.stream
-            attached = self._streams.attach(bytes.fromhex(ticket), identity) if (
-                self._streams is not None and isinstance(ticket, str) and len(ticket) == 2 * stream.TICKET_NBYTES) else None
+            attached = self._streams.attach(request.stream, identity) if self._streams is not None else None
             if attached is None:
                 return self._refuse(identity, nonce, tid, "path", f"transfer {tid}: the stream this pull names is not "
                                     "attached to its connection (or is in use); pull on a new connection")
@@ -331,11 +288,8 @@ class TransferEndpoint:
 
     def _on_hello(self, identity: bytes, h: dict) -> None:
         """A new control connection asks where its byte stream may connect (stream.py)."""
-        if self._streams is None:
-            return self._send_control(identity, {"k": "hello", "nonce": h.get("nonce"), "port": None})
-        ticket = self._streams.issue_ticket(identity)
-        self._send_control(identity, {"k": "hello", "nonce": h.get("nonce"), "port": self._streams.port,
-                                      "ticket": ticket.hex()})
+        answer = self._streams.hello(identity) if self._streams is not None else {"port": None}
+        self._control.send_control(identity, {"k": "hello", "nonce": h.get("nonce"), **answer})
 
     def _on_credit(self, identity: bytes, h: dict) -> None:
         for p in self._pulls:
@@ -346,23 +300,13 @@ class TransferEndpoint:
     def _refuse(self, identity: bytes, nonce: str, tid: str, reason: str, message: str) -> None:
         self._complaints.warning("transfer %s: refused (%s): %s", clip(tid), reason, clip(message, 400))
         self._ledger.count(num_transfers_refused=1)
-        self._send_error(identity, nonce, reason, message)
-
-    def _send_error(self, identity: bytes, nonce: str | None, reason: str, message: str) -> None:
-        self._send_control(identity, {"k": "error", "nonce": nonce, "reason": reason, "message": clip(message, 1000)})
-
-    def _send_control(self, identity: bytes, header: dict) -> None:
-        """A header-only answer (refusal, confirmation), dropped if the peer cannot take it."""
-        try:
-            self._sock.send_multipart([identity, orjson.dumps(header)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the peer left, or does not read what it asked for: nobody takes this answer
-            logger.debug("could not deliver %s: %s", header["k"], e)
+        self._control.send_error(identity, nonce, reason, message)
 
     def _send_round(self) -> None:
         """One message for each pull that has credit: pulls in flight share the link message by message."""
         for pull in list(self._pulls):
             if pull.stream is not None:
-                self._stream_round(pull)
+                self._on_stream_ends(self._streams.turn(pull))
                 continue
             if pull.credit <= 0:
                 continue
@@ -372,17 +316,13 @@ class TransferEndpoint:
                         self._refuse_released(pull)
                         continue
                     message = self._cut_message(pull)
-                self._sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+                self._control.send(message)
             except zmq.ZMQError as e:
                 self._pulls.remove(pull)
                 logger.warning("transfer %s: client went away mid-pull (%s); dropped", pull.transfer_id, e)
                 continue
             except Exception as e:  # e.g. the pool failed: drop this pull, or the loop would retry it forever
-                self._pulls.remove(pull)
-                logger.exception("transfer %s: serving failed; pull dropped", pull.transfer_id)
-                self._refuse(pull.identity, pull.nonce, pull.transfer_id, "internal",
-                             f"transfer {pull.transfer_id}: the prefill endpoint failed while sending ({e!r}); "
-                             "see its log, and recompute the prefill")
+                self._fail(pull, e)
                 continue
             if pull.batch is None and pull.next_index == len(pull.block_ids):
                 self._pulls.remove(pull)
@@ -394,48 +334,12 @@ class TransferEndpoint:
         self._refuse(pull.identity, pull.nonce, pull.transfer_id, "released",
                      f"transfer {pull.transfer_id}: released by the prefill side during the pull; recompute the prefill")
 
-    def _stream_round(self, pull: ServedPull) -> None:
-        """A stream pull's turn: cut its next chunks, sending each as it is cut, while the socket takes them whole
-        (up to a share per round, so that pulls in flight take turns and the serving loop's poll is paid per
-        share, not per chunk)."""
-        s = pull.stream
-        if s.outbox:
-            return  # waiting for POLLOUT
-        try:
-            with self._cutting:
-                if pull.allowed.released:
-                    self._refuse_released(pull)
-                    self._drop_stream(s, "released mid-pull")  # the client must not wait for the rest
-                    return
-                for _ in range(_STREAM_CHUNKS_PER_ROUND):
-                    self._cutter.cut_chunk(pull)
-                    if s.outbox or self._stream_done(pull):
-                        break
-        except OSError as e:
-            self._drop_stream(s, f"its client went away: {e}")
-            return
-        except Exception as e:  # e.g. the pool failed: drop this pull and its stream
-            self._pulls.remove(pull)
-            logger.exception("transfer %s: serving failed; pull dropped", pull.transfer_id)
-            self._refuse(pull.identity, pull.nonce, pull.transfer_id, "internal",
-                         f"transfer {pull.transfer_id}: the prefill endpoint failed while sending ({e!r}); "
-                         "see its log, and recompute the prefill")
-            self._drop_stream(s, "serving failed")
-            return
-        self._after_stream_send(s)
-
-    def _stream_done(self, pull: ServedPull) -> bool:
-        return pull.batch is None and pull.next_index == len(pull.block_ids)
-
-    def _after_stream_send(self, s: stream.Stream) -> None:
-        """The pull on a stream ends the moment its last bytes are in the kernel (before the client can have them
-        all and name the stream in its next pull); else the stream is polled for room while bytes are queued."""
-        pull = s.pull
-        if pull is not None and not s.outbox and self._stream_done(pull):
-            self._pulls.remove(pull)
-            s.pull = None
-            self._finish(pull)
-        self._watch(s.sock.fileno(), zmq.POLLIN | zmq.POLLOUT if s.outbox else zmq.POLLIN)
+    def _fail(self, pull: ServedPull, e: Exception) -> None:
+        self._pulls.remove(pull)
+        logger.error("transfer %s: serving failed; pull dropped", pull.transfer_id, exc_info=e)
+        self._refuse(pull.identity, pull.nonce, pull.transfer_id, "internal",
+                     f"transfer {pull.transfer_id}: the prefill endpoint failed while sending ({e!r}); "
+                     "see its log, and recompute the prefill")
 
     def _cut_message(self, pull: ServedPull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
@@ -456,11 +360,12 @@ class TransferEndpoint:
         its blocks be reused under the copy)."""
         pull = self._confirming.pop((identity, h.get("nonce")), None)
         if pull is None:
-            return self._send_error(identity, h.get("nonce") if isinstance(h.get("nonce"), str) else None,
-                                    "unknown", "no cuda-ipc pull waits for this confirmation; recompute the prefill")
+            nonce = h.get("nonce")
+            return self._control.send_error(identity, nonce if isinstance(nonce, str) else None, "unknown",
+                                            "no cuda-ipc pull waits for this confirmation; recompute the prefill")
         held = self._ledger.still_held(pull.allowed)
         self._ledger.count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
-        self._send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})
+        self._control.send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})
         if held:
             self._finish(pull)
 
@@ -486,8 +391,7 @@ class TransferEndpoint:
             if pull.stream is not None:
                 self._drop_stream(pull.stream, "its client stopped reading")
         if self._streams is not None:
-            for fd in self._streams.expire_pending(now):
-                self._watch(fd, 0)
+            self._streams.expire_pending(now)
         for tid in self._ledger.forget_expired():
             logger.warning("transfer %s: never released, forgotten %.0f s after its lease expired",
                            tid, FORGET_EXPIRED_AFTER_S)
