@@ -5,6 +5,8 @@ this worker's own subject, and cancels -> heartbeats -> wait for SIGTERM -> good
 A decode request is accepted at once (DecodeAccepted) and runs in its own task; chunks go to the router's
 stream subject with sequence numbers, the last one with finish_reason and usage. The engine's stream tells
 when the prompt's KV is loaded (a KVLoadReport among the tokens): then the prefill worker may free its copy.
+After this worker's NATS connection came back, the last chunks of its recent streams are published again
+(recent_chunks.py): a last chunk lost with a dying NATS node would otherwise leave the router waiting.
 A later attempt of a request on this worker (the router resumes here after chunks were lost in NATS) replaces
 the earlier one once that one has stopped; a cancel of the earlier attempt does not stop the later.
 A pull that could not connect to the prefill worker marks it unreachable (pdserve.peer_paths); a request whose
@@ -27,11 +29,14 @@ from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, Erro
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
+from services.decode_worker.recent_chunks import RecentChunks
 
 log = logging.getLogger(__name__)
 
 # How long a later attempt waits for the earlier one it replaces to stop and free what it holds.
 REPLACE_TIMEOUT_S = 5.0
+# How long after its reconnect a worker publishes its recent chunks again.
+REPUBLISH_DELAY_S = 1.0
 
 
 class DecodeHandlers:
@@ -40,6 +45,7 @@ class DecodeHandlers:
         self._requests: dict[str, DecodeRequest] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._attempts: dict[str, int] = {}  # request id -> the router's attempt its task runs
+        self.recent = RecentChunks()
         # A request whose cancel came first is refused on arrival, not decoded to max_tokens for nobody.
         self._cancelled_early = EarlyCancels(rt.config.kv_lease_s)
 
@@ -149,7 +155,7 @@ class DecodeHandlers:
                     chunk = TokenChunk(request_id=req.request_id, worker_id=rt.worker_id, stream_token=req.stream_token,
                                        seq=seq, token_ids=out.token_ids, text=out.text,
                                        finish_reason=out.finish_reason, usage=usage)
-                    await rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
+                    await self._publish(req, chunk)
                     seq += 1
             rt.num_requests_served += 1
             span.set_attributes({"num_tokens": num_tokens, "num_chunks": seq})
@@ -157,6 +163,7 @@ class DecodeHandlers:
                 span.set_attribute("tpot_ms", (last_at - first_at) * 1000 / (num_generated - num_first))
         except asyncio.CancelledError:
             log.info("request %s: cancelled after %d chunks", req.request_id, seq)
+            self.recent.end(req.request_id, req.stream_token)
             raise
         except EngineFull as e:
             tracing.record_error(span, str(e))
@@ -170,7 +177,30 @@ class DecodeHandlers:
     async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
         chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, stream_token=req.stream_token,
                            seq=seq, finish_reason="error", error=error)
+        await self._publish(req, chunk)
+
+    async def _publish(self, req: DecodeRequest, chunk: TokenChunk) -> None:
+        self.recent.add(req.stream_subject, chunk)  # first: a publish that fails is published again later
         await self.rt.bus.publish(req.stream_subject, chunk, request_id=req.request_id)
+
+    def on_reconnect(self) -> None:
+        """After this worker's NATS connection came back: the last chunks of its recent streams, once more."""
+        chunks = self.recent.to_publish_again()
+        if chunks:
+            log.info("%s: reconnected to NATS: publishing the last %d chunks of %d recent streams again (routers "
+                     "drop what they have)", self.rt.worker_id, len(chunks), len(self.recent))
+            self.rt.spawn(self._publish_again(chunks))
+
+    async def _publish_again(self, chunks: list[tuple[str, TokenChunk]]) -> None:
+        # After a NATS server restart the routers reconnect too, at about the same time: give them a moment to
+        # subscribe again, or the chunks would be lost a second time.
+        await asyncio.sleep(REPUBLISH_DELAY_S)
+        for subject, chunk in chunks:
+            try:
+                await self.rt.bus.publish(subject, chunk, request_id=chunk.request_id)
+            except Exception as e:  # NATS gone again: the next reconnect tries again
+                log.warning("%s: chunks not published again: %s", self.rt.worker_id, e)
+                return
 
     def _kv_loaded(self, req: DecodeRequest, report: KVLoadReport) -> None:
         """The prompt's KV is here (pulled or recomputed): the prefill worker may free its copy now."""
@@ -223,6 +253,7 @@ async def serve(config: WorkerConfig) -> None:
     try:
         async with WorkerRuntime(config) as rt:
             handlers = DecodeHandlers(rt)
+            rt.bus.on_reconnect.append(handlers.on_reconnect)
             await rt.bus.serve(subjects.decode_request(rt.worker_id), DecodeRequest, handlers.on_decode)
             await rt.bus.subscribe(subjects.CANCEL, CancelRequest, handlers.on_cancel)
             await rt.announce()

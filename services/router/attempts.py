@@ -142,12 +142,18 @@ async def prefill_on(router: Shared, req: GenerateRequest, worker_id: str) -> KV
     return ready
 
 
+def _seen_before(chunk: object, num_chunks: int) -> bool:
+    """A chunk this attempt already streamed (a worker publishes its last chunks again after a reconnect)."""
+    return isinstance(chunk, TokenChunk) and chunk.seq < num_chunks
+
+
 class DecodeAttempt:
     """One decode attempt on one worker: its token stream is opened before the request is sent (no chunk can
     come before its queue), then `next_delta()` returns the worker's chunks in order as deltas.
 
     Chunks must come in sequence with no gap; a missing one, an error chunk, a worker gone, or no chunk for
-    stream_idle_timeout_s fails the attempt. After the router's NATS connection came back, chunks may have
+    stream_idle_timeout_s fails the attempt; one already streamed (published again by a worker after it
+    reconnected to NATS, see services/decode_worker/recent_chunks.py) is dropped. After the router's NATS connection came back, chunks may have
     been lost, the last one too: the next one is then awaited only as long as a silent worker takes to be
     declared gone. Chunks already queued (the router fell behind the worker) go out as one delta: one SSE
     event and one socket write instead of one per token, which is where a loaded router's time goes.
@@ -195,6 +201,8 @@ class DecodeAttempt:
                 chunk, self._held = self._held, _NOTHING
             else:
                 chunk = await self._next_chunk(min(self._idle_s, self.req.remaining_s()))
+            if _seen_before(chunk, self.num_chunks):
+                continue  # published again after the worker reconnected to NATS: already streamed
             if chunk is not RECONNECTED:
                 break
             # What the worker published while we were away is lost; if that was its last chunk, nothing more
@@ -206,6 +214,8 @@ class DecodeAttempt:
         texts, token_ids = [chunk.text], list(chunk.token_ids)
         while chunk.finish_reason is None and not chunks.empty():
             following = chunks.get_nowait()
+            if _seen_before(following, self.num_chunks):
+                continue
             if (following is None or following is RECONNECTED or following.error
                     or following.seq != self.num_chunks):
                 self._held = following

@@ -4,6 +4,10 @@
   same worker, whose later attempt replaces the earlier one; a cancel of the earlier attempt does not stop the
   later. The decode worker here is the test's stand-in (a script on the bus that drops chunk 3 of its first
   attempt on purpose), since a real loss cannot be made to happen on cue;
+- the last chunk lost, then published again with the chunks before it (what a decode worker does after it
+  reconnected to NATS): the router drops what it had and ends the stream at once, on the first attempt (before:
+  it waited --stream-idle-timeout-s, then resumed); a real decode worker's republishing is in
+  tests/integration/test_recent_chunks.py;
 - a decode worker that says goodbye after the router chose it but before the request reaches it: the request goes
   to the other decode worker at once (before: it waited for --stream-idle-timeout-s, 30 s), and the leaving
   worker refuses what still reaches it ("stopping").
@@ -41,9 +45,11 @@ def expected(prompt: str, max_tokens: int = MAX_TOKENS) -> str:
 
 class LossyDecodeWorker:
     """A decode worker on the bus (the test's stand-in): generates the mock engine's tokens, but its first
-    attempt of each request loses chunk 3 (it is never published) and then goes on; later attempts are whole."""
+    attempt of each request loses a chunk: chunk 3 ("middle": never published, the stream goes on), or the last
+    one ("last": 0.5 s later every chunk is published again, as a worker does after it reconnected to NATS)."""
 
-    def __init__(self, bus: Bus):
+    def __init__(self, bus: Bus, lose: str = "middle"):
+        self.lose = lose
         self.bus = bus
         self.worker_id = "decode-lossy"
         self.card = mock_card(cfg.build(cfg.WorkerConfig, {}, env={}))
@@ -73,50 +79,74 @@ class LossyDecodeWorker:
         tokens = predict(req.prompt_token_ids, req.sampling).token_ids
         # tokens the client has: resumed ones, else the first from prefill (none here: no prefill worker runs)
         have = len(req.resume_token_ids) or (1 if req.first_token_id is not None else 0)
+        sent = []
         for seq, i in enumerate(range(have, len(tokens))):
             await asyncio.sleep(0.01)
             last = i == len(tokens) - 1
-            if req.attempt == 0 and seq == 3:
-                continue  # lost on the way
-            await self.bus.publish(req.stream_subject, TokenChunk(
+            chunk = TokenChunk(
                 request_id=req.request_id, worker_id=self.worker_id, stream_token=req.stream_token, seq=seq,
                 token_ids=(tokens[i],), text=ByteTokenizer().decode([tokens[i]]),
                 finish_reason="length" if last else None,
-                usage=Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(tokens)) if last else None))
+                usage=Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(tokens)) if last else None)
+            sent.append(chunk)
+            if req.attempt == 0 and ((self.lose == "middle" and seq == 3) or (self.lose == "last" and last)):
+                continue  # lost on the way
+            await self.bus.publish(req.stream_subject, chunk)
+        if req.attempt == 0 and self.lose == "last":
+            await asyncio.sleep(0.5)
+            for chunk in sent:  # all again, as after a reconnect: the router has all but the last
+                await self.bus.publish(req.stream_subject, chunk)
 
 
-async def test_chunks_lost_from_the_only_decode_worker_resume_on_it_whole(tmp_path):
+async def run_against_lossy_worker(tmp_path, lose: str, prompt: str) -> tuple[httpx.Response, float,
+                                                                          LossyDecodeWorker, Service]:
+    """A real router (no prefill worker: decode prefills) and the stand-in decode worker; one completion."""
     nats = nats_server.start(store_dir=str(tmp_path / "nats"), die_with_parent=True)
     port = free_port()
     router = Service(["router", "--nats", nats.url, "--port", str(port)], str(tmp_path / "router.log"))
     bus = await Bus.connect(nats.url, "lossy-decode-worker")
     try:
-        worker = LossyDecodeWorker(bus)
+        worker = LossyDecodeWorker(bus, lose)
         await worker.start()
         deadline = time.monotonic() + 30
         while not (get_json(f"http://127.0.0.1:{port}/health")[1] or {}).get("serving"):
             assert time.monotonic() < deadline, router.output()[-3000:]
             await worker.beat()
             await asyncio.sleep(0.2)
-        prompt = "a stream that loses a chunk"
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=60) as http:
             beating = asyncio.create_task(beat_every(worker, 0.5))
+            started = time.monotonic()
             try:
                 r = await http.post(f"http://127.0.0.1:{port}/v1/completions", json={
                     "model": MOCK_MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
             finally:
                 beating.cancel()
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == expected(prompt)
-        # No prefill worker: the first attempt decoded from the first token; the second resumed on the same worker
-        # after the three tokens the client had before the gap.
-        assert [a for a, _ in worker.attempts] == [0, 1] and len(worker.attempts[1][1]) == 3, worker.attempts
-        assert 0 in worker.cancels  # the first attempt was cancelled by number, not the request as a whole
-        assert re.search(r"resuming on decode-lossy after 3 tokens", router.output()), router.output()[-3000:]
+        return r, time.monotonic() - started, worker, router
     finally:
         await bus.close()
         router.stop()
         nats.stop()
+
+
+async def test_chunks_lost_from_the_only_decode_worker_resume_on_it_whole(tmp_path):
+    prompt = "a stream that loses a chunk"
+    r, _, worker, router = await run_against_lossy_worker(tmp_path, "middle", prompt)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected(prompt)
+    # No prefill worker: the first attempt decoded from the first token; the second resumed on the same worker
+    # after the three tokens the client had before the gap.
+    assert [a for a, _ in worker.attempts] == [0, 1] and len(worker.attempts[1][1]) == 3, worker.attempts
+    assert 0 in worker.cancels  # the first attempt was cancelled by number, not the request as a whole
+    assert re.search(r"resuming on decode-lossy after 3 tokens", router.output()), router.output()[-3000:]
+
+
+async def test_a_lost_last_chunk_published_again_ends_the_stream_at_once(tmp_path):
+    prompt = "a stream whose end is lost"
+    r, took, worker, router = await run_against_lossy_worker(tmp_path, "last", prompt)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected(prompt)
+    assert [a for a, _ in worker.attempts] == [0] and took < 5, (worker.attempts, took)  # not the 30 s idle wait
+    assert "resuming" not in router.output()
 
 
 async def beat_every(worker: LossyDecodeWorker, interval_s: float) -> None:
