@@ -21,7 +21,6 @@ import signal
 import time
 
 import httpx
-import orjson
 import pytest
 
 from pdserve import config as cfg, nats_server, subjects
