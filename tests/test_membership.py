@@ -67,3 +67,14 @@ async def test_a_reconnect_between_two_checks_still_restarts_the_silence_clocks(
         assert [hb.worker_id for hb in membership.live()] == ["w1"] and gone == []
     finally:
         await membership.stop()
+
+
+async def test_a_heartbeat_that_counts_one_more_reconnect_is_told_to_the_listeners():
+    membership, reconnected = Membership(), []
+    membership.on_reconnected.append(reconnected.append)
+    await membership._on_heartbeat(heartbeat("w1", interval_s=1.0))
+    await membership._on_heartbeat(heartbeat("w1", interval_s=1.0))
+    assert reconnected == []
+    await membership._on_heartbeat(heartbeat("w1", interval_s=1.0).model_copy(update={"num_reconnects": 1}))
+    await membership._on_heartbeat(heartbeat("w1", interval_s=1.0).model_copy(update={"num_reconnects": 1}))
+    assert reconnected == ["w1"]

@@ -89,6 +89,8 @@ class Membership:
         self._members: dict[str, Member] = {}
         self.on_join: list[Callable[[Heartbeat], None]] = []
         self.on_gone: list[Callable[[str], None]] = []
+        # A member's heartbeat says it reconnected to NATS: messages to and from it just before may be lost.
+        self.on_reconnected: list[Callable[[str], None]] = []
         self._pruner: asyncio.Task | None = None
         self._bus: Bus | None = None
         self._num_reconnects = 0  # of our own NATS connection, at the last prune
@@ -117,8 +119,13 @@ class Membership:
                 log.exception("membership: prune failed")
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
-        joined = hb.worker_id not in self._members
+        known = self._members.get(hb.worker_id)
+        joined = known is None
         self._members[hb.worker_id] = Member(hb, time.monotonic())
+        if known is not None and hb.num_reconnects > known.heartbeat.num_reconnects:
+            log.info("%s %s reconnected to NATS", hb.role, hb.worker_id)
+            for callback in self.on_reconnected:
+                callback(hb.worker_id)
         if joined:
             log.info("%s %s joined (model %s, transfer %s)", hb.role, hb.worker_id,
                      hb.model.name if hb.model else "-", hb.transfer_address)

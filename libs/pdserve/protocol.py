@@ -135,6 +135,8 @@ class Heartbeat(Message):
     kv_transports: tuple[str, ...] = Field(default=(), max_length=8, description="paths its endpoint offers")
     num_kv_pulls: dict[str, int] = Field(default_factory=dict, max_length=8,
                                          description="KV pulls this worker made, by the path the bytes took")
+    num_reconnects: int = Field(default=0, ge=0, description="times this worker's NATS connection was made again: "
+                                "what it published or was sent just before may be lost (routers stop waiting on it)")
     unreachable_peer_ids: tuple[str, ...] = Field(default=(), max_length=1024, description=(
         "prefill workers whose transfer endpoints this worker could not connect to (peer_paths.py): routers do not "
         "pair it with them until a probe clears the mark"))

@@ -139,7 +139,7 @@ class WorkerRuntime:
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
             kv_transports=tuple(values.get("kv_transports", ())),
             num_kv_pulls={path: int(values.get(f"num_kv_pulls_{path}", 0)) for path in PATHS},
-            unreachable_peer_ids=self.peer_paths.unreachable_ids,
+            unreachable_peer_ids=self.peer_paths.unreachable_ids, num_reconnects=self.bus.num_reconnects,
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

@@ -208,7 +208,7 @@ class DecodeAttempt:
             # What the worker published while we were away is lost; if that was its last chunk, nothing more
             # comes. Wait only as long as a silent worker takes to be declared gone, then resume.
             self._idle_s = min(self._idle_s, self.router.watch.silence_allowance_s(self.worker_id))
-            self._why = " after the router reconnected to NATS (chunks lost meanwhile)"
+            self._why = " after the router or the worker reconnected to NATS (chunks lost meanwhile)"
         self._idle_s, self._why = self.router.config.stream_idle_timeout_s, ""
         self._check(chunk)
         texts, token_ids = [chunk.text], list(chunk.token_ids)

@@ -41,6 +41,8 @@ class Orchestrator:
         membership.on_gone.extend((self.shared.streams.on_worker_gone, self.shared.watch.on_worker_gone))
         # NATS came back: what was published meanwhile is lost; waits shrink to a silent worker's allowance.
         bus.on_reconnect.extend((self.shared.streams.on_reconnect, self.shared.watch.on_reconnect))
+        membership.on_reconnected.extend((self.shared.streams.on_worker_reconnected,
+                                          self.shared.watch.on_worker_reconnected))
 
     async def start(self) -> None:
         await self.shared.streams.start()

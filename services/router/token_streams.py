@@ -7,7 +7,7 @@ that only that worker is given: a chunk that comes late from an earlier attempt 
 claims a worker without its secret is dropped.
 
 Besides chunks, a queue receives None when its worker is declared gone (missed heartbeats) and RECONNECTED
-when this router's NATS connection came back (chunks published meanwhile are lost).
+when this router's NATS connection came back, or its worker's did (chunks published meanwhile may be lost).
 """
 
 from __future__ import annotations
@@ -66,6 +66,13 @@ class TokenStreams:
     def on_reconnect(self) -> None:
         for stream in list(self._open.values()):
             stream.chunks.put_nowait(RECONNECTED)
+
+    def on_worker_reconnected(self, worker_id: str) -> None:
+        """The worker's NATS connection was made again: what it published just before may be lost, as when ours
+        was."""
+        for stream in list(self._open.values()):
+            if stream.worker_id == worker_id:
+                stream.chunks.put_nowait(RECONNECTED)
 
     async def _on_chunk(self, chunk: TokenChunk) -> None:
         stream = self._open.get((chunk.request_id, chunk.worker_id))

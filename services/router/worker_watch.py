@@ -2,8 +2,9 @@
 
 A prefill deadline is long (a minute): a worker killed -9 must not cost all of it. Membership declares a
 worker gone after it missed its heartbeats; every request still waiting on it then moves on at once. After
-this router's own NATS connection came back, a reply published while it was away is lost: a wait then lasts
-only as long as a silent worker takes to be declared gone, not the request's whole deadline.
+this router's own NATS connection came back, or the worker's did (its heartbeat counts its reconnects), a
+request or reply in flight then may be lost: a wait then lasts only as long as a silent worker takes to be
+declared gone, not the request's whole deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class WorkerWatch:
         self.membership = membership
         self._gone_waiters: dict[str, set[asyncio.Future]] = {}  # worker_id -> requests waiting on its answer
         self._reconnect_waiters: set[asyncio.Future] = set()  # requests waiting on an answer over NATS
+        self._worker_reconnect_waiters: dict[str, set[asyncio.Future]] = {}  # worker_id -> the same, per worker
 
     def silence_allowance_s(self, worker_id: str) -> float:
         """How long a worker may stay silent before membership declares it gone."""
@@ -48,6 +50,7 @@ class WorkerWatch:
         waiters = self._gone_waiters.setdefault(worker_id, set())
         waiters.add(gone)
         self._reconnect_waiters.add(reconnected)
+        self._worker_reconnect_waiters.setdefault(worker_id, set()).add(reconnected)
         answer = asyncio.ensure_future(request)
         try:
             await asyncio.wait((answer, gone, reconnected), return_when=asyncio.FIRST_COMPLETED)
@@ -55,8 +58,8 @@ class WorkerWatch:
                 grace_s = max(self.silence_allowance_s(worker_id), MIN_RECONNECT_GRACE_S)
                 await asyncio.wait((answer, gone), timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
                 if not answer.done() and not gone.done():
-                    raise WorkerGone(f"no answer from worker {worker_id} within {grace_s:.1f}s after the router "
-                                     "reconnected to NATS (the answer was lost meanwhile)")
+                    raise WorkerGone(f"no answer from worker {worker_id} within {grace_s:.1f}s after it or the "
+                                     "router reconnected to NATS (the request or its answer was lost meanwhile)")
             if not answer.done():
                 raise WorkerGone(f"worker {worker_id} is gone (goodbye or missed heartbeats)")
             return answer.result()
@@ -66,6 +69,11 @@ class WorkerWatch:
                 answer.add_done_callback(lambda task: task.cancelled() or task.exception())
             waiters.discard(gone)
             self._reconnect_waiters.discard(reconnected)
+            per_worker = self._worker_reconnect_waiters.get(worker_id)
+            if per_worker is not None:
+                per_worker.discard(reconnected)
+                if not per_worker:
+                    del self._worker_reconnect_waiters[worker_id]
             if not waiters and self._gone_waiters.get(worker_id) is waiters:
                 del self._gone_waiters[worker_id]
 
@@ -76,5 +84,12 @@ class WorkerWatch:
 
     def on_reconnect(self) -> None:
         for reconnected in list(self._reconnect_waiters):
+            if not reconnected.done():
+                reconnected.set_result(None)
+
+    def on_worker_reconnected(self, worker_id: str) -> None:
+        """worker_id's NATS connection was made again (its heartbeat says): a request to it, or its answer, may
+        have been lost with the old connection; waits on it get the same grace as after our own reconnect."""
+        for reconnected in list(self._worker_reconnect_waiters.get(worker_id, ())):
             if not reconnected.done():
                 reconnected.set_result(None)

@@ -8,6 +8,8 @@
   reconnected to NATS): the router drops what it had and ends the stream at once, on the first attempt (before:
   it waited --stream-idle-timeout-s, then resumed); a real decode worker's republishing is in
   tests/integration/test_recent_chunks.py;
+- the last chunk lost for good, the worker's heartbeat saying it reconnected to NATS: the router waits only a
+  silent worker's allowance, then resumes;
 - a decode worker that says goodbye after the router chose it but before the request reaches it: the request goes
   to the other decode worker at once (before: it waited for --stream-idle-timeout-s, 30 s), and the leaving
   worker refuses what still reaches it ("stopping").
@@ -45,10 +47,12 @@ def expected(prompt: str, max_tokens: int = MAX_TOKENS) -> str:
 class LossyDecodeWorker:
     """A decode worker on the bus (the test's stand-in): generates the mock engine's tokens, but its first
     attempt of each request loses a chunk: chunk 3 ("middle": never published, the stream goes on), or the last
-    one ("last": 0.5 s later every chunk is published again, as a worker does after it reconnected to NATS)."""
+    one ("last": 0.5 s later every chunk is published again, as a worker does after it reconnected to NATS;
+    "last_silent": nothing is published again, but its heartbeat says it reconnected to NATS)."""
 
     def __init__(self, bus: Bus, lose: str = "middle"):
         self.lose = lose
+        self.num_reconnects = 0
         self.bus = bus
         self.worker_id = "decode-lossy"
         self.card = mock_card(cfg.build(cfg.WorkerConfig, {}, env={}))
@@ -64,7 +68,8 @@ class LossyDecodeWorker:
     async def beat(self) -> None:
         now = time.time()
         await self.bus.publish(subjects.heartbeat("decode", self.worker_id), Heartbeat(
-            worker_id=self.worker_id, role="decode", model=self.card, interval_s=1.0, sent_at=now, started_at=now))
+            worker_id=self.worker_id, role="decode", model=self.card, interval_s=1.0, sent_at=now, started_at=now,
+            num_reconnects=self.num_reconnects))
 
     async def on_decode(self, req: DecodeRequest) -> DecodeAccepted:
         self.attempts.append((req.attempt, req.resume_token_ids))
@@ -88,9 +93,12 @@ class LossyDecodeWorker:
                 finish_reason="length" if last else None,
                 usage=Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(tokens)) if last else None)
             sent.append(chunk)
-            if req.attempt == 0 and ((self.lose == "middle" and seq == 3) or (self.lose == "last" and last)):
+            if req.attempt == 0 and ((self.lose == "middle" and seq == 3) or (self.lose.startswith("last") and last)):
                 continue  # lost on the way
             await self.bus.publish(req.stream_subject, chunk)
+        if req.attempt == 0 and self.lose == "last_silent":
+            await asyncio.sleep(0.3)
+            self.num_reconnects += 1  # told with the next heartbeat
         if req.attempt == 0 and self.lose == "last":
             await asyncio.sleep(0.5)
             for chunk in sent:  # all again, as after a reconnect: the router has all but the last
@@ -194,3 +202,14 @@ def test_a_decode_worker_that_leaves_after_being_chosen_costs_no_stream_timeout(
         for s in [*services, *decoders.values()]:
             s.stop()
         nats.stop()
+
+
+async def test_a_lost_last_chunk_of_a_worker_that_reconnected_costs_its_silence_allowance_not_the_idle_timeout(
+        tmp_path):
+    prompt = "a stream whose end is lost for good"
+    r, took, worker, router = await run_against_lossy_worker(tmp_path, "last_silent", prompt)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected(prompt)
+    # Its heartbeat said it reconnected: the router waited a silent worker's allowance (3 s), then resumed there.
+    assert [a for a, _ in worker.attempts] == [0, 1] and took < 10, (worker.attempts, took)
+    assert "reconnected to NATS (chunks lost meanwhile)" in router.output()
