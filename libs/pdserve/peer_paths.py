@@ -44,7 +44,7 @@ class PeerPaths:
         self._on_change = on_change
         self._marks: dict[str, Mark] = {}  # prefill worker id -> why its endpoint cannot be reached
         self._prober: asyncio.Task | None = None
-        self._pending: asyncio.Task | None = None  # the last announcement, referenced until it ran
+        self._pending: set[asyncio.Task] = set()  # announcements, referenced until they ran
         self._stopped = False
 
     @property
@@ -76,7 +76,9 @@ class PeerPaths:
             self._prober = None
 
     def _changed(self) -> None:
-        self._pending = asyncio.create_task(self._notify())
+        task = asyncio.create_task(self._notify())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _notify(self) -> None:
         try:

@@ -33,6 +33,7 @@ from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferResult
+from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams, ModelCard, SamplingParams
 from pdserve.tracing import SpanKind
@@ -52,7 +53,7 @@ class MockEngineConfig:
     advertise_host: str
     bind_host: str
     kv_pull_timeout_s: float
-    kv_connect_timeout_s: float = 2.0  # as --kv-connect-timeout-s
+    kv_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     kv_transport: str = "auto"
     prefix_caching: bool = True
 

@@ -34,6 +34,7 @@ from opentelemetry.trace import Span, SpanKind
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.vllm_io import finish_reason, tokens_prompt, vllm_request, with_report
+from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
@@ -61,7 +62,7 @@ class VllmEngineConfig:
     bind_host: str
     kv_lease_s: float
     kv_pull_timeout_s: float
-    kv_connect_timeout_s: float = 2.0  # as --kv-connect-timeout-s
+    kv_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     kv_transport: str = "auto"
     kv_cache_gib: int = 1
     cpu_cores: str | None = None

@@ -29,6 +29,7 @@ from pdserve.kv.receiver import Cancelled, Receiver, parse_header
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", *wire.PATHS)  # what --kv-transport takes
+DEFAULT_CONNECT_TIMEOUT_S = 2.0  # as --kv-connect-timeout-s (config.py keeps its own literal: it imports no kv)
 _MAX_IDLE_SOCKETS_PER_ADDRESS = 4
 
 
@@ -47,7 +48,7 @@ class TransferClient:
 
     def __init__(self, *, io_threads: int = 1, max_concurrent_pulls: int = 16, window_messages: int = 8,
                  tune_malloc: bool = True, transport: str = "auto", tcp_stream: bool | None = None,
-                 connect_timeout_s: float = 2.0) -> None:
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         self.transport = transport

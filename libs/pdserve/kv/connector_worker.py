@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferRefused
 from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
+from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.connector_stats import StatsPublisher
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.kv.vllm_reports import LoadReportSender
@@ -69,7 +70,7 @@ class ConnectorWorker:
         self.bind_host = str(extra.get("bind_host", "127.0.0.1"))
         self.advertise_host = str(extra.get("advertise_host", "127.0.0.1"))
         self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
-        self.connect_timeout_s = float(extra.get("connect_timeout_s", 2.0))
+        self.connect_timeout_s = float(extra.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S))
         self.transport = str(extra.get("transport", "auto"))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
