@@ -20,13 +20,16 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from pdserve import doctor, models, netaddr, status, subjects
+from pdserve import doctor, models, netaddr, rdma_devices, status, subjects
 from pdserve.bus import Bus
 from pdserve.config import BusOptions
 from pdserve.kv.endpoint import TransferEndpoint
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.protocol import Goodbye, Heartbeat, KVLayout, ModelCard
 from tests.e2e.conftest import PdserveUp, Service, free_port
+from tests.test_rdma_devices import StubVerbs, add_port, host_has_rdma, stub_host_with_a_nic
+
+NO_RDMA_HERE = "no RDMA device on this host: KV moves over TCP"
 
 
 def make_heartbeat(worker_id: str, role: str = "prefill", *, model: str | None = "m", tokenizer: str = "byte",
@@ -175,6 +178,32 @@ def test_members():
     assert doctor.check_members(full, url, 1.5).status == "OK"
 
 
+@pytest.mark.skipif(host_has_rdma(), reason="this host has RDMA devices: the no-device case is not here")
+def test_rdma_on_this_host_without_a_device_is_ok_and_names_the_tcp_path():
+    result = doctor.check_rdma(rdma_devices.scan())
+    assert result.status == "OK" and result.message.startswith(NO_RDMA_HERE), result
+    assert doctor.format_result(result).startswith(f"OK    rdma         {NO_RDMA_HERE}")
+
+
+def test_rdma_ports_of_a_stub_host_are_listed_and_none_active_warns(tmp_path):
+    # STUB hosts (fake sysfs trees, see tests/test_rdma_devices.py): one with an ACTIVE RoCE port and a DOWN port,
+    # one whose only port is DOWN.
+    result = doctor.check_rdma(rdma_devices.scan(stub_host_with_a_nic(tmp_path / "nic")))
+    assert result.status == "OK", result
+    summary, *findings = result.message.splitlines()
+    assert "mlx5_0/1 (RoCE)" in summary and "--kv-transport nixl" in summary
+    assert findings[:2] == ["mlx5_0/1 ACTIVE (LinkUp) RoCE, 100 Gb/s, GID[0] fe80:0000:0000:0000:0202:c9ff:fe00:0001",
+                            "mlx5_1/1 DOWN (Polling) IB, 10 Gb/s, GID[0] none"]
+    assert "python3-pyverbs" in findings[2]  # read from sysfs: what libibverbs sees is not checked
+    add_port(tmp_path / "down", "mlx5_1", 1, state="1: DOWN", link_layer="InfiniBand")
+    result = doctor.check_rdma(rdma_devices.scan(tmp_path / "down"))
+    assert result.status == "WARN" and "KV moves over TCP" in result.message and "ibv_devinfo" in result.message
+    # A STUB pyverbs that cannot list them: the ports are there, but NIXL/UCX could not use them.
+    unusable = rdma_devices.scan(tmp_path / "nic", verbs=StubVerbs(list_error=RuntimeError("Failed to get devices list")))
+    result = doctor.check_rdma(unusable)
+    assert result.status == "WARN" and "modprobe ib_uverbs" in result.message.splitlines()[0], result
+
+
 # ----------------------------------------------------------------------------------- status output
 
 
@@ -194,11 +223,25 @@ def test_table_has_one_row_per_member_and_dashes_for_a_brokers_engine_columns():
     rows = json.loads(status.render(members, "nats://x:4222", 1.5, as_json=True))
     assert set(rows[0]) == {"worker_id", "role", "model", "transfer_address", "num_queued", "num_running", "kv_usage",
                             "num_held_blocks", "num_requests_served", "last_heartbeat_s", "kv_transports",
-                            "num_kv_pulls", "unreachable_peer_ids"}
+                            "num_kv_pulls", "unreachable_peer_ids", "rdma_ports"}
     assert rows[0]["kv_usage"] == 0.25 and rows[1]["model"] is None
     assert "unreachable KV paths" not in text
     members.append(make_seen(make_heartbeat("d1", "decode", unreachable_peer_ids=("p1", "p9"))))
     assert "\n  d1 cannot reach p1, p9" in status.render(members, "nats://x:4222", 1.5, as_json=False)
+
+
+def test_each_workers_rdma_ports_or_that_it_has_none_are_shown():
+    members = [make_seen(make_heartbeat("p1", rdma_ports=("mlx5_0/1 ACTIVE RoCE", "mlx5_1/1 DOWN IB"))),
+               make_seen(make_heartbeat("p2", rdma_ports=("mlx5_0/1 DOWN IB",))),
+               make_seen(make_heartbeat("d1", "decode")), make_seen(make_heartbeat("d2", "decode")),
+               make_seen(make_heartbeat("b1", "broker", model=None, transfer_address=None))]
+    text = status.render(members, "nats://x:4222", 1.5, as_json=False)
+    lines = text.split("RDMA ports")[1].splitlines()[1:]
+    assert lines == ["  p1: mlx5_0/1 ACTIVE RoCE, mlx5_1/1 DOWN IB",
+                     "  p2: mlx5_0/1 DOWN IB (none ACTIVE: KV over TCP)",
+                     "  d1, d2: no RDMA device (KV over TCP)"], text
+    rows = json.loads(status.render(members, "nats://x:4222", 1.5, as_json=True))
+    assert rows[0]["rdma_ports"] == ["mlx5_0/1 ACTIVE RoCE", "mlx5_1/1 DOWN IB"] and rows[2]["rdma_ports"] == []
 
 
 # ------------------------------------------------------------------------- against a real nats-server
@@ -244,7 +287,8 @@ async def test_doctor_reports_a_broken_cluster_from_its_heartbeats(nats, tmp_pat
         await bus.close()
     verdicts = {r.name: r.status for r in results}
     assert verdicts == {"nats": "OK", "members": "WARN", "transfer": "FAIL", "metrics": "SKIP", "advertise": "OK",
-                        "models": "FAIL", "model-files": "OK", "clock": "FAIL"}, results
+                        "models": "FAIL", "model-files": "OK", "clock": "FAIL",
+                        "rdma": "WARN" if host_has_rdma() else "OK"}, results
     by_name = {r.name: r.message for r in results}
     assert dead_address in by_name["transfer"] and "p1" in by_name["clock"]
     assert "p1 has 32" in by_name["models"] and "d1 has 16" in by_name["models"]
@@ -266,6 +310,8 @@ def test_unreachable_nats_is_one_line_naming_the_fix(capsys):
     assert doctor.run(parse(doctor, "--nats", url, "--timeout-s", "1")) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("FAIL  nats") and "--nats" in lines[0]
+    rdma_line = next(line for line in lines if line.split()[1:2] == ["rdma"])  # needs no NATS
+    assert host_has_rdma() or NO_RDMA_HERE in rdma_line, lines
     assert status.run(parse(status, "--nats", "http://nowhere")) == 2
 
 
@@ -288,13 +334,14 @@ def test_status_and_doctor_against_pdserve_up(nats, tmp_path, capsys):
         for role in ("prefill", "decode"):
             assert rows[role]["model"] == "pdserve-mock" and rows[role]["transfer_address"].startswith("tcp://")
             assert rows[role]["last_heartbeat_s"] < 1.5
+            assert host_has_rdma() or rows[role]["rdma_ports"] == []  # each worker read its host's ports at start
         assert rows["prefill"]["num_requests_served"] == rows["decode"]["num_requests_served"] == 1
 
         model_dir = make_model_dir(tmp_path / "model")
         assert doctor.run(parse(doctor, "--nats", nats.url, "--model", str(model_dir))) == 0
         lines = capsys.readouterr().out.strip().splitlines()
-        assert lines[-1] == "8 OK", lines
-        assert [line.split()[0] for line in lines[:-2]] == ["OK"] * 8
+        assert lines[-1] == "9 OK", lines
+        assert [line.split()[0] for line in lines[:-2]] == ["OK"] * 9
 
         # The command line as an operator runs it: --watch redraws until Ctrl-C, which ends it cleanly.
         watch = subprocess.Popen([sys.executable, "-m", "pdserve.status", "--nats", nats.url, "--watch", "0.3"],
@@ -311,6 +358,8 @@ def test_status_and_doctor_against_pdserve_up(nats, tmp_path, capsys):
                 watch.kill()
         assert watch.returncode == 0 and "Traceback" not in err, err
         assert seen.count("Ctrl-C to stop") >= 2 and "1 prefill, 1 decode, 1 broker" in seen
+        workers = f"{rows['prefill']['worker_id']}, {rows['decode']['worker_id']}"
+        assert host_has_rdma() or f"\n  {workers}: no RDMA device (KV over TCP)" in seen, seen
     finally:
         up.stop()
         assert not up.kill_leftovers()

@@ -7,9 +7,10 @@ with hand-made heartbeats. They cover the failures operators of disaggregated se
 reachable, endpoints this host cannot reach (every one named, with why and the fix: transfer endpoints' control
 and byte-stream ports, metrics endpoints, each NATS server of a list), a loopback address advertised to other
 machines, workers of one model that disagree on the KV layout (every transfer would be refused and recomputed),
-model files missing, and clocks far enough apart to spoil KV leases. Probes run concurrently, each bounded by
---probe-timeout-s, so a cluster of many dead endpoints is diagnosed in seconds. Exit status 1 on any FAIL,
-else 0 (WARN and SKIP do not fail); 2 for a bad --nats URL.
+model files missing, clocks far enough apart to spoil KV leases, and this host's RDMA ports (none, or none ACTIVE,
+is said with the path KV takes instead). Probes run concurrently, each bounded by --probe-timeout-s, so a cluster
+of many dead endpoints is diagnosed in seconds. Exit status 1 on any FAIL, else 0 (WARN and SKIP do not fail); 2
+for a bad --nats URL.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Literal
 from urllib.parse import urlsplit
 
 from pdserve import config as cfg
-from pdserve import models, netaddr, probes, status
+from pdserve import models, netaddr, probes, rdma_devices, status
 from pdserve.bus import Bus, BusError
 from pdserve.protocol import Heartbeat
 
@@ -271,6 +272,22 @@ def check_clock_skew(members: list[status.Seen]) -> CheckResult:
         bad))
 
 
+def check_rdma(scan: rdma_devices.Scan) -> CheckResult:
+    """8. This host's RDMA ports: each listed with its state, link layer and GID 0, or the line that says there is
+    none. None at all is OK (KV goes over TCP between hosts, as it does without NIXL); ports none of which is ACTIVE,
+    or that libibverbs cannot open, warn: whoever fitted the NIC expects KV to use it."""
+    findings = [p.describe() for p in scan.ports]
+    if scan.ports and scan.source == "sysfs" and scan.note is None:
+        findings.append("pyverbs is not installed, so what libibverbs (and NIXL/UCX) sees is not checked: "
+                        "`make install` as root adds python3-pyverbs")
+    message = rdma_devices.summary(scan.ports, scan.source)
+    if scan.note is not None:
+        return CheckResult("rdma", "WARN", _listing(f"{len(scan.ports)} RDMA port(s) in {rdma_devices.SYSFS_ROOT}, "
+                                                    f"but {scan.note}", findings))
+    verdict: Verdict = "WARN" if scan.ports and not rdma_devices.has_active_port(scan.ports) else "OK"
+    return CheckResult("rdma", verdict, _listing(message, findings))
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -282,7 +299,8 @@ async def diagnose(options: cfg.BusOptions, model: str | None, timeout_s: float,
     if bus is None:
         skipped = [CheckResult(name, "SKIP", "needs NATS")
                    for name in ("members", "transfer", "metrics", "advertise", "models")]
-        return [nats, *skipped, check_model_files([], model), CheckResult("clock", "SKIP", "needs NATS")]
+        return [nats, *skipped, check_model_files([], model), CheckResult("clock", "SKIP", "needs NATS"),
+                check_rdma(rdma_devices.scan())]
     try:
         members = await status.collect(bus, listen_s)
     finally:
@@ -299,6 +317,7 @@ async def diagnose(options: cfg.BusOptions, model: str | None, timeout_s: float,
         check_model_agreement(heartbeats),
         check_model_files(heartbeats, model),
         check_clock_skew(members),
+        check_rdma(rdma_devices.scan()),
     ]
 
 

@@ -8,13 +8,14 @@ field of the wrong shape, and the bus logs and drops such a message instead of c
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 
+MAX_RDMA_PORTS = 32  # a heartbeat's; hosts have up to 8 or so NICs of 1-2 ports
 Role = Literal["prefill", "decode", "broker"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -140,6 +141,10 @@ class Heartbeat(Message):
     unreachable_peer_ids: tuple[str, ...] = Field(default=(), max_length=1024, description=(
         "prefill workers whose transfer endpoints this worker could not connect to (peer_paths.py): routers do not "
         "pair it with them until a probe clears the mark"))
+    rdma_ports: tuple[Annotated[str, Field(max_length=100)], ...] = Field(
+        default=(), max_length=MAX_RDMA_PORTS, description=(
+            "its host's RDMA ports when it started, 'mlx5_0/1 ACTIVE RoCE' each (rdma_devices.py); empty: no RDMA "
+            "device, so KV moves between it and other hosts over TCP"))
     interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
     sent_at: float
     started_at: float

@@ -4,7 +4,8 @@
 
 Nothing keeps a membership list anywhere: every worker and broker announces itself each heartbeat interval
 (1 s by default), so listening a little longer than one interval sees everyone alive. The table has one
-row per worker and broker; `--json` prints the same rows as a JSON list with the glossary's field names.
+row per worker and broker; `--json` prints the same rows as a JSON list with the glossary's field names. Under
+the table, each worker's RDMA ports as its heartbeat gives them, or "no RDMA device (KV over TCP)".
 `last_heartbeat_s` is timed with this machine's clock from when the heartbeat arrived, so it is not
 distorted by clock skew (`pdserve doctor` reports that separately).
 
@@ -121,6 +122,7 @@ def row(seen: Seen) -> dict:
         "kv_transports": list(hb.kv_transports),
         "num_kv_pulls": dict(hb.num_kv_pulls),
         "unreachable_peer_ids": list(hb.unreachable_peer_ids),
+        "rdma_ports": list(hb.rdma_ports),
         "last_heartbeat_s": round(seen.age_s, 2),
     }
 
@@ -162,7 +164,28 @@ def render(members: list[Seen], nats_url: str, listen_s: float, as_json: bool) -
                 "--nats pointing at this server, or pass the --nats URL they use")
     roles = [r["role"] for r in rows]
     summary = ", ".join(f"{roles.count(role)} {role}" for role in _ROLE_ORDER if role in roles)
-    return f"{format_table(rows)}\n\n{summary} on {nats_url}{unreachable_lines(rows)}"
+    return f"{format_table(rows)}\n\n{summary} on {nats_url}{rdma_lines(rows)}{unreachable_lines(rows)}"
+
+
+NO_RDMA = "no RDMA device (KV over TCP)"
+
+
+def rdma_lines(rows: list[dict]) -> str:
+    """Each worker's RDMA ports as its heartbeat gives them, workers of the same ports on one line (so a cluster of
+    alike hosts takes one), or that it has none: a host without a usable NIC is not silent."""
+    by_ports: dict[str, list[str]] = {}
+    for r in rows:
+        if r["role"] == "broker":  # it moves no KV
+            continue
+        ports = r["rdma_ports"]
+        shown = ", ".join(ports) or NO_RDMA
+        if ports and not any(p.split()[1:2] == ["ACTIVE"] for p in ports):  # "mlx5_0/1 ACTIVE RoCE"
+            shown += " (none ACTIVE: KV over TCP)"
+        by_ports.setdefault(shown, []).append(r["worker_id"])
+    if not by_ports:
+        return ""
+    return ("\n\nRDMA ports (for KV between hosts; `pdserve doctor` on a host lists their GIDs):\n"
+            + "\n".join(f"  {', '.join(ids)}: {shown}" for shown, ids in by_ports.items()))
 
 
 def unreachable_lines(rows: list[dict]) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 
-from pdserve import netaddr, subjects
+from pdserve import netaddr, rdma_devices, subjects
 from pdserve.bus import Bus
 from pdserve.config import WorkerConfig
 from pdserve.engine.base import Engine
@@ -24,7 +24,7 @@ from pdserve.kv.wire import PATHS
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
 from pdserve.peer_paths import PeerPaths
-from pdserve.protocol import ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
+from pdserve.protocol import MAX_RDMA_PORTS, ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
 from pdserve.service import StartupError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class WorkerRuntime:
         self.metrics: WorkerMetrics
         self.metrics_address: str | None = None
         self._pending: set[asyncio.Task] = set()
+        self.rdma_ports: tuple[str, ...] = ()  # read at start: NICs do not come and go under a running worker
         # Prefill workers whose endpoints this worker's pulls could not connect to (heartbeats say which).
         self.peer_paths = PeerPaths(config.worker_id, probe_interval_s=config.kv_probe_interval_s,
                                     connect_timeout_s=config.kv_connect_timeout_s, on_change=self._beat_now)
@@ -88,6 +89,11 @@ class WorkerRuntime:
             self._stack.callback(self.metrics.stop)
             self.metrics_address = f"{netaddr.http_url(advertise_host, port)}/metrics"
             await self.bus.serve(subjects.worker_stats(self.worker_id), StatsRequest, self._on_stats)
+            rdma = rdma_devices.scan()
+            self.rdma_ports = tuple(p.short() for p in rdma.ports)[:MAX_RDMA_PORTS]
+            log.info("worker %s: %s", self.worker_id, rdma_devices.summary(rdma.ports, rdma.source))
+            if rdma.note is not None:
+                log.warning("worker %s: RDMA port(s) in %s, but %s", self.worker_id, rdma_devices.SYSFS_ROOT, rdma.note)
             self._heartbeats = HeartbeatPublisher(self.bus, self.heartbeat, cfg.heartbeat_interval_s)
             log.info("%s worker %s: model %s, engine %s, KV transfer endpoint %s, metrics %s", cfg.role,
                      self.worker_id, self.engine.card.name, cfg.engine, self.engine.transfer_address,
@@ -140,6 +146,7 @@ class WorkerRuntime:
             kv_transports=tuple(values.get("kv_transports", ())),
             num_kv_pulls={path: int(values.get(f"num_kv_pulls_{path}", 0)) for path in PATHS},
             unreachable_peer_ids=self.peer_paths.unreachable_ids, num_reconnects=self.bus.num_reconnects,
+            rdma_ports=self.rdma_ports,
             interval_s=self.config.heartbeat_interval_s,
             sent_at=time.time(), started_at=self.started_at,
         )

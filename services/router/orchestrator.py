@@ -63,7 +63,7 @@ class Orchestrator:
                     "num_requests_served": hb.num_requests_served, "num_queued": hb.num_queued,
                     "num_running": hb.num_running, "kv_usage": hb.kv_usage,
                     "transfer_address": hb.transfer_address, "metrics_address": hb.metrics_address,
-                    "unreachable_peer_ids": list(hb.unreachable_peer_ids)}
+                    "unreachable_peer_ids": list(hb.unreachable_peer_ids), "rdma_ports": list(hb.rdma_ports)}
                    for hb in live if hb.role != "broker"]
         brokers = [hb.worker_id for hb in live if hb.role == "broker"]
         roles = {w["role"] for w in workers}
