@@ -119,10 +119,11 @@ class WorkerConfig(BusOptions, MockEngineOptions):
                                        "and later requests avoid it)")
     kv_probe_interval_s: float = _opt(2.0, "decode: how often a prefill worker marked unreachable is probed (a TCP "
                                       "connect to its endpoint); the mark clears when a probe connects")
-    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc"] = _opt(
+    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc", "nixl"] = _opt(
         "auto", "how pulled KV travels: auto (from a prefill worker on this host: cuda-ipc between GPUs, shm "
-        "otherwise; tcp across hosts), tcp, shm or cuda-ipc (these two fall back to tcp with a WARNING where they "
-        "cannot work)")
+        "otherwise; across hosts nixl where this host has an active RDMA port and the bus has credentials, else "
+        "tcp), tcp, shm, cuda-ipc or nixl (NIXL over UCX; these three fall back to tcp with a WARNING where they "
+        "cannot work; nixl on a NATS without credentials is offered with a WARNING)")
 
     def __post_init__(self) -> None:
         BusOptions.__post_init__(self)
@@ -270,8 +271,9 @@ class UpConfig:
     model: str = _opt("", "vllm: a local Hugging Face directory (the default is pulled once); mock: the name to serve",
                       shown_default=f"{DEFAULT_VLLM_MODEL} / {MOCK_MODEL}")
     advertise_host: str | None = _opt(None, "address workers advertise", shown_default="detected")
-    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc"] = _opt(
-        "auto", "how pulled KV travels between workers: auto (shm on one host, tcp across hosts), tcp, shm or cuda-ipc")
+    kv_transport: Literal["auto", "tcp", "shm", "cuda-ipc", "nixl"] = _opt(
+        "auto", "how pulled KV travels between workers: auto (shm on one host, tcp across hosts), tcp, shm, cuda-ipc "
+        "or nixl (NIXL over UCX)")
     prefix_caching: bool = _opt(True, "workers keep finished prompts' KV as a prefix cache that KV-aware routing "
                                 "follows; --no-prefix-caching turns it off")
     startup_timeout_s: float | None = _opt(None, "how long to wait for every service to come up",

@@ -1,7 +1,8 @@
 """The path KV takes is chosen by where the peers are, with no flag:
 
 - `pdserve up --engine mock` (every worker on this host): the shm path (visible in `pdserve status`, the decode
-  worker's log line and its metrics); `--kv-transport tcp` still works; the answers are identical either way;
+  worker's log line and its metrics); `--kv-transport tcp` and `--kv-transport nixl` (NIXL over UCX) still work;
+  the answers are identical every way;
 - a prefill worker in another network namespace (another host, as far as the kernel's namespaces go) is
   reached over TCP.
 """
@@ -50,23 +51,37 @@ def decode_metrics(up: PdserveUp) -> str:
         return r.read().decode()
 
 
-def test_one_host_takes_shm_and_tcp_on_request_gives_the_same_answers(tmp_path):
-    results = {}
-    for transport in ("auto", "tcp"):
+def openai_answers(base_url: str) -> list[str]:
+    """The same prompts through the official openai client, as chat completions."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=30, max_retries=0)
+    return [client.chat.completions.create(model=MOCK_MODEL, messages=[{"role": "user", "content": p}],
+                                           max_tokens=8, temperature=0).choices[0].message.content for p in PROMPTS]
+
+
+def test_one_host_takes_shm_and_tcp_or_nixl_on_request_gives_the_same_answers(tmp_path):
+    """nixl runs with UCX_TLS=tcp: UCX's TCP transport, what hosts without RDMA NICs use between them."""
+    results, chats = {}, {}
+    for transport in ("auto", "tcp", "nixl"):
         extra = [] if transport == "auto" else ["--kv-transport", transport]
-        with PdserveUp(tmp_path, free_port(), *extra, name=transport).running(1, 1) as up:
+        env = {"UCX_TLS": "tcp"} if transport == "nixl" else None
+        with PdserveUp(tmp_path, free_port(), *extra, name=transport, env=env).running(1, 1) as up:
             results[transport] = answers(up.base_url)
+            chats[transport] = openai_answers(up.base_url)
             time.sleep(1.2)  # a heartbeat carries the counts
             (decode,) = [r for r in status_rows(up) if r["role"] == "decode"]
             (prefill,) = [r for r in status_rows(up) if r["role"] == "prefill"]
-            path = "shm" if transport == "auto" else "tcp"
-            assert decode["num_kv_pulls"].get(path) == len(PROMPTS), decode
-            assert prefill["kv_transports"] == ["tcp", "shm"]
-            assert re.search(rf'pdserve_kv_pulls_total{{[^}}]*transport="{path}"[^}}]*}} {len(PROMPTS)}\.0',
+            path = {"auto": "shm"}.get(transport, transport)
+            assert decode["num_kv_pulls"].get(path) == 2 * len(PROMPTS), decode
+            # nixl is offered only when asked for here: auto offers it where a host has an active RDMA port
+            assert prefill["kv_transports"] == (["tcp", "shm", "nixl"] if transport == "nixl" else ["tcp", "shm"])
+            assert re.search(rf'pdserve_kv_pulls_total{{[^}}]*transport="{path}"[^}}]*}} {2 * len(PROMPTS)}\.0',
                              decode_metrics(up)), decode_metrics(up)
-            assert up.output().count(f"over {path} in") >= len(PROMPTS)
-            assert "instead of shm" not in up.output()
-    assert results["auto"] == results["tcp"]
+            assert up.output().count(f"over {path} in") >= 2 * len(PROMPTS)
+            assert "instead of" not in up.output()
+    assert results["auto"] == results["tcp"] == results["nixl"] and all(results["auto"])
+    assert chats["auto"] == chats["tcp"] == chats["nixl"] and all(chats["auto"])
 
 
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

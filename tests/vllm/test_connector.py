@@ -72,7 +72,7 @@ def engines(vllm_harness, stats_path, load_reports):
     cores = ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
     prefill, decode = vllm_harness.start_engines([
         dict(name="prefill-0", cores=cores[0], extra={"lease_s": LEASE_S, "hold_blocks": "refcount",
-                                                     "stats_path": stats_path}),
+                                                     "stats_path": stats_path, "offer_nixl": True}),
         dict(name="decode-0", cores=cores[1], extra={"lease_s": LEASE_S, "hold_blocks": "delay_free",
                                                     "pull_timeout_s": PULL_TIMEOUT_S,
                                                     "reports_endpoint": load_reports.endpoint}),
@@ -241,6 +241,31 @@ def test_decode_after_transfer_gives_the_tokens_of_one_engine(vllm_harness, engi
         return {k: on_file.get(k) for k in prefill_stats} == prefill_stats
     vllm_harness.run(wait_for(published, 3, f"the stats file to show {prefill_stats}"))
     assert time.time() - read_published_stats(stats_path)["published_at"] < 10
+
+
+def test_a_pull_over_nixl_gives_the_tokens_of_one_engine(vllm_harness, engines, prompts, references):
+    """The decode engine pulls over NIXL (UCX picks its transport; on this host its shared-memory ones): greedy
+    tokens as one engine alone, and the load report names the path. The prefill engine offers nixl for the whole
+    module (decode's auto picks shm on one host, so the other tests are unchanged)."""
+    prefill_engine, decode_engine = engines
+    n = max(prompts)
+
+    async def scenario():
+        await rpc(decode_engine, "pdserve_pull_over_for_tests", "nixl")
+        try:
+            first, params = await prefill(prefill_engine, f"nixl-p{n}", prompts[n])
+            assert "nixl" in params.transports, params.transports
+            tokens = await decode(decode_engine, f"nixl-d{n}", prompts[n], first, params)
+            report = await rpc(decode_engine, "pdserve_load_report", f"nixl-d{n}")
+            await rpc(prefill_engine, "pdserve_release", f"nixl-p{n}")
+            return tokens, report
+        finally:
+            await rpc(decode_engine, "pdserve_pull_over_for_tests", "auto")
+
+    tokens, report = vllm_harness.run(scenario())
+    assert tokens == references[n]
+    assert report["transport"] == "nixl" and report["recomputed"] is False and report["error"] is None, report
+    assert report["num_blocks"] == blocks_for(n)
 
 
 def _free_port() -> int:

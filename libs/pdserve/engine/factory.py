@@ -39,6 +39,15 @@ def vllm_card(config: WorkerConfig, model_path: Path) -> ModelCard:
                      kv_layout=layout)
 
 
+def offers_nixl(config: WorkerConfig) -> bool:
+    """Whether this worker's transfer endpoint offers the nixl path: asked for or auto, NIXL there, and the bus
+    authenticated (or the operator insisted: nixl_path.transport_offered says why that matters)."""
+    from pdserve.kv import nixl_path
+
+    return nixl_path.transport_offered(config.kv_transport,
+                                       nats_authenticated=bool(config.nats_user or config.nats_token))
+
+
 def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
                   kv_events: KVEventSink | None = None) -> Engine:
     if config.engine == "mock":
@@ -49,7 +58,7 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
             kv_connect_timeout_s=config.kv_connect_timeout_s, kv_transport=config.kv_transport,
-            prefix_caching=config.prefix_caching,
+            offer_nixl=offers_nixl(config), prefix_caching=config.prefix_caching,
         ), kv_events=kv_events)
     if config.engine == "vllm":
         from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
@@ -60,7 +69,7 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
             worker_id=config.worker_id, model_path=model_path, card=vllm_card(config, model_path),
             advertise_host=advertise_host, bind_host=bind_host, kv_lease_s=config.kv_lease_s,
             kv_pull_timeout_s=config.kv_pull_timeout_s, kv_connect_timeout_s=config.kv_connect_timeout_s,
-            kv_transport=config.kv_transport,
+            kv_transport=config.kv_transport, offer_nixl=offers_nixl(config),
             kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
             prefix_caching=config.prefix_caching,
         ), kv_events=kv_events)

@@ -55,6 +55,7 @@ class MockEngineConfig:
     kv_pull_timeout_s: float
     kv_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     kv_transport: str = "auto"
+    offer_nixl: bool = False  # factory.offers_nixl
     prefix_caching: bool = True
 
 
@@ -85,7 +86,8 @@ class MockEngine(Engine):
         self._pins: Counter[int] = Counter()
         self._held: dict[str, _Held] = {}
         self._endpoint = TransferEndpoint(self._pool, bind_host=config.bind_host,
-                                          advertise_host=config.advertise_host, on_pull=self._on_pull)
+                                          advertise_host=config.advertise_host, on_pull=self._on_pull,
+                                          offer_nixl=config.offer_nixl)
         self._client = TransferClient(transport=config.kv_transport, connect_timeout_s=config.kv_connect_timeout_s)
         self._prefill_lock = asyncio.Lock()
         self._running: set[str] = set()

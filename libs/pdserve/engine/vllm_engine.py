@@ -64,6 +64,7 @@ class VllmEngineConfig:
     kv_pull_timeout_s: float
     kv_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     kv_transport: str = "auto"
+    offer_nixl: bool = False  # factory.offers_nixl
     kv_cache_gib: int = 1
     cpu_cores: str | None = None
     enforce_eager: bool = True
@@ -118,7 +119,7 @@ class VllmEngine(Engine):
                     "advertise_host": cfg.advertise_host, "bind_host": cfg.bind_host,
                     "lease_s": cfg.kv_lease_s, "pull_timeout_s": cfg.kv_pull_timeout_s,
                     "connect_timeout_s": cfg.kv_connect_timeout_s,
-                    "transport": cfg.kv_transport,
+                    "transport": cfg.kv_transport, "offer_nixl": cfg.offer_nixl,
                     "stats_path": self._stats_path,
                     "reports_endpoint": self._load_reports.endpoint,
                 },

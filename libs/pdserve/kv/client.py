@@ -19,7 +19,7 @@ from typing import Sequence
 import orjson
 import zmq
 
-from pdserve.kv import shm, stream, wire
+from pdserve.kv import nixl_path, shm, stream, wire
 from pdserve.kv.errors import PathUnavailable, TransferError, TransferResult
 from pdserve.kv.host import host_id
 from pdserve.kv.connection import Connection
@@ -58,6 +58,10 @@ class TransferClient:
         self._stream_refused: dict[str, str] = {}  # endpoint address -> why its stream could not be opened
         self._shm_usable: bool | None = None  # can this process make the call at all; asked at the first shm pull
         self._shm_refused: dict[str, str] = {}  # endpoint address -> why its memory could not be read
+        self._nixl: nixl_path.NixlAgent | None = None  # made at the first nixl pull, with its landing buffers
+        self._landing: nixl_path.Landing | None = None
+        self._nixl_refused: dict[str, str] = {}  # endpoint address -> why nixl does not work with it
+        self._rdma_active: bool | None = None  # does this host have an active RDMA port; asked once, for auto
         self._fallbacks_lock = threading.Lock()
         self.fallbacks: collections.Counter[str] = collections.Counter()  # "shm->tcp: <why>" -> times
         if tune_malloc:
@@ -118,10 +122,19 @@ class TransferClient:
     def choose_path(self, address: str, peer_host_id: str, peer_transports: Sequence[str],
                     pool: BlockPool | None = None) -> str:
         """On this host (same host id): cuda-ipc when both pools are on GPUs and the peer offers it, else shm when
-        the peer offers it and this process can read its memory; else tcp. A path asked for (transport="shm" or
-        "cuda-ipc") that cannot be taken falls back to tcp with a WARNING."""
+        the peer offers it and this process can read its memory. Across hosts: nixl when the peer offers it and
+        this host has an active RDMA port (UCX then uses verbs), else tcp. A path asked for (transport="shm",
+        "cuda-ipc" or "nixl") that cannot be taken falls back to tcp with a WARNING."""
         if self.transport == "tcp":
             return "tcp"
+        if self.transport == "nixl" or (self.transport == "auto" and "nixl" in peer_transports
+                                        and peer_host_id != host_id() and self._rdma_here()):
+            why = self._why_not_nixl(address, peer_transports, pool)
+            if why is None:
+                return "nixl"
+            if self.transport == "nixl":
+                self._fall_back(address, why, "nixl")
+                return "tcp"
         why = None
         on_gpu = getattr(pool, "device_segments", None) is not None
         wanted = "cuda-ipc" if self.transport == "cuda-ipc" or (self.transport == "auto" and on_gpu) else "shm"
@@ -147,8 +160,28 @@ class TransferClient:
             self._fall_back(address, why, wanted)
         return "tcp"
 
+    def _why_not_nixl(self, address: str, peer_transports: Sequence[str], pool: BlockPool | None) -> str | None:
+        if address in self._nixl_refused:
+            return self._nixl_refused[address]
+        if "nixl" not in peer_transports:
+            return ("the prefill worker does not offer it (no NIXL there, a NATS without credentials, or its "
+                    "--kv-transport)")
+        return nixl_path.why_unavailable()
+
+    def _rdma_here(self) -> bool:
+        """Whether this host has an RDMA port up: only then does auto prefer nixl over pdserve's own tcp path."""
+        if self._rdma_active is None:
+            try:
+                from pdserve import rdma_devices
+                self._rdma_active = rdma_devices.has_active_port(rdma_devices.list_devices())
+            except Exception:  # never a reason for a pull to fail
+                logger.debug("rdma device lookup failed", exc_info=True)
+                self._rdma_active = False
+        return self._rdma_active
+
     def _fall_back(self, address: str, why: str, wanted: str = "shm") -> None:
-        if self._remember_refusal(self._shm_refused, address, why, why):
+        refused = self._nixl_refused if wanted == "nixl" else self._shm_refused
+        if self._remember_refusal(refused, address, why, f"{wanted}->tcp: {why}" if wanted == "nixl" else why):
             logger.warning("kv pulls from %s use tcp instead of %s: %s", address, wanted, why)
 
     def _remember_refusal(self, refused: dict[str, str], address: str, why: str, counted_as: str) -> bool:
@@ -184,6 +217,9 @@ class TransferClient:
         self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._checker.shutdown(wait=True, cancel_futures=True)
+        if self._nixl is not None:
+            self._landing.close()
+            self._nixl.close()
         with self._idle_lock:
             for connections in self._idle.values():
                 for conn in connections:
@@ -225,6 +261,9 @@ class TransferClient:
             "block_ids": remote_ids, "segment_nbytes": list(pool.segment_nbytes), "layout_tag": pool.layout_tag,
             "traceparent": traceparent, "window": self._window, "timeout_s": timeout_s, "path": path,
         }
+        nixl = self._nixl_agent() if path == "nixl" else None
+        if nixl is not None:
+            request["nixl_agent"] = nixl.agent_for(address)
         block_nbytes = sum(pool.segment_nbytes)
         num_blocks = len(remote_ids)
         conn = self._checkout(address, transfer_id)
@@ -240,7 +279,7 @@ class TransferClient:
             else:
                 sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
                 receiver.receive_replies(path, pool, local_ids, remote_ids, window=self._window, checker=self._checker,
-                                         copy_device=self._copy_device)
+                                         copy_device=self._copy_device, nixl=nixl, landing=self._landing)
             clean = True
         except Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
             raise TransferError(f"transfer {transfer_id}: pull cancelled after {e.args[0] if e.args else 0} of "
@@ -255,6 +294,17 @@ class TransferClient:
         logger.debug("transfer %s: pulled %d blocks, %d bytes over %s in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, path, seconds, result.gbps)
         return result
+
+    def _nixl_agent(self) -> nixl_path.NixlAgent:
+        """This client's NIXL agent and landing buffers, made once; PathUnavailable where NIXL cannot start."""
+        with self._fallbacks_lock:
+            if self._nixl is None:
+                try:
+                    self._nixl = nixl_path.NixlAgent("decode")
+                except Exception as e:
+                    raise PathUnavailable(f"NIXL cannot start here ({type(e).__name__}: {e})") from e
+                self._landing = nixl_path.Landing(self._nixl)
+        return self._nixl
 
     def _open_stream(self, receiver: Receiver) -> None:
         """A new connection's byte stream (stream.py): ask the endpoint where, connect, present the ticket. Where

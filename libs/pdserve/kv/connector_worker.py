@@ -72,6 +72,7 @@ class ConnectorWorker:
         self.pull_timeout_s = float(extra.get("pull_timeout_s", 30.0))
         self.connect_timeout_s = float(extra.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S))
         self.transport = str(extra.get("transport", "auto"))
+        self.offer_nixl = bool(extra.get("offer_nixl", False))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
         self._report_sender: LoadReportSender | None = None  # used on the loop thread only
@@ -107,7 +108,7 @@ class ConnectorWorker:
             raise ValueError(f"vLLM's KV tensors hold {bytes_per_block} B per block, {self.layout} implies "
                              f"{self.layout.bytes_per_block} B; this attention backend pads or packs KV differently")
         self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
-                                         on_pull=self._on_pull_served)
+                                         on_pull=self._on_pull_served, offer_nixl=self.offer_nixl)
         self.endpoint.start()
         self._client = TransferClient(transport=self.transport, connect_timeout_s=self.connect_timeout_s)
         if self.reports_endpoint:

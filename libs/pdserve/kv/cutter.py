@@ -34,13 +34,14 @@ class ServedPull:
     traceparent: str | None
     credit: int  # messages the client will still take
     deadline: float  # monotonic; past it the client has stopped granting credit and is gone
-    path: str = "tcp"  # how the bytes go: tcp frames, or shm descriptors (wire.py)
+    path: str = "tcp"  # how the bytes go: tcp frames, or shm / nixl descriptors (wire.py)
     stream: stream.Stream | None = None  # tcp: the plain TCP stream the bytes go on, where the client has one
     started: float = field(default_factory=time.monotonic)
     batch: BatchStream | None = None  # the batch being sent
     batch_first: int = 0  # its first position in block_ids
     next_index: int = 0  # first position of the next batch
     num_bytes: int = 0
+    describe_extra: dict = field(default_factory=dict)  # nixl: fields for the next description (agent, metadata)
 
 
 class Cutter:
@@ -148,7 +149,8 @@ class Cutter:
         return [pull.identity, header]
 
     def describe_batch(self, pull: ServedPull) -> list:
-        """shm: the pull's next batch as where its pieces lie in this process, with their checksums taken now."""
+        """shm and nixl: the pull's next batch as where its pieces lie in this process, with their checksums taken
+        now (plus the pull's describe_extra fields, which are sent once)."""
         ids = pull.block_ids[pull.next_index:pull.next_index + self.shm_batch_blocks]
         first, pull.next_index = pull.next_index, pull.next_index + len(ids)
         if self._wait_out is not None:
@@ -158,8 +160,9 @@ class Cutter:
             self.corrupt_next = False
             checksums[0] ^= 1
         nbytes = len(ids) * sum(self.pool.segment_nbytes)
-        header = orjson.dumps({"k": "shm", "nonce": pull.nonce, "i": first, "c": len(ids), "pid": os.getpid(),
-                               "iov": batch_iov(self.pool, ids).tolist(), "h": checksums})
+        header = orjson.dumps({"k": pull.path, "nonce": pull.nonce, "i": first, "c": len(ids), "pid": os.getpid(),
+                               "iov": batch_iov(self.pool, ids).tolist(), "h": checksums, **pull.describe_extra})
+        pull.describe_extra = {k: v for k, v in pull.describe_extra.items() if k != "md"}
         pull.num_bytes += nbytes
         pull.credit -= 1
         self.count(num_bytes_sent=nbytes, num_blocks_sent=len(ids))

@@ -19,7 +19,7 @@ import orjson
 import zmq
 
 from pdserve import netaddr
-from pdserve.kv import shm, stream, wire
+from pdserve.kv import nixl_path, shm, stream, wire
 from pdserve.kv.control_socket import ControlSocket
 from pdserve.kv.cutter import Cutter, ServedPull
 from pdserve.kv.host import host_id
@@ -55,7 +55,9 @@ class TransferEndpoint:
     tune_malloc: see wire.tune_malloc_for_transfers(). offer_shm: let pullers on this host read the pool's memory
     themselves (the shm path), where the kernel allows it; `transports` and `host_id` say what is offered, and
     go to pullers in KV-ready (KVTransferParams). offer_stream: serve tcp pulls on a plain TCP stream (stream.py)
-    to clients that open one; without it they get ZeroMQ frames.
+    to clients that open one; without it they get ZeroMQ frames. offer_nixl: register the pool with a NIXL agent
+    and let pullers READ it (nixl_path.py; the caller decides whether the bus is trusted enough:
+    nixl_path.transport_offered), where NIXL loads and the pool has fixed host memory.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class TransferEndpoint:
         tune_malloc: bool = True,
         offer_shm: bool = True,
         offer_stream: bool = True,
+        offer_nixl: bool = False,
     ) -> None:
         # An explicit batch_blocks is the unit of both paths; by default each path has its own.
         self.shm_batch_blocks = batch_blocks or max(1, SHM_BATCH_NBYTES // max(1, sum(pool.segment_nbytes)))
@@ -103,6 +106,12 @@ class TransferEndpoint:
         self.transports: tuple[str, ...] = ("tcp", "shm") if offer_shm and shm.offer() else ("tcp",)
         if getattr(pool, "device_segments", None) and offer_shm:
             self.transports += ("cuda-ipc",)
+        if offer_nixl and nixl_path.pool_regions(pool) and nixl_path.why_unavailable() is None:
+            self.transports += ("nixl",)
+        elif offer_nixl:
+            logger.warning("kv nixl path not offered: %s", nixl_path.why_unavailable() or
+                           f"a {type(pool).__name__} has no fixed host memory to register")
+        self._nixl: nixl_path.NixlAgent | None = None
         self._confirming: dict[tuple[bytes, str], ServedPull] = {}  # cuda-ipc pulls copied, waiting for their "done"
         # A staging pool (GPU KV) copies to the host when a pull over a host path starts (see Cutter for the waits).
         self._prepare_out = getattr(pool, "prepare_out", None)
@@ -121,6 +130,18 @@ class TransferEndpoint:
             raise RuntimeError("TransferEndpoint.start() called twice; create a new endpoint to restart")
         if self._tune_malloc:
             wire.tune_malloc_for_transfers()
+        if "nixl" in self.transports:  # registered once; its metadata goes only to pullers with a valid token
+            try:
+                self._nixl = nixl_path.NixlAgent("prefill")
+                self._nixl.register(self.pool)
+                self._nixl_metadata = nixl_path.encode_metadata(self._nixl.metadata)
+            except Exception as e:  # the other paths still serve: never a reason for the endpoint not to start
+                logger.warning("kv nixl path not offered: NIXL could not register the KV pool (%s: %s)",
+                               type(e).__name__, e)
+                if self._nixl is not None:
+                    self._nixl.close()
+                    self._nixl = None
+                self.transports = tuple(t for t in self.transports if t != "nixl")
         self._ctx = zmq.Context(self._io_threads)
         control = ControlSocket(self._ctx, self.bind_host, self.max_request_nbytes, self._complaints)
         self._poller = zmq.Poller()
@@ -158,6 +179,8 @@ class TransferEndpoint:
         if self._streams is not None:
             self._streams.close()
         self._ctx.term()
+        if self._nixl is not None:
+            self._nixl.close()
         logger.info("kv transfer endpoint %s stopped", self._address)
 
     # ---- book-keeping (any thread; the ledger's)
@@ -281,6 +304,9 @@ class TransferEndpoint:
                           deadline=time.monotonic() + request.timeout_s + 5.0, path=path, stream=attached)
         if attached is not None:
             attached.pull = pull
+        if path == "nixl":  # the metadata only for a client that does not know this agent yet (nixl_path.py)
+            pull.describe_extra = {"agent": self._nixl.name, **(
+                {"md": self._nixl_metadata} if request.nixl_agent != self._nixl.name else {})}
         self._pulls.append(pull)
         if path != "cuda-ipc" and self._prepare_out is not None:
             self._prepare_out(block_ids)  # a staging pool starts its copies to the host now, sent as they land
@@ -343,7 +369,7 @@ class TransferEndpoint:
 
     def _cut_message(self, pull: ServedPull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
-        if pull.path == "shm":
+        if pull.path in ("shm", "nixl"):
             return self._cutter.describe_batch(pull)
         if pull.path == "cuda-ipc":
             return self._describe_device(pull)

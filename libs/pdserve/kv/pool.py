@@ -123,6 +123,11 @@ class ArrayBlockPool:
         iov[:, :, 1] = lengths
         return iov.reshape(-1, 2)
 
+    def memory_regions(self) -> list[tuple[int, int]]:
+        """[(address, nbytes)] of each array's memory in this process, for a transport that registers it once
+        (nixl_path.py). Optional for pools."""
+        return [(int(rows.ctypes.data), int(rows.nbytes)) for rows in self._rows]
+
     def block_bytes(self, block_id: int) -> bytes:
         """The block's segments concatenated (a copy; for tests and debugging)."""
         return b"".join(self.segments(block_id))

@@ -35,6 +35,7 @@ class PullRequest:
     path: object  # as sent; refusal() checks it is one this endpoint offers
     stream: object  # tcp: the ticket of the byte stream the bytes should go on, as sent; None for frames
     traceparent: str | None
+    nixl_agent: str | None = None  # nixl: the endpoint agent the client already knows (no metadata needed then)
 
 
 def parse_pull(h: dict) -> PullRequest:
@@ -52,9 +53,10 @@ def parse_pull(h: dict) -> PullRequest:
     timeout_s = min(max(float(h.get("timeout_s", 60.0)), 0.0), 3600.0)
     if len(nonce) > 64 or len(tid) > 256 or len(token) > 256:
         raise BadRequest("nonce, transfer_id or token longer than any pdserve sends")
-    tp = h.get("traceparent")
+    tp, agent = h.get("traceparent"), h.get("nixl_agent")
     return PullRequest(nonce, tid, token, block_ids, segment_nbytes, layout_tag, window, timeout_s,
-                       h.get("path", "tcp"), h.get("stream"), tp if isinstance(tp, str) else None)
+                       h.get("path", "tcp"), h.get("stream"), tp if isinstance(tp, str) else None,
+                       agent if isinstance(agent, str) else None)
 
 
 def refusal(request: PullRequest, allowed: Lease | None, gone: str | None, pool: BlockPool,

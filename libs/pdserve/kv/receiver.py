@@ -9,7 +9,9 @@ connection, nonce, deadline and cancel event together so that the receive loops 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import functools
 import logging
 import math
@@ -19,6 +21,7 @@ import time
 from concurrent.futures import Executor
 from typing import Callable
 
+import numpy as np
 import orjson
 import zmq
 
@@ -26,6 +29,7 @@ from pdserve.kv import shm, stream, wire
 from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PeerUnreachable, TransferError,
                                TransferIntegrityError, TransferRefused, TransferTimeout)
 from pdserve.kv.connection import Connection
+from pdserve.kv.nixl_path import Landing, NixlAgent
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
 
 
@@ -51,11 +55,13 @@ class Receiver:
         self.closing = closing
 
     def receive_replies(self, path: str, pool: BlockPool, local_ids: list[int], remote_ids: list[int], *,
-                        window: int, checker: Executor, copy_device: Callable) -> None:
-        """The pull's replies on the control connection: tcp frames, shm descriptions, or the cuda-ipc description
-        and its confirmation."""
+                        window: int, checker: Executor, copy_device: Callable, nixl: NixlAgent | None = None,
+                        landing: Landing | None = None) -> None:
+        """The pull's replies on the control connection: tcp frames, shm or nixl descriptions, or the cuda-ipc
+        description and its confirmation."""
         address, sock, num_blocks, transfer_id = self.conn.address, self.conn.sock, self.num_blocks, self.transfer_id
-        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
+        checks: list = []  # shm, nixl: each batch's checksum check, running while the next batch is copied
+        reads = _NixlReads(self, nixl, landing, pool, checker, checks) if path == "nixl" else None
         received = 0
         try:
             batch: BatchStream | None = None
@@ -70,7 +76,7 @@ class Receiver:
                     raise _error_from(header, transfer_id, address)
                 first, count, checksums = header.get("i"), header.get("c"), header.get("h")
                 try:
-                    kind = {"shm": "shm", "cuda-ipc": "cuda"}.get(path, "data")
+                    kind = {"shm": "shm", "nixl": "nixl", "cuda-ipc": "cuda"}.get(path, "data")
                     if header.get("k") != kind or first != received or not isinstance(
                             count, int) or not (0 < count <= num_blocks - received):
                         raise ValueError(f"unexpected header {str(header)[:200]}")
@@ -87,6 +93,9 @@ class Receiver:
                         ids = local_ids[first:first + count]
                         _read_described(header, pool, ids)
                         checks.append(checker.submit(_check_described, header, pool, ids, transfer_id, address))
+                        received += count
+                    elif path == "nixl":
+                        reads.post(header, local_ids[first:first + count])
                         received += count
                     elif batch is None:
                         ids = local_ids[first:first + count]
@@ -111,8 +120,13 @@ class Receiver:
                 if received < num_blocks and owed >= credit_every:
                     sock.send(orjson.dumps({"op": "credit", "nonce": self.nonce, "n": owed}), zmq.NOBLOCK)
                     owed = 0
+            if reads is not None:
+                reads.finish()
         except Cancelled:
             raise Cancelled(received) from None
+        finally:
+            if reads is not None:
+                reads.abandon()  # after a failure: nothing may write into the local blocks once the pull ends
         for check in checks:  # every batch's checksums, before the pull counts as done
             check.result()
 
@@ -271,16 +285,93 @@ def _check(got: list[int], want: list[int], transfer_id: str, first: int, count:
             "the prefill")
 
 
-def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None:
-    """shm: copy a batch the endpoint described (where it lies in its process) into the local blocks. ValueError
-    for a malformed description."""
+def _described_iov(header: dict, pool: BlockPool, local_ids: list[int]) -> list:
+    """shm, nixl: where the endpoint says a batch lies ([address, length] pieces); ValueError for a malformed
+    description."""
     pid, iov, want = header.get("pid"), header.get("iov"), header.get("h")
     nseg = len(pool.segment_nbytes)
-    if not (type(pid) is int and pid > 0 and isinstance(iov, list) and isinstance(want, list) and len(want) == nseg
+    if not (type(pid) is int and pid > 0 and isinstance(iov, list) and iov and isinstance(want, list)
+            and len(want) == nseg
             and all(isinstance(p, list) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p) for p in iov)
             and sum(p[1] for p in iov) == len(local_ids) * sum(pool.segment_nbytes)):
-        raise ValueError(f"bad shm batch description {str(header)[:200]}")
-    shm.read_remote(pid, batch_iov(pool, local_ids), iov)
+        raise ValueError(f"bad {header.get('k')} batch description {str(header)[:200]}")
+    return iov
+
+
+def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None:
+    """shm: copy a batch the endpoint described (where it lies in its process) into the local blocks."""
+    shm.read_remote(header["pid"], batch_iov(pool, local_ids), _described_iov(header, pool, local_ids))
+
+
+class _NixlReads:
+    """nixl: one pull's READs in flight. Each described batch is READ into a landing buffer at once (up to
+    MAX_IN_FLIGHT, the oldest waited for first), then copied into its blocks and checked against its checksums
+    while later ones move. A READ abandoned (failure, deadline, cancel) keeps its buffer: never the blocks."""
+
+    MAX_IN_FLIGHT = 4
+
+    def __init__(self, receiver: Receiver, nixl: NixlAgent, landing: Landing, pool: BlockPool, checker: Executor,
+                 checks: list) -> None:
+        self.receiver, self.nixl, self.landing, self.pool = receiver, nixl, landing, pool
+        self.checker, self.checks = checker, checks
+        self.in_flight: collections.deque = collections.deque()  # (handle, landing buffer, header, local ids)
+
+    def post(self, header: dict, ids: list[int]) -> None:
+        r = self.receiver
+        agent = header.get("agent")
+        if not isinstance(agent, str):
+            raise ValueError(f"nixl description without its agent {str(header)[:200]}")
+        name = self.nixl.know(r.conn.address, agent, header.get("md"))
+        remote = np.asarray(_described_iov(header, self.pool, ids), dtype=np.uint64)
+        while len(self.in_flight) >= self.MAX_IN_FLIGHT:
+            self._land_oldest()
+        nbytes = int(remote[:, 1].sum())
+        buffer = self.landing.take(nbytes, r.deadline, lambda: r._time_left(header["i"]))
+        try:
+            ends = np.cumsum(remote[:, 1])
+            local = np.stack([buffer.ctypes.data + ends - remote[:, 1], remote[:, 1]], axis=1).astype(np.uint64)
+            handle = self.nixl.post_read(name, local, remote)
+        except BaseException:
+            self.landing.give_back(buffer)  # no READ was posted into it
+            raise
+        self.in_flight.append((handle, buffer, header, ids))
+
+    def finish(self) -> None:
+        while self.in_flight:
+            self._land_oldest()
+
+    def _land_oldest(self) -> None:
+        r = self.receiver
+        handle, buffer, header, ids = self.in_flight[0]
+        try:
+            self.nixl.wait(handle, r.deadline, lambda: r._time_left(header["i"]))
+        except TransferTimeout:
+            r._time_left(header["i"])  # the pull's own timeout message (or cancellation)
+            raise
+        except TransferError as e:
+            raise TransferError(f"transfer {r.transfer_id}: {e} (blocks {header['i']}.. from {r.conn.address}); "
+                                "recompute the prefill") from e
+        self.in_flight.popleft()
+        try:
+            _scatter(buffer, batch_iov(self.pool, ids))
+        finally:
+            self.landing.give_back(buffer)
+        self.checks.append(self.checker.submit(_check_described, header, self.pool, ids, r.transfer_id,
+                                               r.conn.address))
+
+    def abandon(self) -> None:
+        """After a failure: READs still in flight keep their landing buffers until they end (Landing.hold)."""
+        while self.in_flight:
+            handle, buffer, _, _ = self.in_flight.popleft()
+            self.landing.hold(handle, buffer)
+
+
+def _scatter(buffer: np.ndarray, local_iov: np.ndarray) -> None:
+    """Copy the landing buffer's bytes, in order, into the local pieces ([address, length] in this process)."""
+    offset, src = 0, buffer.ctypes.data
+    for address, length in local_iov.tolist():
+        ctypes.memmove(address, src + offset, length)
+        offset += length
 
 
 def _check_described(header: dict, pool: BlockPool, local_ids: list[int], transfer_id: str, address: str) -> None:

@@ -84,7 +84,7 @@ def read_remote(pid: int, local: Sequence[Sequence[int]], remote: Sequence[Seque
     number of bytes, cut into pieces of its own). ShmUnavailable when the kernel does not allow it; TransferError
     when the memory is not there any more (the process ended, or freed it)."""
     assert _process_vm_readv is not None
-    local_vec, remote_vec = _aligned(coalesced(np.asarray(local, dtype=np.uint64).reshape(-1, 2)),
+    local_vec, remote_vec = aligned(coalesced(np.asarray(local, dtype=np.uint64).reshape(-1, 2)),
                                      coalesced(np.asarray(remote, dtype=np.uint64).reshape(-1, 2)))
     for first in range(0, len(local_vec), _IOV_MAX):
         lv, rv = local_vec[first:first + _IOV_MAX], remote_vec[first:first + _IOV_MAX]
@@ -102,7 +102,7 @@ def read_remote(pid: int, local: Sequence[Sequence[int]], remote: Sequence[Seque
                                 "ended or freed the blocks; recompute the prefill")
 
 
-def _aligned(local: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def aligned(local: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both piece lists ([N, 2] of address, length) cut at the union of their boundaries, so that piece i of
     one side and piece i of the other have the same length: the kernel then pairs them call by call however
     the pieces are split into calls of at most _IOV_MAX."""

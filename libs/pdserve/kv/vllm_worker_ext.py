@@ -63,3 +63,7 @@ class PdserveWorkerExtension:
     def pdserve_pause_endpoint_for_tests(self, seconds: float) -> None:
         """Stall this engine's transfer endpoint for `seconds` (a hung prefill)."""
         _connector_worker().endpoint.pause_for_tests(seconds)
+
+    def pdserve_pull_over_for_tests(self, transport: str) -> None:
+        """Make this engine's later pulls take `transport` (as --kv-transport would have at start)."""
+        _connector_worker()._client.transport = transport

@@ -2,7 +2,7 @@
 
 Every message starts with an orjson header frame.
   client -> endpoint  {"op": "pull", v, nonce, transfer_id, token, block_ids, segment_nbytes, layout_tag,
-                       traceparent, window, timeout_s, path}
+                       traceparent, window, timeout_s, path[, stream][, nixl_agent]}
                       {"op": "credit", nonce, n}     n more messages may be sent
   endpoint -> client  path "tcp": {"k": "data", nonce, i, c, h} + frames: the next bytes of the batch of blocks
                        i..i+c-1 of the pull (pool.BatchStream order); h, on the batch's last message only, is the
@@ -10,6 +10,9 @@ Every message starts with an orjson header frame.
                       path "shm": {"k": "shm", nonce, i, c, pid, iov, h}: no bytes, but where the batch lies in
                        the endpoint's memory (process `pid`, iov: [address, length] in BatchStream order), and
                        its checksums; the client copies it with process_vm_readv (shm.py) and checks them
+                      path "nixl": {"k": "nixl", nonce, i, c, pid, iov, h, agent[, md]}: the shm description, for a
+                       NIXL READ (nixl_path.py): `agent` names the endpoint's NIXL agent, `md` (base64, first
+                       description of a pull whose request did not name that agent as known) is its metadata
                       {"k": "error", nonce, reason, message}
 The pull is served in batches of blocks. On tcp each batch is cut into messages of about 2 MiB: large pieces
 of pool memory go as zero-copy frames, small ones are joined; on shm each batch is one message. Flow control
@@ -30,7 +33,7 @@ import platform
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-PATHS = ("tcp", "shm", "cuda-ipc")  # the ways a pull's bytes can go; counted per worker as num_kv_pulls_<path>
+PATHS = ("tcp", "shm", "cuda-ipc", "nixl")  # the ways a pull's bytes can go; counted per worker as num_kv_pulls_<path>
 POLL_MS = 100  # the endpoint's idle wake-up: how prompt stop() is, and the only cost of an idle endpoint
 CLIENT_POLL_S = 0.05  # how often a waiting pull notices cancellation, close() or a dropped connection
 MAX_WINDOW = 64  # messages one pull may have queued: 128 MiB on tcp, far above what a link needs
