@@ -26,6 +26,12 @@ repetition: a fast wrong transfer does not count.
                repetition with one entry per segment array (benchmarks/mooncake_tcp.py says how it is
                driven). No integrity check of its own. Reported as unavailable, with the reason, where it
                cannot run (e.g. the system lacks libibverbs.so.1, which the wheel links).
+  nixl       : the same pull over pdserve's nixl path (kv/nixl_path.py): the endpoint describes each batch, the
+               decode side READs it with NIXL into its landing buffers, copies it into the blocks, checksums on
+               both sides. UCX's transports as --ucx-tls says (tcp by default: what hosts without RDMA NICs use
+               between them; UCX would take shared memory on one host).
+  nixl/raw   : NIXL alone, the anchor for nixl: one READ of the whole pool (one descriptor per segment array)
+               straight into the registered destination pool; no token, checksum or landing copy.
   memcpy/xxh3: in this process, for reference.
 CPU columns: core-milliseconds per GB moved on each side (all threads of each process), medians; cpu/raw:
 both sides' CPU per repetition over raw's. On a machine whose cores are all busy during the transfer (this
@@ -33,6 +39,8 @@ benchmark on 2 cores), throughput/raw tends to raw_cpu/cpu, so cpu/raw is the no
 
 GB/s are 1e9 bytes per second: best = payload / fastest repetition, median = payload / median time; p10/p90
 over the repetitions' GB/s. med/mc and cpu/mc: each variant over Mooncake. --out FILE.json writes all figures.
+Printed ratios (of medians, first layout): tcp/raw_socket, shm/memcpy, nixl/tcp (pdserve's nixl path over its tcp
+path, the default client here) and nixl/nixl_raw.
 
 Usage: python benchmarks/transfer.py [--quick] [--payload-mib 64] [--reps 9] [--batch-blocks 8 32] [--out F.json]
 """
@@ -60,7 +68,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402 (after the environment it reads)
 import xxhash  # noqa: E402
 
-from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, stream
+from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, nixl_path, stream
 
 import mooncake_tcp  # benchmarks/ is not a package: it is on sys.path as this script's folder
 from mooncake_tcp import MooncakeReader, MooncakeSource, MooncakeUnavailable
@@ -121,13 +129,19 @@ def chunks(pool: ArrayBlockPool, chunk_nbytes: int):
 def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
     pool = make_pool(layout, num_blocks, random=True)
     endpoints = []
+    nixl_ok = nixl_path.why_unavailable() is None
     for batch_blocks in args.batch_blocks:
         ep = TransferEndpoint(pool, bind_host="127.0.0.1", batch_blocks=batch_blocks or None, io_threads=args.io_threads,
-                              tune_malloc=not args.no_tune_malloc)
+                              tune_malloc=not args.no_tune_malloc, offer_nixl=nixl_ok and not endpoints)
         ep.start()
         ep.allow("bench", TOKEN, range(num_blocks), time.time() + 3600)
         endpoints.append(ep)
     mooncake, mooncake_peer = MooncakeSource.start(pool)  # keep `mooncake` referenced: it serves the reads
+    nixl_raw = None  # the anchor's agent: NIXL alone, its own registration of the pool
+    if nixl_ok:
+        nixl_raw = nixl_path.NixlAgent("bench-prefill")
+        nixl_raw.register(pool)
+    nixl_peer = (nixl_raw.name, nixl_path.encode_metadata(nixl_raw.metadata), pool.memory_regions()) if nixl_raw else None
     listener = socket.create_server(("127.0.0.1", 0))
 
     def raw_sender() -> None:
@@ -139,11 +153,13 @@ def serve_prefill(conn, layout: str, num_blocks: int, args) -> None:
 
     threading.Thread(target=raw_sender, daemon=True).start()
     conn.send(([ep.address for ep in endpoints], listener.getsockname()[1], mooncake_peer, pool_digest(pool),
-               endpoints[0].host_id, endpoints[0].transports))
+               endpoints[0].host_id, endpoints[0].transports, nixl_peer))
     while conn.recv() == "cpu":  # the decode side asks for our CPU time around each repetition
         conn.send(time.process_time())
     for ep in endpoints:
         ep.stop()
+    if nixl_raw is not None:
+        nixl_raw.close()
     del mooncake
 
 
@@ -170,7 +186,7 @@ async def bench_layout(layout: str, args) -> dict:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=serve_prefill, args=(child, layout, num_blocks, args), daemon=True)
     proc.start()
-    addresses, raw_port, mooncake_peer, digest, peer_host_id, peer_transports = parent.recv()
+    addresses, raw_port, mooncake_peer, digest, peer_host_id, peer_transports, nixl_peer = parent.recv()
     local = make_pool(layout, num_blocks, random=False)
     replica = make_pool(layout, num_blocks, random=True)  # the source's bytes, here: memcpy's source
     client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="tcp",
@@ -181,6 +197,13 @@ async def bench_layout(layout: str, args) -> dict:
                                    tune_malloc=not args.no_tune_malloc, tcp_stream=True)
     shm_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="shm",
                                 tune_malloc=not args.no_tune_malloc)
+    nixl_client = TransferClient(io_threads=args.io_threads, window_messages=args.window, transport="nixl",
+                                 tune_malloc=not args.no_tune_malloc)
+    nixl_reader, nixl_name = None, None
+    if nixl_peer is not None:
+        nixl_reader = nixl_path.NixlAgent("bench-decode")
+        nixl_reader.register(local)
+        nixl_name = nixl_reader.know("bench", nixl_peer[0], nixl_peer[1])
     raw = socket.create_connection(("127.0.0.1", raw_port))
     ids = list(range(num_blocks))
     mooncake, mooncake_reason = None, None
@@ -225,6 +248,17 @@ async def bench_layout(layout: str, args) -> dict:
         if result.transport != "shm":
             raise RuntimeError(f"the shm variant went over {result.transport}; see the WARNING above")
 
+    async def nixl_run():
+        result = await nixl_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60,
+                                        peer_host_id="the benchmark's prefill process", peer_transports=peer_transports)
+        if result.transport != "nixl":
+            raise RuntimeError(f"the nixl variant went over {result.transport}; see the WARNING above")
+
+    async def nixl_raw_run():
+        handle = nixl_reader.post_read(nixl_name, np.array(local.memory_regions(), dtype=np.uint64),
+                                       np.array(nixl_peer[2], dtype=np.uint64))
+        nixl_reader.wait(handle, time.monotonic() + 60, lambda: None)
+
     async def memcpy_run():
         for src, dst in zip(replica._arrays, local._arrays):
             np.copyto(dst, src)
@@ -239,6 +273,8 @@ async def bench_layout(layout: str, args) -> dict:
     samples["pdserve/stream"] = []
     samples["pdserve/frames"] = []
     samples["shm"] = []
+    samples["nixl"] = []
+    samples["nixl/raw"] = []
     samples["memcpy"] = []
     samples["mooncake"] = []
     samples["raw"] = []
@@ -269,6 +305,11 @@ async def bench_layout(layout: str, args) -> dict:
                 await measure("shm", shm_run, rep)
                 if checked and not delivered():
                     raise RuntimeError("shm delivered wrong bytes")
+            if nixl_reader is not None:
+                for name, run in (("nixl", nixl_run), ("nixl/raw", nixl_raw_run)):
+                    await measure(name, run, rep)
+                    if checked and not delivered():
+                        raise RuntimeError(f"{name} delivered wrong bytes")
             await measure("memcpy", memcpy_run, rep)
             if checked and not delivered():
                 raise RuntimeError("memcpy delivered wrong bytes")
@@ -280,12 +321,16 @@ async def bench_layout(layout: str, args) -> dict:
         frames_client.close()
         stream_client.close()
         shm_client.close()
+        nixl_client.close()
+        if nixl_reader is not None:
+            nixl_reader.close()
         parent.send("stop")
         proc.join(timeout=10)
     if mooncake_reason is not None:
         del samples["mooncake"]
-    if not samples["shm"]:
-        del samples["shm"]
+    for name in ("shm", "nixl", "nixl/raw"):
+        if not samples[name]:
+            del samples[name]
     result = summarize_layout(samples, num_blocks * block_nbytes, mooncake_reason)
     return dict(block_nbytes=block_nbytes, num_segments=num_segments, num_blocks=num_blocks,
                 payload_bytes=num_blocks * block_nbytes, **result)
@@ -368,10 +413,14 @@ def main() -> None:
     parser.add_argument("--raw-chunk-kib", type=int, default=1024, help="sendall/recv_into size of the raw baseline")
     parser.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's malloc defaults on both sides")
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--ucx-tls", default="tcp", help="UCX_TLS for the nixl variants, both sides (tcp: as between "
+                        "hosts without RDMA NICs); 'default': leave UCX to choose")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 4 MiB, 2 reps, 2 layouts")
     parser.add_argument("--out", metavar="FILE.json", help="also write every figure, settings and machine as JSON")
     args = parser.parse_args()
     args.batch_blocks = list(dict.fromkeys(args.batch_blocks))
+    if args.ucx_tls != "default":
+        os.environ["UCX_TLS"] = args.ucx_tls  # before either side makes its NIXL agent (the child inherits it)
     if args.quick:
         args.payload_mib, args.reps, args.warmup = 4, 2, 1
         args.layouts = ["llama3-8b/1seg", "smollm2-135m/60seg"]
@@ -380,7 +429,8 @@ def main() -> None:
           f"window {args.window} messages; zmq io_threads {args.io_threads}; raw chunks {args.raw_chunk_kib} KiB; "
           f"malloc {'glibc defaults' if args.no_tune_malloc else 'tuned'}; "
           f"mooncake {mooncake_tcp.version() or 'not installed'} ({mooncake_tcp.PROTOCOL}, {mooncake_tcp.API}); "
-          f"tcp clients here take {'the stream' if stream.prefers_stream() else 'frames'} by default")
+          f"tcp clients here take {'the stream' if stream.prefers_stream() else 'frames'} by default; "
+          f"nixl {nixl_path.why_unavailable() or 'loaded'} (UCX_TLS={os.environ.get('UCX_TLS', 'default')})")
     copy_gbps, hash_gbps = reference(args.payload_mib << 20, max(args.reps, 3))
     print(f"# reference in-process: memcpy {copy_gbps:.2f} GB/s, xxh3_64 {hash_gbps:.2f} GB/s")
     header = (f"{'layout':<19} {'variant':<16} {'block B':>8} {'seg':>3} {'blocks':>6} {'best GB/s':>9} "
@@ -394,7 +444,11 @@ def main() -> None:
         print_layout(layout, layouts[layout])
     first = layouts[args.layouts[0]]["variants"]
     ratios = {"tcp/raw_socket": first["pdserve"]["ratio_median_to_raw"] if "pdserve" in first else None,
-              "shm/memcpy": first["shm"]["ratio_median_to_memcpy"] if "shm" in first else None}
+              "shm/memcpy": first["shm"]["ratio_median_to_memcpy"] if "shm" in first else None,
+              "nixl/tcp": (first["nixl"]["median_gbps"] / first["pdserve"]["median_gbps"]
+                           if "nixl" in first and "pdserve" in first else None),
+              "nixl/nixl_raw": (first["nixl"]["median_gbps"] / first["nixl/raw"]["median_gbps"]
+                                if "nixl" in first and "nixl/raw" in first else None)}
     print(f"# ratios of medians, layout {args.layouts[0]}")
     for name, value in ratios.items():
         if value is not None:
@@ -409,7 +463,7 @@ def main() -> None:
             settings=dict(payload_mib=args.payload_mib, reps=args.reps, warmup=args.warmup,
                           batch_blocks=args.batch_blocks, window=args.window, io_threads=args.io_threads,
                           raw_chunk_kib=args.raw_chunk_kib, tune_malloc=not args.no_tune_malloc,
-                          layouts=args.layouts),
+                          layouts=args.layouts, ucx_tls=os.environ.get("UCX_TLS", "default")),
             units=dict(gbps="1e9 bytes per second", cpu_ms_per_gb="core-milliseconds (both sides unless recv/send) "
                        "per 1e9 bytes moved", ratio_median_to_raw="median_gbps / raw's median_gbps",
                        pdserve_over_mooncake="pdserve variant's median_gbps (cpu_ms_per_gb) over Mooncake's"),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.kv import nixl_path
+
 from tests.benchmarks.reports import strict_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,10 +58,11 @@ def test_every_layout_has_raw_pdserve_and_mooncake(quick_run):
     assert layouts and sorted(report["layouts"]) == sorted(layouts)
     pdserve = {"pdserve" if b == 0 else f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
     pdserve |= {"pdserve/stream", "pdserve/frames"}  # the tcp path's two ways, side by side
+    nixl = {"nixl", "nixl/raw"} if nixl_path.why_unavailable() is None else set()
     for layout, entry in report["layouts"].items():
-        assert set(entry["variants"]) == pdserve | {"shm", "memcpy", "raw", "mooncake"}, layout
+        assert set(entry["variants"]) == pdserve | nixl | {"shm", "memcpy", "raw", "mooncake"}, layout
         assert entry["payload_bytes"] == entry["num_blocks"] * entry["block_nbytes"] > 0
-        for name in pdserve | {"shm", "memcpy", "raw"}:
+        for name in pdserve | nixl | {"shm", "memcpy", "raw"}:
             assert entry["variants"][name]["available"], (layout, name)
         for name in entry["variants"]:
             assert any(line.startswith(layout) and f" {name} " in line for line in stdout.splitlines()), \
@@ -116,8 +119,12 @@ def test_ratios_agree_with_the_figures(quick_run):
 def test_it_ends_with_one_ratio_line_per_path(quick_run):
     report, stdout = quick_run
     lines = [line.split() for line in stdout.splitlines() if line.startswith("ratio ")]
-    assert [line[1] for line in lines] == ["tcp/raw_socket", "shm/memcpy"]
+    nixl = nixl_path.why_unavailable() is None
+    assert [line[1] for line in lines] == ["tcp/raw_socket", "shm/memcpy", *(["nixl/tcp", "nixl/nixl_raw"] if nixl else [])]
     first = report["layouts"][report["ratios"]["layout"]]["variants"]
     assert float(lines[0][2]) == round(first["pdserve"]["ratio_median_to_raw"], 2)
     assert float(lines[1][2]) == round(first["shm"]["ratio_median_to_memcpy"], 2)
     assert report["ratios"]["shm/memcpy"] == first["shm"]["ratio_median_to_memcpy"]
+    if nixl:
+        assert float(lines[2][2]) == round(first["nixl"]["median_gbps"] / first["pdserve"]["median_gbps"], 2)
+        assert float(lines[3][2]) == round(first["nixl"]["median_gbps"] / first["nixl/raw"]["median_gbps"], 2)
