@@ -11,8 +11,10 @@ one run, interleaved repetition by repetition:
                 paged KV of many layers looks (64 MiB of it = 2,048 pieces of 32 KiB).
 
 Every variant's bytes are checked (the destination equals the source, on the GPU) on the first and last
-repetition. UCX picks its transports (UCX_TLS unset: cuda_ipc between processes on one GPU, where its build has
-it); the script prints UCX_TLS and NIXL's version. Needs torch with CUDA and a nixl wheel (nixl-cu12 / nixl-cu13).
+repetition. UCX picks its transports; the script prints UCX_TLS and NIXL's version. On a GPU without NVLink peers
+(one-GPU machines) UCX 1.23 turns cuda_ipc's zero-copy GET off and emulates READs over TCP (measured: 0.5 GB/s):
+set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y to measure cuda_ipc. Needs torch with CUDA and a nixl wheel (nixl-cu12 /
+nixl-cu13, with the `nixl` package that imports it).
 
 Prints `ratio nixl/device_copy` (one descriptor) and `ratio nixl_scatter/device_copy`, ratios of medians. --out FILE.json writes all figures.
 Usage: python benchmarks/nixl_vram.py [--payload-mib 64] [--reps 9] [--segment-kib 32] [--out F.json]
