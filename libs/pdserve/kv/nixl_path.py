@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import importlib
 import itertools
 import logging
 import mmap
@@ -72,7 +73,17 @@ def _nixl():
             os.environ["UCX_MODULES"] = "^ib"
     for name, value in UCX_TCP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    import nixl._api as api  # the nixl-cu12 / nixl-cu13 wheel
+    api = None
+    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+        # `nixl` is the meta package's shim that picks a build by the CUDA found; the builds themselves (nixl-cu12,
+        # which make install installs, or nixl-cu13) import under their own names.
+        try:
+            api = importlib.import_module(name)
+            break
+        except ImportError as e:
+            missing = e
+    if api is None:
+        raise missing
 
     # NIXL prints its Python logging on stdout (an INFO line per agent): stdout is a CLI's and a test's channel.
     # Its records go through this process's logging instead, from WARNING (NIXL_LOG_LEVEL still decides if set).

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import orjson
+import xxhash
 import zmq
 
 from pdserve.kv import shm, stream, wire
@@ -60,8 +61,8 @@ class Receiver:
         """The pull's replies on the control connection: tcp frames, shm or nixl descriptions, or the cuda-ipc
         description and its confirmation."""
         address, sock, num_blocks, transfer_id = self.conn.address, self.conn.sock, self.num_blocks, self.transfer_id
-        checks: list = []  # shm, nixl: each batch's checksum check, running while the next batch is copied
-        reads = _NixlReads(self, nixl, landing, pool, checker, checks) if path == "nixl" else None
+        checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
+        reads = _NixlReads(self, nixl, landing, pool) if path == "nixl" else None
         received = 0
         try:
             batch: BatchStream | None = None
@@ -305,15 +306,13 @@ def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None
 
 class _NixlReads:
     """nixl: one pull's READs in flight. Each described batch is READ into a landing buffer at once (up to
-    MAX_IN_FLIGHT, the oldest waited for first), then copied into its blocks and checked against its checksums
+    MAX_IN_FLIGHT, the oldest waited for first), checked there against its checksums, then copied into its blocks,
     while later ones move. A READ abandoned (failure, deadline, cancel) keeps its buffer: never the blocks."""
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, receiver: Receiver, nixl: NixlAgent, landing: Landing, pool: BlockPool, checker: Executor,
-                 checks: list) -> None:
+    def __init__(self, receiver: Receiver, nixl: NixlAgent, landing: Landing, pool: BlockPool) -> None:
         self.receiver, self.nixl, self.landing, self.pool = receiver, nixl, landing, pool
-        self.checker, self.checks = checker, checks
         self.in_flight: collections.deque = collections.deque()  # (handle, landing buffer, header, local ids)
 
     def post(self, header: dict, ids: list[int]) -> None:
@@ -353,11 +352,16 @@ class _NixlReads:
                                 "recompute the prefill") from e
         self.in_flight.popleft()
         try:
+            # Checked in the landing buffer, before any byte reaches the blocks: the batch is laid out segment-major
+            # there (segment k of every block, then k+1), so segment k's checksum is one hash of one range.
+            got, start = [], 0
+            for nbytes in self.pool.segment_nbytes:
+                got.append(xxhash.xxh3_64_intdigest(buffer[start:start + nbytes * len(ids)]))
+                start += nbytes * len(ids)
+            _check(got, header["h"], r.transfer_id, header["i"], len(ids), ids[0], r.conn.address)
             _scatter(buffer, batch_iov(self.pool, ids))
         finally:
             self.landing.give_back(buffer)
-        self.checks.append(self.checker.submit(_check_described, header, self.pool, ids, r.transfer_id,
-                                               r.conn.address))
 
     def abandon(self) -> None:
         """After a failure: READs still in flight keep their landing buffers until they end (Landing.hold)."""
