@@ -240,3 +240,31 @@ async def test_a_killed_prefill_process_fails_the_pull_at_once(big_endpoint):
             await pull
         assert time.monotonic() - killed < 1.5, info.value  # not the pull's 20 s: decode recomputes at once
         assert not isinstance(info.value, TransferRefused)
+
+
+EXITS_CLEANLY = f"""
+import asyncio, time
+import numpy as np
+from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint
+
+async def main():
+    ep = TransferEndpoint(ArrayBlockPool([np.ones((4, 4096), np.uint8)], layout_tag={TAG!r}), bind_host="127.0.0.1",
+                          offer_nixl=True)
+    ep.start()
+    ep.allow("t1", {TOKEN!r}, [0, 1], time.time() + 30)
+    client = TransferClient(transport="nixl")
+    result = await client.pull(ep.address, "t1", {TOKEN!r}, [0, 1], ArrayBlockPool([np.zeros((4, 4096), np.uint8)],
+                               layout_tag={TAG!r}), [2, 3], timeout_s=5, peer_host_id="x", peer_transports=ep.transports)
+    assert result.transport == "nixl", result
+    ep.stop()  # the client is left open: the process's exit closes its agent
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_that_used_nixl_exits_cleanly():
+    """Every process that had made a UCX agent died at exit (SIGSEGV in the wheel's bundled libnl-route, loaded by
+    UCX's InfiniBand module) until nixl_path kept that module out on hosts without RDMA devices."""
+    done = subprocess.run([sys.executable, "-c", EXITS_CLEANLY], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "UCX_TLS": "tcp"})
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

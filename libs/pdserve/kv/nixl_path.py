@@ -118,7 +118,8 @@ def why_unavailable() -> str | None:
         except Exception as e:
             _import_error = (f"NIXL cannot make its UCX backend here ({type(e).__name__}: {e}; UCX_TLS="
                              f"{os.environ.get('UCX_TLS', 'unset')}): UCX found no transport it can use; unset UCX_TLS "
-                             "or name transports this host has")
+                             "or name transports this host has (on a host with GPUs NIXL also wants cuda_copy in it, "
+                             "e.g. UCX_TLS=tcp,cuda_copy)")
     return _import_error or None
 
 
