@@ -135,7 +135,7 @@ class TransferClient:
             return "tcp"
         if self.transport == "nixl" or (self.transport == "auto" and "nixl" in peer_transports
                                         and peer_host_id != host_id() and self._rdma_here()):
-            why = self._why_not_nixl(address, peer_transports, pool)
+            why = self._why_not_nixl(address, peer_transports)
             if why is None:
                 return "nixl"
             if self.transport == "nixl":
@@ -166,7 +166,7 @@ class TransferClient:
             self._fall_back(address, why, wanted)
         return "tcp"
 
-    def _why_not_nixl(self, address: str, peer_transports: Sequence[str], pool: BlockPool | None) -> str | None:
+    def _why_not_nixl(self, address: str, peer_transports: Sequence[str]) -> str | None:
         if address in self._nixl_refused:
             return self._nixl_refused[address]
         if "nixl" not in peer_transports:

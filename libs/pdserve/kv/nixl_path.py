@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import functools
 import importlib
 import itertools
 import logging
@@ -59,8 +60,10 @@ POLL_S = 0.0005  # between looks at a READ in flight: busy polling would take a 
 _import_error: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def _nixl():
-    """The nixl module, imported on first use (it loads UCX and its plugins: ~0.2 s)."""
+    """The nixl module, imported on first use (it loads UCX and its plugins: ~0.2 s); the environment UCX reads is
+    settled once, here, not again for every agent."""
     if "UCX_MODULES" not in os.environ:
         from pdserve import rdma_devices
 
