@@ -89,6 +89,8 @@ class CompletionResponse(Response):
                 raise  # cancelled from outside (shutdown): not ours to swallow
             self.log.done(499, num_completion_tokens=self._num_tokens, error="client disconnected")
         except _ClientGone:
+            if self._disconnected and task.cancelling():
+                task.uncancel()  # the watcher's cancel that something swallowed: the request ends here all the same
             self.log.done(499, num_completion_tokens=self._num_tokens, error="client disconnected")
         finally:
             self._working = False
@@ -114,6 +116,10 @@ class CompletionResponse(Response):
     async def _send(self, send: Send, message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self._working = False  # once the last byte is out, a disconnect is just the client leaving
+        if self._disconnected:
+            # The watcher's cancel was lost on the way (a library that swallows it; asyncio.wait_for on 3.11):
+            # uvicorn drops writes to a closed connection without a word, so the stream would go on to its end.
+            raise _ClientGone
         try:
             await send(message)
         except OSError as e:  # servers on ASGI spec >= 2.4 raise on writes to a closed connection

@@ -42,6 +42,10 @@ class FakeBackend:
         self.fail_at: int | None = None  # raise `failure` before delta number `fail_at`
         self.failure: Exception = UpstreamError("decode worker d-1 failed")
         self.hang_at: int | None = None  # block forever before delta number `hang_at`
+        # wait before delta `swallow_cancel_at` until cancelled, then go on as if nothing happened: what
+        # asyncio.wait_for did on Python 3.11 when the cancel and the awaited item came in one turn of the loop
+        self.swallow_cancel_at: int | None = None
+        self.swallowed_cancel = False
         self.end_early_at: int | None = None  # return without a finish reason before delta `end_early_at`
         self.requests: list[GenerateRequest] = []
         self.ended_by: dict[str, str] = {}  # request_id -> "completed" | "GeneratorExit" | "CancelledError" | ...
@@ -71,6 +75,11 @@ class FakeBackend:
                 if i == self.hang_at:
                     self.hanging.set()
                     await asyncio.Event().wait()
+                if i == self.swallow_cancel_at:
+                    try:
+                        await asyncio.Event().wait()
+                    except asyncio.CancelledError:
+                        self.swallowed_cancel = True
                 await asyncio.sleep(0)
                 last = i == len(text) - 1
                 yield GenerateDelta(
@@ -534,6 +543,24 @@ async def test_stream_disconnect_closes_backend_generator(backend):
     assert sent[0]["status"] == 200
     assert backend.ended_by[backend.requests[0].request_id] == "CancelledError"
     assert not any(m.get("body", b"").startswith(b"data: [DONE]") for m in sent)
+
+
+async def test_stream_disconnect_ends_the_stream_even_when_the_cancel_is_swallowed():
+    """A cancel lost below the router (asyncio.wait_for on 3.11 lost one when a chunk came in the same turn) must
+    not leave the stream running to its end: uvicorn drops writes to a closed connection without a word, so the
+    response itself stops at its next write. Seen: a dropped stream decoded all 400 tokens for nobody."""
+    backend = FakeBackend(reply="x" * 300)
+    backend.swallow_cancel_at = 3
+    app = create_app(backend)
+
+    async def streamed_some(sent):
+        return sum(1 for m in sent if m.get("body")) >= 3
+
+    sent = await _call_until_disconnect(app, backend, completion_body(stream=True, max_tokens=300), "/v1/completions",
+                                        after=streamed_some)
+    assert backend.swallowed_cancel
+    assert backend.ended_by[backend.requests[0].request_id] == "GeneratorExit"  # closed, not run to its end
+    assert sum(1 for m in sent if m.get("body")) <= 4, "the stream went on after the client left"
 
 
 async def test_stream_disconnect_while_client_is_slow_closes_backend_generator(backend):

@@ -96,9 +96,10 @@ class LoadReports:
 
     async def wait(self, request_id: str, future: asyncio.Future, timeout_s: float) -> dict | None:
         """The report for request_id, or None after timeout_s (logged by the caller)."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
+        try:  # not asyncio.wait_for: on Python 3.11 it drops a cancel that comes in the same turn as the report
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
             return None
         finally:
             self.forget(request_id)
