@@ -93,8 +93,9 @@ class ComposeStack:
         print(f"\n{self.project}: timings {self.timings}; image sizes {image_sizes()}", flush=True)
 
     def scale(self, *, prefill: int, decode: int) -> None:
-        self.compose("up", "-d", "--no-build", "--no-recreate", "--scale", f"prefill-worker={prefill}",
-                     "--scale", f"decode-worker={decode}", timeout_s=300)
+        """As a user types it: containers already running stay (their configuration did not change)."""
+        self.compose("up", "-d", "--scale", f"prefill-worker={prefill}", "--scale", f"decode-worker={decode}",
+                     timeout_s=300)
 
     def containers(self, service: str) -> list[str]:
         return self.compose("ps", "-q", service, timeout_s=60).stdout.split()
