@@ -20,7 +20,7 @@ from typing import Sequence
 import orjson
 import zmq
 
-from pdserve.kv import nixl_path, shm, stream, wire
+from pdserve.kv import nixl_landing, nixl_path, shm, stream, wire
 from pdserve.kv.errors import PathUnavailable, TransferError, TransferResult
 from pdserve.kv.host import host_id
 from pdserve.kv.connection import Connection
@@ -60,7 +60,7 @@ class TransferClient:
         self._shm_usable: bool | None = None  # can this process make the call at all; asked at the first shm pull
         self._shm_refused: dict[str, str] = {}  # endpoint address -> why its memory could not be read
         self._nixl: nixl_path.NixlAgent | None = None  # made at the first nixl pull, with its landing buffers
-        self._landing: nixl_path.Landing | None = None
+        self._landing: nixl_landing.Landing | None = None
         self._nixl_refused: dict[str, str] = {}  # endpoint address -> why nixl does not work with it
         self._rdma_active: bool | None = None  # does this host have an active RDMA port; asked once, for auto
         self._fallbacks_lock = threading.Lock()
@@ -309,7 +309,7 @@ class TransferClient:
                     self._nixl = nixl_path.NixlAgent("decode")
                 except Exception as e:
                     raise PathUnavailable(f"NIXL cannot start here ({type(e).__name__}: {e})") from e
-                self._landing = nixl_path.Landing(self._nixl)
+                self._landing = nixl_landing.Landing(self._nixl)
         return self._nixl
 
     def _open_stream(self, receiver: Receiver) -> None:

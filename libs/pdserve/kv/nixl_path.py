@@ -4,9 +4,9 @@ where they do not. The pull's protocol is the shm path's (wire.py): over the con
 describes each batch (where its pieces lie in its memory, their checksums taken then), the client READs those
 pieces one-sided, copies them into its blocks and checks them.
 
-Why the READs land in buffers of the client's own (Landing) and not in the KV blocks: a pull that fails (deadline,
-cancel) must leave nothing writing into its blocks, which the engine then recomputes or gives to another request.
-NIXL cannot promise that: measured here (UCX over TCP), a READ from a frozen prefill process was released without
+Why the READs land in buffers of the client's own (nixl_landing.py), not in the KV blocks: a pull that fails
+(deadline, cancel) must leave nothing writing into its blocks, which the engine then recomputes or gives to
+another request. NIXL cannot promise that: measured here (UCX over TCP), a READ from a frozen prefill process was released without
 error, its remote agent removed, even the whole agent deleted, and its bytes still landed once that process ran
 again. A landing buffer whose READ was abandoned is reused only once NIXL says that READ ended. The cost is one
 memcpy per batch (~12 GB/s here, far above what the path moves); where RDMA NICs move more, a later version can
@@ -36,7 +36,6 @@ import functools
 import importlib
 import itertools
 import logging
-import mmap
 import os
 import secrets
 import threading
@@ -55,7 +54,6 @@ logger = logging.getLogger(__name__)
 # 4m buffers with 256k segments: 2.2-2.6). Set only where the operator set nothing; RDMA transports ignore them.
 UCX_TCP_DEFAULTS = {"UCX_TCP_SNDBUF": "8m", "UCX_TCP_RCVBUF": "8m", "UCX_TCP_TX_SEG_SIZE": "512k",
                     "UCX_TCP_RX_SEG_SIZE": "512k"}
-_NEVER_UNMAPPED: list = []
 POLL_S = 0.0005  # between looks at a READ in flight: busy polling would take a core from UCX's own thread
 _import_error: str | None = None
 
@@ -330,7 +328,7 @@ class NixlAgent:
     def wait(self, handle: object, deadline: float, check: Callable[[], None]) -> None:
         """Until the READ is done (its handle then released); TransferError when it fails, TransferTimeout past
         `deadline` (monotonic), or whatever check() raises (cancellation). After a failure the READ may still be
-        in flight: the caller holds its landing buffer until ended() (Landing.hold)."""
+        in flight: the caller holds its landing buffer until ended() (nixl_landing.Landing.hold)."""
         agent = self._agent
         for spins in itertools.count():
             try:
@@ -358,95 +356,6 @@ class NixlAgent:
         with contextlib.suppress(Exception):
             self._agent.release_xfer_handle(handle)
         return True
-
-
-class Landing:
-    """Registered host buffers that READs land in before their bytes are copied into the KV blocks (see the
-    module's note for why). Buffers come in power-of-two sizes from 1 MiB, are kept for reuse, and are bounded in
-    all by max_nbytes; one whose READ was abandoned is held until its READ has ended."""
-
-    MIN_NBYTES = 1 << 20
-
-    def __init__(self, nixl: NixlAgent, max_nbytes: int = 256 << 20) -> None:
-        self._nixl = nixl
-        self.max_nbytes = max_nbytes
-        self.nbytes = 0  # allocated in all
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._held: list[tuple[object, np.ndarray]] = []  # (READ handle still running, its buffer)
-        self._cond = threading.Condition()
-        self._keep: list = []  # the registrations and mmaps, alive as long as this
-
-    def take(self, nbytes: int, deadline: float, check: Callable[[], None]) -> np.ndarray:
-        """A buffer of at least nbytes; waits (within `deadline`, calling check()) while all memory is in use."""
-        size = max(self.MIN_NBYTES, 1 << (max(1, nbytes) - 1).bit_length())
-        with self._cond:
-            while True:
-                self._reap()
-                free = self._free.get(size)
-                if free:
-                    return free.pop()
-                if self.nbytes + size <= self.max_nbytes or self.nbytes == 0:
-                    self.nbytes += size
-                    break
-                if time.monotonic() > deadline:
-                    raise TransferTimeout(f"no NIXL landing buffer free by the pull's deadline ({self.nbytes} B in "
-                                          f"use, {len(self._held)} held by abandoned READs)")
-                check()
-                self._cond.wait(0.01)
-        try:
-            return self._allocate(size)
-        except BaseException:
-            with self._cond:
-                self.nbytes -= size
-            raise
-
-    def _allocate(self, size: int) -> np.ndarray:
-        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # first touches of huge pages stall on a busy machine (pool.py)
-            memory.madvise(mmap.MADV_NOHUGEPAGE)
-        buffer = np.frombuffer(memory, dtype=np.uint8)
-        buffer[::4096] = 0  # touched now, not under the READ
-        self._keep.append((memory, self._nixl.register_region(int(buffer.ctypes.data), size)))
-        return buffer
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        with self._cond:
-            self._free.setdefault(buffer.nbytes, []).append(buffer)
-            self._cond.notify()
-
-    def hold(self, handle: object, buffer: np.ndarray) -> None:
-        """The buffer's READ was abandoned: reuse it only once that READ ended (done or failed)."""
-        with self._cond:
-            self._held.append((handle, buffer))
-
-    def _reap(self) -> None:
-        still = []
-        for handle, buffer in self._held:
-            if self._nixl.ended(handle):
-                self._free.setdefault(buffer.nbytes, []).append(buffer)
-            else:
-                still.append((handle, buffer))
-        self._held = still
-
-    def close(self) -> None:
-        """At the agent's close: buffers whose READs never ended stay mapped for the process's life (a late write
-        into unmapped memory would crash it)."""
-        with self._cond:
-            self._reap()
-            if self._held:
-                _NEVER_UNMAPPED.extend(self._keep)
-                logger.warning("nixl: %d landing buffers still targeted by READs that never ended are kept mapped",
-                               len(self._held))
-            else:  # unregistered before unmapped: the agent must not unregister memory that is gone (SIGSEGV)
-                for _, registration in self._keep:
-                    self._nixl.deregister_region(registration)
-            self._keep, self._free, self._held = [], {}, []
-
-    @property
-    def num_held(self) -> int:
-        with self._cond:
-            self._reap()
-            return len(self._held)
 
 
 def encode_metadata(metadata: bytes) -> str:

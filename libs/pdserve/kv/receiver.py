@@ -30,7 +30,8 @@ from pdserve.kv import shm, stream, wire
 from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PeerUnreachable, TransferError,
                                TransferIntegrityError, TransferRefused, TransferTimeout)
 from pdserve.kv.connection import Connection
-from pdserve.kv.nixl_path import Landing, NixlAgent
+from pdserve.kv.nixl_landing import Landing
+from pdserve.kv.nixl_path import NixlAgent
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
 
 
