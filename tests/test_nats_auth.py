@@ -34,7 +34,9 @@ FLOWS = {
     subjects.prefill_request("p1"): ({"router"}, {"prefill"}),
     subjects.decode_request("d1"): ({"router"}, {"decode"}),
     subjects.token_stream("r1", "req-1"): ({"decode"}, {"router"}),
-    subjects.kv_release("p1"): ({"decode"}, {"prefill"}),
+    subjects.prefix_lease("p1"): ({"router"}, {"prefill"}),
+    # decode workers release what they pulled; prefill workers the cached prefix they pulled from a peer
+    subjects.kv_release("p1"): ({"decode", "prefill"}, {"prefill"}),
     subjects.CANCEL: ({"router"}, {"prefill", "decode", "observer"}),
     subjects.KV_LOOKUP: ({"router"}, {"broker"}),
     subjects.KV_HELD: ({"prefill"}, {"broker", "observer"}),

@@ -165,6 +165,13 @@ class RouterConfig(BusOptions):
     route_w_queue: float = _opt(8.0, "routing cost per request queued on the worker")
     route_w_running: float = _opt(4.0, "routing cost per request running on the worker")
     route_w_kv: float = _opt(16.0, "routing cost of a full KV cache (x kv_usage, 0..1)")
+    kv_prefix_reuse: bool = _opt(True, "a prefill worker that lacks leading blocks of the prompt that another "
+                                 "worker's cache holds pulls them from it instead of computing them, where pulling "
+                                 "is estimated to be faster (engines that can: mock; vLLM not yet)")
+    prefix_lease_timeout_s: float = _opt(0.5, "deadline for a worker to hold a cached prefix for a peer (none in "
+                                         "time: the prefix is computed)")
+    kv_pull_gbps_estimate: float = _opt(1.0, "KV pull bandwidth (GB/s) the prefix-reuse cost model assumes until "
+                                        "it has measured prefix pulls")
     local_prefill_max_tokens: int = _opt(0, "the decode worker prefills itself when fewer prompt tokens than this are "
                                          "left after its own prefix-cache hit (0: off)")
     prefill_queue_limit: int = _opt(0, "the decode worker prefills itself when every prefill worker has this many "
@@ -189,7 +196,7 @@ class RouterConfig(BusOptions):
         if not 0 <= self.port <= 65535:
             _fail("port", f"{self.port} is not a TCP port", "use 1-65535 (0 picks a free one)")
         for name in ("prefill_timeout_s", "decode_accept_timeout_s", "stream_idle_timeout_s", "request_timeout_s",
-                     "kv_lookup_timeout_s", "header_timeout_s"):
+                     "kv_lookup_timeout_s", "header_timeout_s", "prefix_lease_timeout_s", "kv_pull_gbps_estimate"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.max_attempts < 1:

@@ -103,6 +103,10 @@ class WorkerCollector(Collector):
         "num_transfers_refused": ("pdserve_kv_transfers_refused", "KV pulls refused (token, released, unknown)", None),
         "num_local_prefills": ("pdserve_worker_local_prefills", "Requests this decode worker prefilled itself", None),
         "num_cached_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", None),
+        "num_prefix_peer_loaded_tokens": ("pdserve_prefix_peer_loaded_tokens", "Prompt tokens whose KV was pulled "
+                                          "from another worker's prefix cache instead of computed", None),
+        "num_prefix_peer_load_failures": ("pdserve_prefix_peer_load_failures", "Prefix pulls from a peer that "
+                                          "failed (the tokens were computed)", None),
     }
     _GAUGES = {
         "num_queued": ("pdserve_worker_queue_depth", "Requests admitted and waiting"),

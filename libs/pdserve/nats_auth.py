@@ -58,6 +58,7 @@ def user_name(role: str) -> str:
 # to the observer.
 PRIVATE_SUBJECTS = (
     subjects.prefill_request(_ANY),
+    subjects.prefix_lease(_ANY),
     subjects.kv_release(_ANY),
     subjects.decode_request(_ANY),
     f"{subjects.PREFIX}.stream.>",
@@ -72,13 +73,15 @@ def permissions(role: str) -> Permissions:
     heartbeat, goodbye = subjects.heartbeat(role, _ANY), subjects.goodbye(role, _ANY)
     if role == "router":
         return Permissions(
-            publish=(subjects.prefill_request(_ANY), subjects.decode_request(_ANY), subjects.CANCEL,
-                     subjects.KV_LOOKUP),
+            publish=(subjects.prefill_request(_ANY), subjects.prefix_lease(_ANY), subjects.decode_request(_ANY),
+                     subjects.CANCEL, subjects.KV_LOOKUP),
             subscribe=(subjects.HEARTBEAT_ALL, subjects.GOODBYE_ALL, subjects.token_streams(_ANY), inbox))
     if role == "prefill":
         return Permissions(
-            publish=(heartbeat, goodbye, subjects.kv_events(_ANY), subjects.KV_HELD),
-            subscribe=(subjects.prefill_request(_ANY), subjects.kv_release(_ANY), subjects.CANCEL,
+            # kv_release: a prefill worker that pulled a prompt's leading blocks from a peer lets it free them
+            publish=(heartbeat, goodbye, subjects.kv_events(_ANY), subjects.KV_HELD, subjects.kv_release(_ANY)),
+            subscribe=(subjects.prefill_request(_ANY), subjects.prefix_lease(_ANY), subjects.kv_release(_ANY),
+                       subjects.CANCEL,
                        subjects.KV_RESYNC, subjects.worker_stats(_ANY), inbox),
             allow_responses=True)
     if role == "decode":

@@ -134,6 +134,8 @@ class Heartbeat(Message):
     kv_event_seq: int = Field(default=0, ge=0, description="seq of the last KVEvent this worker published (the "
                               "broker asks for a snapshot when it stays behind it)")
     kv_transports: tuple[str, ...] = Field(default=(), max_length=8, description="paths its endpoint offers")
+    reuses_peer_prefixes: bool = Field(default=False, description="its engine leases cached prefixes to peers and "
+                                       "loads theirs (PrefixLeaseRequest, PrefillRequest.prefix_kv)")
     num_kv_pulls: dict[str, int] = Field(default_factory=dict, max_length=8,
                                          description="KV pulls this worker made, by the path the bytes took")
     num_reconnects: int = Field(default=0, ge=0, description="times this worker's NATS connection was made again: "
@@ -190,6 +192,8 @@ class WorkerStats(Message):
     num_transfers_refused: int = 0
     num_recomputes: int = 0
     num_local_prefills: int = 0
+    num_prefix_peer_loaded_tokens: int = 0
+    num_prefix_peer_load_failures: int = 0
 
 
 # ---------------------------------------------------------------------------------- request flow
@@ -219,6 +223,29 @@ class PrefillRequest(Message):
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     deadline: float = Field(description="unix time by which the KV-ready answer is useless")
+    prefix_kv: KVTransferParams | None = Field(
+        default=None, description="a peer holds the prompt's leading blocks (block_ids) for this worker to pull "
+        "instead of computing them; the worker releases them on that peer once pulled or given up")
+
+
+class PrefixLeaseRequest(Message):
+    """Router -> a worker whose cache holds a prompt's leading blocks: hold them for another worker to pull."""
+
+    type: Literal["prefix_lease_request"] = "prefix_lease_request"
+    request_id: str
+    model: str
+    block_hashes: tuple[int, ...] = Field(description="the prompt's leading full blocks, chained hashes")
+    deadline: float = Field(description="unix time after which the router no longer waits: nothing is held then "
+                            "(a lease nobody uses would pin its blocks until it ends)")
+
+
+class PrefixLease(Message):
+    """The reply: the leading blocks held (kv_transfer_params, None when none is cached here any more)."""
+
+    type: Literal["prefix_lease"] = "prefix_lease"
+    request_id: str
+    worker_id: str
+    kv_transfer_params: KVTransferParams | None = None
 
 
 class KVReady(Message):
@@ -234,6 +261,10 @@ class KVReady(Message):
     kv_transfer_params: KVTransferParams | None = None
     num_prompt_tokens: int
     num_cached_tokens: int = 0
+    num_peer_loaded_tokens: int = Field(default=0, ge=0, description="prompt tokens whose KV was pulled from a "
+                                        "peer's cache (PrefillRequest.prefix_kv) instead of computed")
+    num_peer_loaded_bytes: int = Field(default=0, ge=0, description="the bytes of that pull")
+    peer_load_ms: float = Field(default=0.0, ge=0, description="the time that pull took")
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
 

@@ -32,6 +32,11 @@ def prefill_request(worker_id: str) -> str:
     return f"{PREFIX}.prefill.{worker_id}.request"
 
 
+def prefix_lease(worker_id: str) -> str:
+    """Router -> prefill, request/reply: hold the leading blocks of a prompt cached here for a peer to pull."""
+    return f"{PREFIX}.prefill.{worker_id}.prefix_lease"
+
+
 def kv_release(worker_id: str) -> str:
     """Decode -> prefill: the blocks of a transfer may be freed (pulled, or given up)."""
     return f"{PREFIX}.prefill.{worker_id}.release"

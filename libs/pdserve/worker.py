@@ -144,6 +144,7 @@ class WorkerRuntime:
             kv_usage=values["kv_usage"], num_held_blocks=int(values["num_held_blocks"]),
             num_requests_served=values["num_requests_served"], kv_event_seq=self.kv_events.sent_seq,
             kv_transports=tuple(values.get("kv_transports", ())),
+            reuses_peer_prefixes=self.engine.reuses_peer_prefixes,
             num_kv_pulls={path: int(values.get(f"num_kv_pulls_{path}", 0)) for path in PATHS},
             unreachable_peer_ids=self.peer_paths.unreachable_ids, num_reconnects=self.bus.num_reconnects,
             rdma_ports=self.rdma_ports,

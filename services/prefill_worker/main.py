@@ -15,8 +15,9 @@ from collections import OrderedDict
 
 from pdserve import subjects, tracing
 from pdserve.cancels import EarlyCancels
-from pdserve.engine.base import EngineFull
-from pdserve.protocol import CancelRequest, ErrorReply, KVHeld, KVReady, KVRelease, Message, PrefillRequest
+from pdserve.engine.base import EngineFull, prefix_lease_id
+from pdserve.protocol import (CancelRequest, ErrorReply, KVHeld, KVReady, KVRelease, Message, PrefillRequest,
+                              PrefixLease, PrefixLeaseRequest)
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
@@ -61,7 +62,8 @@ class PrefillHandlers:
         assert task is not None
         self._tasks[req.request_id] = task
         try:
-            result = await rt.engine.prefill(req.request_id, req.prompt_token_ids, req.sampling, rt.config.kv_lease_s)
+            result = await rt.engine.prefill(req.request_id, req.prompt_token_ids, req.sampling, rt.config.kv_lease_s,
+                                             prefix_kv=req.prefix_kv)
         except EngineFull as e:
             return ErrorReply(code="kv_full", message=f"{rt.worker_id}: {e}")
         except asyncio.CancelledError:
@@ -71,13 +73,20 @@ class PrefillHandlers:
             rt.num_in_flight -= 1
             if self._tasks.get(req.request_id) is task:
                 del self._tasks[req.request_id]
+            if req.prefix_kv is not None:  # pulled or given up: the peer may unpin its blocks now, not at lease end
+                release = KVRelease(request_id=prefix_lease_id(req.request_id), transfer_id=req.prefix_kv.transfer_id,
+                                    ok=True)
+                rt.spawn(rt.bus.publish(subjects.kv_release(req.prefix_kv.worker_id), release,
+                                        request_id=req.request_id))
         rt.num_requests_served += 1
         prefill_ms = (time.monotonic() - start) * 1000
         ready = KVReady(
             request_id=req.request_id, worker_id=rt.worker_id, first_token_id=result.first_token_id,
             first_text=result.first_text, finish_reason=result.finish_reason,
             kv_transfer_params=result.kv_transfer_params, num_prompt_tokens=len(req.prompt_token_ids),
-            num_cached_tokens=result.num_cached_tokens, prefill_ms=prefill_ms,
+            num_cached_tokens=result.num_cached_tokens, num_peer_loaded_tokens=result.num_peer_loaded_tokens,
+            num_peer_loaded_bytes=result.num_peer_loaded_bytes, peer_load_ms=result.peer_load_ms,
+            prefill_ms=prefill_ms,
             queue_ms=result.queue_ms or 0.0,  # the router's prefill service time is prefill_ms - queue_ms
         )
         num_blocks = len(result.kv_transfer_params.block_ids) if result.kv_transfer_params else 0
@@ -95,6 +104,22 @@ class PrefillHandlers:
                       lease_expires_at=params.lease_expires_at if params else None)
         rt.spawn(rt.bus.publish(subjects.KV_HELD, held, request_id=req.request_id))
         return ready
+
+    async def on_prefix_lease(self, msg: PrefixLeaseRequest) -> Message:
+        """Hold the leading blocks of a prompt that this worker's cache has for another worker to pull (the
+        router asks, and hands the lease to that worker in its prefill request)."""
+        rt = self.rt
+        if msg.model != rt.engine.card.name:
+            return ErrorReply(code="wrong_model", message=f"{rt.worker_id} serves {rt.engine.card.name}, not {msg.model}")
+        if time.time() >= msg.deadline:  # the router gave up on it (this worker was slow, or frozen): hold nothing
+            log.info("request %s: prefix lease asked for too late; nothing held", msg.request_id)
+            return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)
+        lease_id = prefix_lease_id(msg.request_id)
+        params = await rt.engine.lease_prefix(lease_id, msg.block_hashes, rt.config.kv_lease_s)
+        if params is not None:
+            self._hold(lease_id, params.transfer_id, params.lease_expires_at)
+            log.info("request %s: %d cached prefix blocks held for a peer to pull", msg.request_id, len(params.block_ids))
+        return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id, kv_transfer_params=params)
 
     async def on_cancel(self, msg: CancelRequest) -> None:
         """Stop a prefill still computing, then have the engine free what it holds for the request (its blocks,
@@ -135,6 +160,7 @@ async def serve(config: WorkerConfig) -> None:
         async with WorkerRuntime(config) as rt:
             handlers = PrefillHandlers(rt)
             await rt.bus.serve(subjects.prefill_request(rt.worker_id), PrefillRequest, handlers.on_prefill)
+            await rt.bus.serve(subjects.prefix_lease(rt.worker_id), PrefixLeaseRequest, handlers.on_prefix_lease)
             await rt.bus.subscribe(subjects.kv_release(rt.worker_id), KVRelease, handlers.on_release)
             await rt.bus.subscribe(subjects.CANCEL, CancelRequest, handlers.on_cancel)
             await rt.announce()

@@ -14,7 +14,7 @@ import time
 
 from pdserve import subjects, tracing
 from pdserve.bus import BusError, BusTimeout, NoResponders, RemoteError
-from pdserve.protocol import DecodeAccepted, DecodeRequest, KVReady, PrefillRequest, TokenChunk
+from pdserve.protocol import DecodeAccepted, DecodeRequest, KVReady, KVTransferParams, PrefillRequest, TokenChunk
 from pdserve.tracing import SpanKind
 from services.router.backend import GenerateDelta, GenerateRequest
 from services.router.errors import UpstreamError
@@ -104,12 +104,13 @@ class Candidates:
         return True
 
 
-async def prefill_on(router: Shared, req: GenerateRequest, worker_id: str) -> KVReady:
+async def prefill_on(router: Shared, req: GenerateRequest, worker_id: str,
+                     prefix_kv: KVTransferParams | None = None) -> KVReady:
     """Ask worker_id to prefill (deadline prefill_timeout_s, cut short when the worker is gone), under a client
     span. UpstreamError when it refused for good; AttemptFailed when another worker may do better."""
     timeout_s = min(router.config.prefill_timeout_s, req.remaining_s())
     msg = PrefillRequest(request_id=req.request_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
-                         sampling=req.sampling, deadline=time.time() + timeout_s)
+                         sampling=req.sampling, deadline=time.time() + timeout_s, prefix_kv=prefix_kv)
     with tracing.span("prefill request", kind=SpanKind.CLIENT,
                       attributes={"request_id": req.request_id, "worker_id": worker_id}) as span:
         try:

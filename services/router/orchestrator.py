@@ -18,6 +18,7 @@ from pdserve.tokenizer import Tokenizer
 from services.router.backend import GenerateDelta, GenerateRequest
 from services.router.models import Tokenizers
 from services.router.policy import CostWeights, KVAwarePolicy
+from services.router.prefix_reuse import PrefixReuse
 from services.router.route_planner import RoutePlanner
 from services.router.router_request import RouterRequest
 from services.router.shared import Shared
@@ -33,6 +34,7 @@ class Orchestrator:
             config.routing, config.local_prefill_max_tokens, config.prefill_queue_limit)
         self.shared = Shared(config=config, bus=bus, membership=membership, metrics=metrics, policy=policy,
                              planner=RoutePlanner(config, bus, membership, policy, metrics),
+                             prefix_reuse=PrefixReuse(config, bus, membership),
                              streams=TokenStreams(bus, config.router_id), watch=WorkerWatch(membership),
                              tokenizers=Tokenizers())
         self.metrics = metrics

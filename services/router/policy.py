@@ -13,6 +13,7 @@ early a request whose deadline cannot be met.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ class RoutePlan:
     num_prompt_blocks: int
     matched: Mapping[str, int]
     kv_lookup: str = "off"
+    # Who holds how many of the prompt's leading blocks, from the lookup whatever the routing mode (prefix reuse
+    # pulls from them); `matched` is what the policy weighed, empty outside "kv" routing.
+    cached_by: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    block_hashes: tuple[int, ...] = ()
 
     def num_matched_blocks(self, hb: Heartbeat | None) -> int:
         return self.matched.get(hb.worker_id, 0) if hb is not None else 0

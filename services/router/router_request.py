@@ -33,7 +33,7 @@ from typing import AsyncIterator
 
 from pdserve import subjects, tracecontext, tracing
 from pdserve.metrics import RequestTimer
-from pdserve.protocol import CancelRequest, Heartbeat, KVReady, ModelCard, Usage
+from pdserve.protocol import CancelRequest, Heartbeat, KVReady, KVTransferParams, ModelCard, Usage
 from pdserve.tracing import Span, SpanKind
 from services.router.admission import refuse_if_late, refuse_unless_servable
 from services.router.attempts import AttemptFailed, Candidates, DecodeAttempt, prefill_on
@@ -179,10 +179,12 @@ class RouterRequest:
                 if await candidates.pause(req.remaining_s()):
                     continue
                 break
+            prefix_kv = await self._prefix_lease(worker.worker_id)
             seen = router.policy.acquire(worker.worker_id)
             self.holders.add(worker.worker_id)  # from the moment it may get the request
             try:
-                ready = await prefill_on(router, req, worker.worker_id)
+                ready = await prefill_on(router, req, worker.worker_id, prefix_kv)
+                router.prefix_reuse.observe(ready)
                 if ready.kv_transfer_params is None:
                     self.holders.discard(worker.worker_id)  # the first token ended it: nothing is held
                 return ready  # else P holds the prompt's KV until decode pulls it
@@ -197,6 +199,21 @@ class RouterRequest:
                     req.request_id, ", ".join(candidates.excluded) or "none")
         self.router.metrics.local_prefills.inc()
         return None
+
+    async def _prefix_lease(self, prefill_worker_id: str) -> KVTransferParams | None:
+        """A peer's lease of the prompt's leading blocks for prefill_worker_id to pull (prefix_reuse.py), or None."""
+        plan, reuse = self.plan, self.router.prefix_reuse
+        assert plan is not None and self.card is not None and self.span is not None
+        source = reuse.source(plan, prefill_worker_id, self.card)
+        if source is None:
+            return None
+        lease = await reuse.lease(self.req, plan, *source)
+        if lease is not None:
+            self.span.set_attributes({"prefix_source_worker_id": lease.worker_id,
+                                      "num_prefix_blocks_leased": len(lease.block_ids)})
+            log.info("request %s: %s pulls %d cached prefix blocks from %s instead of computing them",
+                     self.req.request_id, prefill_worker_id, len(lease.block_ids), lease.worker_id)
+        return lease
 
     def _decode_worker(self, candidates: Candidates) -> Heartbeat | None:
         req, plan, policy = self.req, self.plan, self.router.policy

@@ -13,6 +13,7 @@ from pdserve.metrics import RouterMetrics
 from pdserve.protocol import ModelCard
 from services.router.models import Tokenizers
 from services.router.policy import KVAwarePolicy
+from services.router.prefix_reuse import PrefixReuse
 from services.router.route_planner import RoutePlanner
 from services.router.token_streams import TokenStreams
 from services.router.worker_watch import WorkerWatch
@@ -26,6 +27,7 @@ class Shared:
     metrics: RouterMetrics
     policy: KVAwarePolicy
     planner: RoutePlanner
+    prefix_reuse: PrefixReuse
     streams: TokenStreams
     watch: WorkerWatch
     tokenizers: Tokenizers

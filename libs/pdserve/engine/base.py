@@ -28,6 +28,9 @@ class PrefillResult:
     kv_transfer_params: KVTransferParams | None  # None when nothing is held (request finished)
     num_cached_tokens: int = 0
     queue_ms: float | None = None  # time waiting for compute, where the engine knows it (the rest is compute)
+    num_peer_loaded_tokens: int = 0  # prompt tokens whose KV was pulled from a peer's cache, not computed
+    num_peer_loaded_bytes: int = 0  # the bytes of that pull
+    peer_load_ms: float = 0.0  # and its time
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,22 @@ class Engine(abc.ABC):
     def transfer_address(self) -> str | None:
         """The engine's KV transfer endpoint (tcp://host:port), advertised in heartbeats."""
 
+    # Whether prefill() takes prefix_kv and lease_prefix() leases (the mock engine; vLLM's not yet).
+    reuses_peer_prefixes: bool = False
+
     @abc.abstractmethod
     async def prefill(
-        self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams, lease_s: float
+        self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams, lease_s: float,
+        prefix_kv: KVTransferParams | None = None,
     ) -> PrefillResult:
         """Run the prompt, choose the first token, keep the KV blocks for a puller until release or lease end.
-        Raises EngineFull when the KV memory cannot take the prompt now."""
+        prefix_kv: a peer's lease of the prompt's leading blocks, pulled instead of computed where this cache
+        lacks them (any failure: computed). Raises EngineFull when the KV memory cannot take the prompt now."""
+
+    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float) -> KVTransferParams | None:
+        """Hold the leading blocks of block_hashes that this engine's cache has for one peer to pull, until
+        release_kv(lease_id) or lease_s; None when none is cached (or the engine does not lease)."""
+        return None
 
     @abc.abstractmethod
     async def release_kv(self, request_id: str) -> bool:
@@ -123,3 +136,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, float]:
         """Counters named as in protocol.WorkerStats (num_held_blocks, kv_usage, num_kv_bytes_sent, ...)."""
+
+
+def prefix_lease_id(request_id: str) -> str:
+    """The key a worker holds a request's prefix lease under (apart from the request's own KV, should the same
+    worker later prefill it)."""
+    return f"{request_id}#prefix"

@@ -29,6 +29,7 @@ import numpy as np
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
+from pdserve.engine.mock_prefix import PeerPrefixes
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.pool import ArrayBlockPool
@@ -69,7 +70,7 @@ class _Held:
     lease_timer: asyncio.TimerHandle | None = None
 
 
-class MockEngine(Engine):
+class MockEngine(PeerPrefixes, Engine):
 
     def __init__(self, config: MockEngineConfig, *, kv_events: KVEventSink | None = None):
         self.config = config
@@ -93,6 +94,7 @@ class MockEngine(Engine):
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
                           "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0,
+                          "num_prefix_peer_loaded_tokens": 0, "num_prefix_peer_load_failures": 0,
                           **{f"num_kv_pulls_{path}": 0 for path in PATHS}}
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -113,14 +115,18 @@ class MockEngine(Engine):
     # ------------------------------------------------------------------------------------ prefill
 
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
-                      lease_s: float) -> PrefillResult:
+                      lease_s: float, prefix_kv: KVTransferParams | None = None) -> PrefillResult:
         held = self._allocate(request_id, prompt_token_ids, reuse=True)
         num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
+        num_peer_tokens, peer_load = 0, None
         queued_at = time.monotonic()
         try:
+            if prefix_kv is not None:
+                peer_load = await self._load_prefix(request_id, prompt_token_ids, held, prefix_kv)
+                num_peer_tokens = peer_load[0] if peer_load else 0
             async with self._prefill_lock:
                 queue_ms = (time.monotonic() - queued_at) * 1000
-                await self._compute(len(prompt_token_ids) - num_cached_tokens)
+                await self._compute(len(prompt_token_ids) - num_cached_tokens - num_peer_tokens)
                 self._write_prompt_kv(prompt_token_ids, held.block_ids)
                 self._computed(held)
         except BaseException:
@@ -143,7 +149,10 @@ class MockEngine(Engine):
             kv_layout=self._layout, lease_expires_at=expires_at, host_id=self._endpoint.host_id,
             transports=self._endpoint.transports,
         )
-        return PrefillResult(token, text, None, params, num_cached_tokens=num_cached_tokens, queue_ms=queue_ms)
+        return PrefillResult(token, text, None, params, num_cached_tokens=num_cached_tokens, queue_ms=queue_ms,
+                             num_peer_loaded_tokens=num_peer_tokens,
+                             num_peer_loaded_bytes=peer_load[1].num_bytes if peer_load else 0,
+                             peer_load_ms=peer_load[1].seconds * 1000 if peer_load else 0.0)
 
     def _lease_expired(self, request_id: str) -> None:
         if request_id in self._held:
@@ -279,13 +288,7 @@ class MockEngine(Engine):
         hashes = block_hashes(prompt_token_ids, self._layout.block_size)
         hits = []
         if reuse and self.config.prefix_caching:
-            for h in hashes[:len(prompt_token_ids) // self._layout.block_size]:  # full blocks only
-                block = self._cache.get(h)
-                if block is None:
-                    break
-                self._cache.move_to_end(h)
-                self._pins[block] += 1
-                hits.append(block)
+            hits = self._pin_cached_prefix(hashes[:len(prompt_token_ids) // self._layout.block_size])  # full blocks
         need = num_blocks - len(hits)
         if need > len(self._free) + self._num_evictable():
             self._unpin(hits)
@@ -300,6 +303,24 @@ class MockEngine(Engine):
             self.kv_events.removed(evicted)
         block_ids = hits + [self._free.pop() for _ in range(need)]
         held = self._held[request_id] = _Held(block_ids, hashes, num_cached=len(hits))
+        return held
+
+    def _pin_cached_prefix(self, hashes: list[int] | tuple[int, ...]) -> list[int]:
+        """The cached blocks of the leading hashes (up to the first one not cached), pinned: not evicted until
+        _unpin, as most recently used."""
+        hits = []
+        for h in hashes:
+            block = self._cache.get(h)
+            if block is None:
+                break
+            self._cache.move_to_end(h)
+            self._pins[block] += 1
+            hits.append(block)
+        return hits
+
+    def _hold_cached(self, key: str, block_ids: list[int], hashes: list[int]) -> _Held:
+        """Hold cached blocks (already pinned) under key, as a request holds its own: freed by _free_request(key)."""
+        held = self._held[key] = _Held(block_ids, hashes, num_cached=len(block_ids), computed=True)
         return held
 
     def _num_evictable(self) -> int:

@@ -181,7 +181,9 @@ class VllmEngine(Engine):
     # ------------------------------------------------------------------------------------ prefill
 
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
-                      lease_s: float) -> PrefillResult:
+                      lease_s: float, prefix_kv: KVTransferParams | None = None) -> PrefillResult:
+        # prefix_kv is never sent here (reuses_peer_prefixes is False): loading a peer's prefix through vLLM's
+        # connector is not built yet.
         self._check_room(request_id, len(prompt_token_ids))
         params = vllm_request(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         final = None

@@ -1,0 +1,77 @@
+"""The mock engine's part in prefix reuse across workers (services/router/prefix_reuse.py): leasing the leading
+blocks of a prompt that its prefix cache holds to a peer, and loading a prompt's leading blocks from a peer's lease
+instead of computing them. A mixin of MockEngine: it works on that engine's cache, pool, endpoint and client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+
+from typing import TYPE_CHECKING
+
+from pdserve.kv import TransferError, TransferResult
+from pdserve.protocol import KVTransferParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.mock import _Held
+
+log = logging.getLogger(__name__)
+
+
+class PeerPrefixes:
+    reuses_peer_prefixes = True
+
+    async def _load_prefix(self, request_id: str, prompt_token_ids: tuple[int, ...], held: _Held,
+                           prefix_kv: KVTransferParams) -> tuple[int, TransferResult] | None:
+        """Pull the prompt's leading blocks that a peer holds (prefix_kv) and this cache lacks into the request's
+        blocks: (the prompt tokens now loaded, the pull), the last prompt token being computed all the same. Any
+        failure: None, and the prefill computes them."""
+        first = held.num_cached
+        last = min(len(prefix_kv.block_ids), len(prompt_token_ids) // self._layout.block_size)
+        if last <= first:
+            return None
+        local_ids = held.block_ids[first:last]
+        try:
+            if prefix_kv.kv_layout != self._layout:
+                raise TransferError(f"the peer's KV layout {prefix_kv.kv_layout} differs from this worker's")
+            result = await self._pull(request_id, prefix_kv.model_copy(update={"block_ids": prefix_kv.block_ids[first:last]}),
+                                      local_ids)
+            if not self._kv_matches(prompt_token_ids[:last * self._layout.block_size], held.block_ids[:last]):
+                raise TransferError("the pulled prefix differs from what this prompt's KV is")
+        except TransferError as e:
+            log.warning("request %s: prefix of %d blocks from %s not loaded (%s); computing it", request_id,
+                        last - first, prefix_kv.worker_id, e)
+            self._counters["num_prefix_peer_load_failures"] += 1
+            return None
+        self._counters[f"num_kv_pulls_{result.transport}"] += 1
+        self._counters["num_kv_blocks_received"] += result.num_blocks
+        self._counters["num_kv_bytes_received"] += result.num_bytes
+        loaded = min(last * self._layout.block_size, len(prompt_token_ids) - 1) - self._num_cached_tokens(
+            held, prompt_token_ids)
+        self._counters["num_prefix_peer_loaded_tokens"] += loaded
+        log.info("request %s: loaded %d prompt tokens (%d blocks) from %s's cache over %s in %.2f ms", request_id,
+                 loaded, last - first, prefix_kv.worker_id, result.transport, result.seconds * 1000)
+        return loaded, result
+
+    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float) -> KVTransferParams | None:
+        """The leading blocks of block_hashes this cache holds, pinned and open to one pull (the token) until
+        release_kv(lease_id) or lease_s; None when not even the first is cached."""
+        if not self.config.prefix_caching or lease_id in self._held:
+            return None
+        hits = self._pin_cached_prefix(block_hashes)
+        if not hits:
+            return None
+        held = self._hold_cached(lease_id, hits, list(block_hashes[:len(hits)]))
+        held.transfer_id = uuid.uuid4().hex
+        token = secrets.token_urlsafe(16)
+        expires_at = time.time() + lease_s
+        self._endpoint.allow(held.transfer_id, token, hits, expires_at)
+        held.lease_timer = asyncio.get_running_loop().call_later(lease_s, self._lease_expired, lease_id)
+        return KVTransferParams(
+            worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id, token=token,
+            block_ids=tuple(hits), num_tokens=len(hits) * self._layout.block_size, kv_layout=self._layout,
+            lease_expires_at=expires_at, host_id=self._endpoint.host_id, transports=self._endpoint.transports)
