@@ -63,6 +63,8 @@ class PeerPrefixes:
         if not self.config.prefix_caching or lease_id in self._held:
             return None
         hits = self._pin_cached_prefix(block_hashes)
+        if len(hits) < len(block_hashes) and self.kv_events:  # the router was told they are here: they are not
+            self.kv_events.absent(block_hashes[len(hits):])
         if not hits:
             return None
         held = self._hold_cached(lease_id, hits, list(block_hashes[:len(hits)]))

@@ -40,6 +40,10 @@ class KVEventSink(Protocol):
     def cleared(self) -> None:
         """Every block was dropped (the engine's cache was reset)."""
 
+    def absent(self, block_hashes: Sequence[int]) -> None:
+        """The index was seen to list these blocks here, and this engine holds none of them (an event lost, an
+        eviction under way): the broker forgets them here, so that nobody is sent here for them again."""
+
 
 class KVEventRelay:
     def __init__(self, worker_id: str, model: str, publish: Callable[[KVEvent], Awaitable[None]]):
@@ -90,6 +94,11 @@ class KVEventRelay:
     def cleared(self) -> None:
         self._blocks.clear()
         self._send(cleared=True)
+
+    def absent(self, block_hashes: Sequence[int]) -> None:
+        gone = [h for h in block_hashes if h not in self._blocks]
+        for start in range(0, len(gone), MAX_BLOCKS_PER_EVENT):
+            self._send(removed=tuple(gone[start:start + MAX_BLOCKS_PER_EVENT]))
 
     # ------------------------------------------------------------------------------- broker side
 
