@@ -8,9 +8,14 @@ on a real engine, and each worker's KV capacity (--num-kv-blocks) holds only som
 prefix is sent decides whether it is computed again. Modes run one after the other, --rounds times in
 alternating order. Figures per mode: prefix-cache hit rate (prompt tokens the workers found cached, from their
 /metrics, over prompt tokens sent), TTFT p50 / p90, TPOT p50, goodput under --slo-ttft-ms / --slo-tpot-ms,
-routing decisions by reason; and the ratios of every mode to round_robin.
+routing decisions by reason; and the ratios of every mode to --baseline (round_robin).
+
+A mode "R+reuse" is routing R with prefix reuse across workers on (a prefill worker pulls a prefix another one has
+cached instead of computing it, services/router/prefix_reuse.py); plain "R" runs with reuse off. Its figure
+"peer loaded rate" is the share of prompt tokens loaded from a peer.
 
     .venv/bin/python benchmarks/kv_routing.py [--num-requests 150] [--rate 3] [--rounds 1] [--out r.json] [--quick]
+    .venv/bin/python benchmarks/kv_routing.py --modes kv kv+reuse --baseline kv   # reuse vs none, KV-aware routing
 """
 
 from __future__ import annotations
@@ -36,14 +41,18 @@ from systems import free_port, spawn, stop, wait_ready  # noqa: E402
 from pdserve.bench import BenchConfig, run_bench  # noqa: E402
 from pdserve.config import MOCK_MODEL  # noqa: E402
 
-MODES = ("kv", "round_robin", "least_load")
-BASELINE = "round_robin"
+# A mode is a routing mode, with "+reuse" where prefill workers may pull a cached prefix from each other
+# (--kv-prefix-reuse, services/router/prefix_reuse.py); without it, reuse is off, as before reuse existed.
+ROUTINGS = ("kv", "round_robin", "least_load")
+MODES = ROUTINGS + tuple(f"{r}+reuse" for r in ROUTINGS)
 
 
 @contextlib.contextmanager
 def mock_system(mode: str, args, log_dir: Path, round_index: int) -> Iterator[str]:
     port = free_port()
-    env = {"PDSERVE_ROUTING": mode, "PDSERVE_PREFIX_CACHING": "1", "PDSERVE_NUM_KV_BLOCKS": str(args.num_kv_blocks),
+    routing, _, reuse = mode.partition("+")
+    env = {"PDSERVE_ROUTING": routing, "PDSERVE_KV_PREFIX_REUSE": "1" if reuse else "0",
+           "PDSERVE_PREFIX_CACHING": "1", "PDSERVE_NUM_KV_BLOCKS": str(args.num_kv_blocks),
            "PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": str(args.ms_per_prompt_token),
            "PDSERVE_MOCK_MS_PER_DECODE_STEP": str(args.ms_per_decode_step)}
     log_path = log_dir / f"up-{mode}-{round_index}.log"
@@ -66,10 +75,10 @@ def scrape(url: str, name: str) -> dict[str, float]:
     return samples
 
 
-def cache_hit_tokens(endpoint: str) -> float:
+def worker_total(endpoint: str, family: str) -> float:
+    """A counter summed over every worker's /metrics."""
     workers = httpx.get(f"{endpoint}/health", timeout=5).json()["workers"]
-    return sum(sum(scrape(w["metrics_address"], "pdserve_prefix_cache_hit_tokens_total").values())
-               for w in workers if w.get("metrics_address"))
+    return sum(sum(scrape(w["metrics_address"], family).values()) for w in workers if w.get("metrics_address"))
 
 
 def run_mode(mode: str, args, log_dir: Path, round_index: int) -> dict:
@@ -79,16 +88,19 @@ def run_mode(mode: str, args, log_dir: Path, round_index: int) -> dict:
                              shared_prefix_fraction=args.shared_prefix_fraction, num_prefixes=args.num_prefixes,
                              slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=120)
         result = asyncio.run(run_bench(config))
-        hits = cache_hit_tokens(endpoint)
+        hits = worker_total(endpoint, "pdserve_prefix_cache_hit_tokens_total")
+        peer = worker_total(endpoint, "pdserve_prefix_peer_loaded_tokens_total")
         decisions = scrape(f"{endpoint}/metrics", "pdserve_route_decisions_total")
     sent = sum(r["prompt_tokens"] for r in result["requests"])
     return {"bench": result, "cache_hit_rate": hits / sent if sent else None, "cache_hit_tokens": hits,
+            "peer_loaded_rate": peer / sent if sent else None, "peer_loaded_tokens": peer,
             "prompt_tokens_sent": sent, "route_decisions": decisions}
 
 
 def summary(run: dict) -> dict[str, float | None]:
     m = run["bench"]["metrics"]
-    return {"cache hit rate": run["cache_hit_rate"], "ttft p50 ms": m["ttft_ms"]["p50"],
+    return {"cache hit rate": run["cache_hit_rate"], "peer loaded rate": run.get("peer_loaded_rate"),
+            "ttft p50 ms": m["ttft_ms"]["p50"],
             "ttft p90 ms": m["ttft_ms"]["p90"], "tpot p50 ms": m["tpot_ms"]["p50"],
             "goodput req/s": run["bench"]["goodput"]["requests_per_s"],
             "goodput fraction": run["bench"]["goodput"]["fraction"], "failed": run["bench"]["num_failed"]}
@@ -97,6 +109,7 @@ def summary(run: dict) -> dict[str, float | None]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["kv", "round_robin"])
+    parser.add_argument("--baseline", choices=MODES, default="round_robin", help="the mode the ratios divide by")
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)
     parser.add_argument("--num-requests", type=int, default=150)
@@ -127,10 +140,10 @@ def main() -> int:
             runs[mode].append(run_mode(mode, args, log_dir, round_index))
     table = {mode: [summary(r) for r in mode_runs] for mode, mode_runs in runs.items()}
     ratios = {}
-    if BASELINE in table:
+    if args.baseline in table:
         for mode, rows in table.items():
             ratios[mode] = [{k: (v / rows_b[k] if v is not None and rows_b[k] else None) for k, v in row.items()
-                             if k != "failed"} for row, rows_b in zip(rows, table[BASELINE])]
+                             if k != "failed"} for row, rows_b in zip(rows, table[args.baseline])]
     print(f"\n{args.num_requests} requests at {args.rate}/s, {args.input_len} prompt tokens ({args.shared_prefix_fraction:.0%} "
           f"one of {args.num_prefixes} shared prefixes), {args.output_len} output tokens; {args.prefill}P{args.decode}D mock, "
           f"{args.num_kv_blocks} KV blocks per worker; SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tpot_ms:g} ms")
@@ -140,9 +153,9 @@ def main() -> int:
         for i, row in enumerate(rows):
             print(f"{mode + ' ' + str(i + 1):18}" + "".join(f"{v:17.3f}" if v is not None else f"{'-':>17}" for v in row.values()))
     for mode, rows in ratios.items():
-        if mode != BASELINE:
+        if mode != args.baseline:
             for i, row in enumerate(rows):
-                print(f"{mode + '/' + BASELINE + ' ' + str(i + 1):18}" + "".join(
+                print(f"{mode + '/' + args.baseline + ' ' + str(i + 1):18}" + "".join(
                     f"{v:17.2f}" if v is not None else f"{'-':>17}" for v in row.values()))
     if args.out:
         args.out.write_text(json.dumps({
@@ -151,7 +164,7 @@ def main() -> int:
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "workload": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "baseline": BASELINE, "summary": table, "ratios_to_baseline": ratios, "runs": runs,
+            "baseline": args.baseline, "summary": table, "ratios_to_baseline": ratios, "runs": runs,
         }, indent=1))
     return 0 if all(row["failed"] == 0 for rows in table.values() for row in rows) else 1
 
