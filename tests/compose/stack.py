@@ -93,9 +93,11 @@ class ComposeStack:
         print(f"\n{self.project}: timings {self.timings}; image sizes {image_sizes()}", flush=True)
 
     def scale(self, *, prefill: int, decode: int) -> None:
-        """As a user types it: containers already running stay (their configuration did not change)."""
-        self.compose("up", "-d", "--scale", f"prefill-worker={prefill}", "--scale", f"decode-worker={decode}",
-                     timeout_s=300)
+        """As the README says to: --no-recreate, so that compose adds workers and never replaces running ones. Without
+        it, one CI run (not reproduced here) saw compose replace every worker container at the scale-up: both decode
+        workers at once, so streams in flight had no worker left to resume on."""
+        self.compose("up", "-d", "--no-recreate", "--scale", f"prefill-worker={prefill}", "--scale",
+                     f"decode-worker={decode}", timeout_s=300)
 
     def containers(self, service: str) -> list[str]:
         return self.compose("ps", "-q", service, timeout_s=60).stdout.split()
