@@ -138,21 +138,29 @@ class MockEngine(PeerPrefixes, Engine):
             self._free_request(request_id)
             return PrefillResult(token, text, stream.finish_reason, None, num_cached_tokens=num_cached_tokens,
                                  queue_ms=queue_ms)
-        held.transfer_id = uuid.uuid4().hex
-        token_secret = secrets.token_urlsafe(16)
-        expires_at = time.time() + lease_s
-        self._endpoint.allow(held.transfer_id, token_secret, held.block_ids, expires_at)
-        held.lease_timer = asyncio.get_running_loop().call_later(lease_s, self._lease_expired, request_id)
-        params = KVTransferParams(
-            worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id,
-            token=token_secret, block_ids=tuple(held.block_ids), num_tokens=len(prompt_token_ids),
-            kv_layout=self._layout, lease_expires_at=expires_at, host_id=self._endpoint.host_id,
-            transports=self._endpoint.transports,
-        )
+        params = self._open_for_pull(request_id, held, len(prompt_token_ids), lease_s)
         return PrefillResult(token, text, None, params, num_cached_tokens=num_cached_tokens, queue_ms=queue_ms,
                              num_peer_loaded_tokens=num_peer_tokens,
                              num_peer_loaded_bytes=peer_load[1].num_bytes if peer_load else 0,
                              peer_load_ms=peer_load[1].seconds * 1000 if peer_load else 0.0)
+
+    def _open_for_pull(self, key: str, held: _Held, num_tokens: int, lease_s: float) -> KVTransferParams:
+        """Let one puller (the token) read held's blocks until they are released or lease_s passes (then freed)."""
+        held.transfer_id = uuid.uuid4().hex
+        token = secrets.token_urlsafe(16)
+        expires_at = time.time() + lease_s
+        self._endpoint.allow(held.transfer_id, token, held.block_ids, expires_at)
+        held.lease_timer = asyncio.get_running_loop().call_later(lease_s, self._lease_expired, key)
+        return KVTransferParams(
+            worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id, token=token,
+            block_ids=tuple(held.block_ids), num_tokens=num_tokens, kv_layout=self._layout,
+            lease_expires_at=expires_at, host_id=self._endpoint.host_id, transports=self._endpoint.transports)
+
+    def _count_pull(self, result: TransferResult) -> None:
+        self._counters["num_kv_blocks_received"] += result.num_blocks
+        self._counters["num_kv_bytes_received"] += result.num_bytes
+        self._counters["kv_transfer_ms"] += result.seconds * 1000
+        self._counters[f"num_kv_pulls_{result.transport}"] += 1
 
     def _lease_expired(self, request_id: str) -> None:
         if request_id in self._held:
@@ -220,10 +228,7 @@ class MockEngine(PeerPrefixes, Engine):
                 if not self._kv_matches(prompt_token_ids, block_ids):
                     error = "received KV differs from what prefill computed for this prompt"
                 else:
-                    self._counters["num_kv_blocks_received"] += result.num_blocks
-                    self._counters["num_kv_bytes_received"] += result.num_bytes
-                    self._counters["kv_transfer_ms"] += result.seconds * 1000
-                    self._counters[f"num_kv_pulls_{result.transport}"] += 1
+                    self._count_pull(result)
                     return KVLoadReport(result.num_blocks, result.num_bytes, result.seconds * 1000,
                                         recomputed=False, transport=result.transport)
             except TransferError as e:

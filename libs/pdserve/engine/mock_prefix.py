@@ -5,12 +5,7 @@ instead of computing them. A mixin of MockEngine: it works on that engine's cach
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import secrets
-import time
-import uuid
-
 from typing import TYPE_CHECKING
 
 from pdserve.kv import TransferError, TransferResult
@@ -47,9 +42,7 @@ class PeerPrefixes:
                         last - first, prefix_kv.worker_id, e)
             self._counters["num_prefix_peer_load_failures"] += 1
             return None
-        self._counters[f"num_kv_pulls_{result.transport}"] += 1
-        self._counters["num_kv_blocks_received"] += result.num_blocks
-        self._counters["num_kv_bytes_received"] += result.num_bytes
+        self._count_pull(result)
         loaded = min(last * self._layout.block_size, len(prompt_token_ids) - 1) - self._num_cached_tokens(
             held, prompt_token_ids)
         self._counters["num_prefix_peer_loaded_tokens"] += loaded
@@ -68,12 +61,4 @@ class PeerPrefixes:
         if not hits:
             return None
         held = self._hold_cached(lease_id, hits, list(block_hashes[:len(hits)]))
-        held.transfer_id = uuid.uuid4().hex
-        token = secrets.token_urlsafe(16)
-        expires_at = time.time() + lease_s
-        self._endpoint.allow(held.transfer_id, token, hits, expires_at)
-        held.lease_timer = asyncio.get_running_loop().call_later(lease_s, self._lease_expired, lease_id)
-        return KVTransferParams(
-            worker_id=self.worker_id, address=self._endpoint.address, transfer_id=held.transfer_id, token=token,
-            block_ids=tuple(hits), num_tokens=len(hits) * self._layout.block_size, kv_layout=self._layout,
-            lease_expires_at=expires_at, host_id=self._endpoint.host_id, transports=self._endpoint.transports)
+        return self._open_for_pull(lease_id, held, len(hits) * self._layout.block_size, lease_s)
