@@ -38,6 +38,9 @@ def test_worker_from_env():
     (cfg.WorkerConfig, {"engine": "tensorrt"}, ["--engine", "mock"]),
     (cfg.WorkerConfig, {"worker_id": "a.b"}, ["--worker-id", "letters"]),
     (cfg.WorkerConfig, {"num_kv_blocks": "2", "max_model_len": "4096"}, ["--num-kv-blocks", "at least 128"]),
+    (cfg.WorkerConfig, {"kv_host_cache_gib": "-1"}, ["--kv-host-cache-gib", ">= 0"]),
+    (cfg.WorkerConfig, {"kv_host_cache_gib": "2", "engine": "vllm"}, ["--kv-host-cache-gib", "vllm", "leave it 0"]),
+    (cfg.WorkerConfig, {"kv_host_cache_gib": "2", "prefix_caching": "false"}, ["--kv-host-cache-gib", "prefix caching"]),
     (cfg.BrokerConfig, {"log_level": "LOUD"}, ["--log-level", "DEBUG"]),
 ])
 def test_errors_name_the_setting_and_the_fix(cls, values, names):

@@ -108,6 +108,9 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     prefix_caching: bool = _opt(True, "keep finished prompts' KV blocks as an evictable prefix cache, reuse them for "
                                 "prompts that start the same, and report them to the KV broker (vllm: its "
                                 "enable_prefix_caching, with its KV events relayed); --no-prefix-caching turns it off")
+    kv_host_cache_gib: float = _opt(0.0, "GiB of host memory that keep the KV blocks the engine's prefix cache evicts "
+                                    "(least recently used dropped first), loaded back or served to peers instead of "
+                                    "recomputed; 0: none (engines that can: mock; vLLM not yet)")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
     heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")
@@ -142,6 +145,14 @@ class WorkerConfig(BusOptions, MockEngineOptions):
                      "kv_probe_interval_s"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive number of seconds")
+        if self.kv_host_cache_gib < 0:
+            _fail("kv_host_cache_gib", "must be >= 0", "give a size in GiB, or 0 for no host tier")
+        if self.kv_host_cache_gib > 0 and self.engine != "mock":
+            _fail("kv_host_cache_gib", f"the host-memory KV tier is not built for --engine {self.engine} yet",
+                  "leave it 0 with vLLM (its own --kv-cache-gib sizes its cache)")
+        if self.kv_host_cache_gib > 0 and not self.prefix_caching:
+            _fail("kv_host_cache_gib", "the host-memory KV tier keeps what the prefix cache evicts",
+                  "turn prefix caching on, or leave it 0")
         if self.max_model_len > self.num_kv_blocks * self.block_size:
             _fail("num_kv_blocks", f"{self.num_kv_blocks} blocks of {self.block_size} tokens cannot hold one "
                   f"{self.max_model_len}-token request", f"raise it to at least {-(-self.max_model_len // self.block_size)}")
@@ -283,6 +294,8 @@ class UpConfig:
         "or nixl (NIXL over UCX)")
     prefix_caching: bool = _opt(True, "workers keep finished prompts' KV as a prefix cache that KV-aware routing "
                                 "follows; --no-prefix-caching turns it off")
+    kv_host_cache_gib: float = _opt(0.0, "each worker keeps what its prefix cache evicts in this many GiB of host "
+                                    "memory (mock engine; 0: none)")
     startup_timeout_s: float | None = _opt(None, "how long to wait for every service to come up",
                                            shown_default="60 mock, 600 vllm")
     log_level: str = _opt("INFO", "log level of every service: DEBUG, INFO, WARNING or ERROR")

@@ -91,6 +91,8 @@ class System:
         common = ["--nats", self.nats_url, "--log-level", a.log_level]
         worker = [*common, "--engine", a.engine, "--kv-transport", a.kv_transport,
                   "--prefix-caching" if a.prefix_caching else "--no-prefix-caching"]
+        if a.kv_host_cache_gib:
+            worker += ["--kv-host-cache-gib", str(a.kv_host_cache_gib)]
         if a.model:
             worker += ["--model", a.model]
         if a.advertise_host:

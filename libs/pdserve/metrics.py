@@ -107,12 +107,17 @@ class WorkerCollector(Collector):
                                           "from another worker's prefix cache instead of computed", None),
         "num_prefix_peer_load_failures": ("pdserve_prefix_peer_load_failures", "Prefix pulls from a peer that "
                                           "failed (the tokens were computed)", None),
+        "num_prefix_host_loaded_tokens": ("pdserve_prefix_host_loaded_tokens", "Prompt tokens whose KV was copied "
+                                          "back from this worker's host-memory tier instead of computed", None),
+        "num_computed_prompt_tokens": ("pdserve_prompt_tokens_computed", "Prompt tokens this worker's engine "
+                                       "computed (prefills, local prefills, recomputes)", None),
     }
     _GAUGES = {
         "num_queued": ("pdserve_worker_queue_depth", "Requests admitted and waiting"),
         "num_running": ("pdserve_worker_running_requests", "Requests running in the engine"),
         "kv_usage": ("pdserve_kv_cache_usage_ratio", "Share of the KV cache in use (0..1)"),
         "num_held_blocks": ("pdserve_kv_held_blocks", "KV blocks held (running requests and transfers)"),
+        "num_host_tier_blocks": ("pdserve_kv_host_tier_blocks", "KV blocks in this worker's host-memory tier"),
     }
 
     def __init__(self, stats: Callable[[], dict], labels: dict[str, str]):

@@ -194,6 +194,9 @@ class WorkerStats(Message):
     num_local_prefills: int = 0
     num_prefix_peer_loaded_tokens: int = 0
     num_prefix_peer_load_failures: int = 0
+    num_prefix_host_loaded_tokens: int = 0
+    num_computed_prompt_tokens: int = 0
+    num_host_tier_blocks: int = 0
 
 
 # ---------------------------------------------------------------------------------- request flow
@@ -386,6 +389,9 @@ class KVEvent(Message):
     parent_hash: int = 0
     removed: tuple[int, ...] = ()
     cleared: bool = False
+    to_host: tuple[int, ...] = Field(default=(), description="held blocks now only in the worker's host-memory tier "
+                                     "(its engine evicted them): still held, loaded back by a memory copy")
+    to_device: tuple[int, ...] = Field(default=(), description="blocks of the host tier the engine holds again")
     seq: int = Field(default=0, ge=0)
 
 
@@ -409,4 +415,6 @@ class KVLookup(Message):
 class KVLookupReply(Message):
     type: Literal["kv_lookup_reply"] = "kv_lookup_reply"
     num_matched_blocks: dict[str, int] = Field(description="worker_id -> leading blocks it holds (0s left out)")
+    num_matched_host_blocks: dict[str, int] = Field(default_factory=dict, description=(
+        "worker_id -> how many of those blocks only its host-memory tier holds (0s left out)"))
     broker_id: str = ""

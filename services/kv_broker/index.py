@@ -18,6 +18,7 @@ class BlockIndex:
     def __init__(self) -> None:
         self._trees: dict[str, PrefixTree] = {}
         self._models_of: dict[str, set[str]] = {}  # worker_id -> models it reported blocks of
+        self._host_only: dict[str, set[int]] = {}  # worker_id -> held blocks only its host-memory tier holds
 
     def store(self, worker_id: str, model: str, block_hashes: Sequence[int], parent_hash: int = ROOT_HASH) -> None:
         """worker_id holds the chain block_hashes (each the parent of the next; parent_hash the first's)."""
@@ -31,10 +32,25 @@ class BlockIndex:
 
     def remove(self, worker_id: str, model: str, block_hashes: Iterable[int]) -> None:
         tree = self._trees.get(model)
+        host_only = self._host_only.get(worker_id)
+        if host_only:
+            block_hashes = list(block_hashes)
+            host_only.difference_update(block_hashes)
         if tree is not None:
             tree.remove(worker_id, block_hashes)
 
+    def set_tier(self, worker_id: str, to_host: Iterable[int] = (), to_device: Iterable[int] = ()) -> None:
+        """Which held blocks of worker_id only its host-memory tier holds (to_host) or its engine again (to_device)."""
+        host_only = self._host_only.setdefault(worker_id, set())
+        host_only.update(to_host)
+        host_only.difference_update(to_device)
+
+    def host_only(self, worker_id: str) -> frozenset[int]:
+        """The held blocks of worker_id that only its host-memory tier holds."""
+        return frozenset(self._host_only.get(worker_id, ()))
+
     def drop_worker(self, worker_id: str) -> None:
+        self._host_only.pop(worker_id, None)
         for model in self._models_of.pop(worker_id, ()):
             tree = self._trees.get(model)
             if tree is None:  # emptied (and removed) when another worker of the model left
@@ -47,6 +63,15 @@ class BlockIndex:
         """worker_id -> number of leading blocks of block_hashes it holds (workers with 0 left out)."""
         tree = self._trees.get(model)
         return tree.lookup(block_hashes) if tree is not None else {}
+
+    def num_host_blocks(self, matched: dict[str, int], block_hashes: Sequence[int]) -> dict[str, int]:
+        """Of each worker's matched leading blocks, how many only its host tier holds (0s left out)."""
+        counts = {}
+        for worker_id, n in matched.items():
+            host_only = self._host_only.get(worker_id)
+            if host_only and (k := sum(1 for h in block_hashes[:n] if h in host_only)):
+                counts[worker_id] = k
+        return counts
 
     def workers(self) -> list[str]:
         """Workers with blocks in the index."""

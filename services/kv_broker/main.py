@@ -126,6 +126,8 @@ class Broker:
             self.index.drop_worker(event.worker_id)
         self.index.store(event.worker_id, event.model, event.stored, event.parent_hash)
         self.index.remove(event.worker_id, event.model, event.removed)
+        if event.to_host or event.to_device:
+            self.index.set_tier(event.worker_id, event.to_host, event.to_device)
         if self.sequences.on_event(event):
             log.warning("KV events of worker %s: got %d after a gap; asking for a snapshot", event.worker_id, event.seq)
             await self.ask_snapshot(event.worker_id)
@@ -148,9 +150,12 @@ class Broker:
                                       "num_block_hashes": len(req.block_hashes)}) as span:
             self.membership.prune()
             num_matched = self.index.lookup(req.model, req.block_hashes)
+            num_host = self.index.num_host_blocks(num_matched, req.block_hashes)
             span.set_attributes({"num_workers_matched": sum(1 for n in num_matched.values() if n),
-                                 "max_num_matched_blocks": max(num_matched.values(), default=0)})
-            return KVLookupReply(num_matched_blocks=num_matched, broker_id=self.config.broker_id)
+                                 "max_num_matched_blocks": max(num_matched.values(), default=0),
+                                 "max_num_matched_host_blocks": max(num_host.values(), default=0)})
+            return KVLookupReply(num_matched_blocks=num_matched, num_matched_host_blocks=num_host,
+                                 broker_id=self.config.broker_id)
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(worker_id=self.config.broker_id, role="broker", num_requests_served=self.num_kv_held,

@@ -146,6 +146,8 @@ class RoutePlan:
     # Who holds how many of the prompt's leading blocks, from the lookup whatever the routing mode (prefix reuse
     # pulls from them); `matched` is what the policy weighed, empty outside "kv" routing.
     cached_by: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # Of those, how many only the worker's host-memory tier holds (a memory copy away, not a prefill).
+    host_cached_by: Mapping[str, int] = dataclasses.field(default_factory=dict)
     block_hashes: tuple[int, ...] = ()
 
     def num_matched_blocks(self, hb: Heartbeat | None) -> int:
@@ -156,7 +158,11 @@ class RoutePlan:
                 "route_prefill_worker_id": self.prefill.worker_id if self.prefill else "",
                 "route_decode_worker_id": self.decode.worker_id,
                 "prefill_num_matched_blocks": self.num_matched_blocks(self.prefill),
+                "prefill_num_host_tier_blocks": self.num_host_blocks(self.prefill),
                 "decode_num_matched_blocks": self.num_matched_blocks(self.decode)}
+
+    def num_host_blocks(self, hb: Heartbeat | None) -> int:
+        return self.host_cached_by.get(hb.worker_id, 0) if hb is not None else 0
 
 
 class KVAwarePolicy(LeastLoadPolicy):

@@ -44,13 +44,13 @@ class RoutePlanner:
     async def plan(self, req: GenerateRequest, card: ModelCard) -> RoutePlan:
         block_size = card.kv_layout.block_size
         started = time.perf_counter()
-        hashes, cached_by, kv_lookup = await self._lookup(req, block_size)
+        hashes, cached_by, host_cached_by, kv_lookup = await self._lookup(req, block_size)
         looked_up = time.perf_counter()
         matched = cached_by if self.config.routing == "kv" else {}
         plan = self.policy.plan(req.model, len(req.prompt_token_ids), block_size, matched, kv_lookup)
         if plan is None:
             raise NoWorkerError(f"no live decode worker serves model {req.model!r}")
-        plan = dataclasses.replace(plan, cached_by=cached_by, block_hashes=hashes)
+        plan = dataclasses.replace(plan, cached_by=cached_by, host_cached_by=host_cached_by, block_hashes=hashes)
         decided = time.perf_counter()
         self.metrics.route_seconds.observe(decided - started)
         if kv_lookup in ("ok", "timeout", "error"):
@@ -60,33 +60,35 @@ class RoutePlanner:
             self.metrics.local_prefills.inc()
         if plan.reason in DEGRADED_REASONS:
             self._degraded_log.warning("request %s: %s", req.request_id, DEGRADED_REASONS[plan.reason])
-        log.info("request %s: route %s: prefill %s (%d of %d blocks cached), decode %s (%d cached); kv lookup %s "
-                 "%.3f ms, decided in %.3f ms", req.request_id, plan.reason,
+        log.info("request %s: route %s: prefill %s (%d of %d blocks cached, %d in host memory), decode %s (%d cached); "
+                 "kv lookup %s %.3f ms, decided in %.3f ms", req.request_id, plan.reason,
                  plan.prefill.worker_id if plan.prefill else "none (decode prefills)",
-                 plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.decode.worker_id,
+                 plan.num_matched_blocks(plan.prefill), plan.num_prompt_blocks, plan.num_host_blocks(plan.prefill),
+                 plan.decode.worker_id,
                  plan.num_matched_blocks(plan.decode), kv_lookup, (looked_up - started) * 1000,
                  (decided - started) * 1000)
         return plan
 
-    async def _lookup(self, req: GenerateRequest, block_size: int) -> tuple[tuple[int, ...], dict[str, int], str]:
-        """(the prompt's block hashes, worker_id -> leading prompt blocks it holds, how the lookup went): ok,
-        timeout, error, no_broker, off."""
+    async def _lookup(self, req: GenerateRequest,
+                      block_size: int) -> tuple[tuple[int, ...], dict[str, int], dict[str, int], str]:
+        """(the prompt's block hashes, worker_id -> leading prompt blocks it holds, worker_id -> how many of those
+        only its host tier holds, how the lookup went): ok, timeout, error, no_broker, off."""
         # Prefix reuse needs to know who holds the prompt's blocks whatever the routing mode.
         if (self.config.routing != "kv" and not self.config.kv_prefix_reuse) or len(req.prompt_token_ids) < block_size:
-            return (), {}, "off"
+            return (), {}, {}, "off"
         if not self.membership.live("broker"):
-            return (), {}, "no_broker"
+            return (), {}, {}, "no_broker"
         hashes = tuple(block_hashes(req.prompt_token_ids, block_size))
         msg = KVLookup(model=req.model, block_hashes=hashes)
         timeout_s = max(0.001, min(self.config.kv_lookup_timeout_s, req.remaining_s()))
         try:
             reply = await self.bus.request(subjects.KV_LOOKUP, msg, KVLookupReply, request_id=req.request_id,
                                            timeout_s=timeout_s)
-            return hashes, dict(reply.num_matched_blocks), "ok"
+            return hashes, dict(reply.num_matched_blocks), dict(reply.num_matched_host_blocks), "ok"
         except BusTimeout:
             log.warning("request %s: no KV lookup answer within %.3fs; routing by load", req.request_id,
                         self.config.kv_lookup_timeout_s)
-            return hashes, {}, "timeout"
+            return hashes, {}, {}, "timeout"
         except Exception as e:  # never fail a request for its lookup: load alone decides
             log.warning("request %s: KV lookup failed (%s); routing by load", req.request_id, e)
-            return hashes, {}, "error"
+            return hashes, {}, {}, "error"

@@ -1,8 +1,8 @@
 """KV-aware routing end to end: `pdserve up --engine mock --prefill 2 --decode 2` (prefix caching: on by default).
 
 The router asks the KV broker which workers hold a prompt's blocks and weighs that against load; the route it
-chose is in its log line (`request ID: route REASON: prefill P (M of N blocks cached), decode D (M cached);
-kv lookup STATUS`), which these tests read by request id (the X-Request-Id header of each response).
+chose is in its log line (`request ID: route REASON: prefill P (M of N blocks cached, H in host memory), decode D
+(M cached); kv lookup STATUS`), which these tests read by request id (the X-Request-Id header of each response).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ BLOCK_SIZE = 32  # WorkerConfig's default
 LOCAL_PREFILL_MAX_TOKENS = 48
 PREFILL_QUEUE_LIMIT = 2
 PREFIX = "Shared system prompt: you are a helpful assistant who answers briefly. " * 10  # ~22 blocks
-ROUTE_LINE = re.compile(r"request (\S+): route (\w+): prefill (.+?) \((\d+) of (\d+) blocks cached\), "
+ROUTE_LINE = re.compile(r"request (\S+): route (\w+): prefill (.+?) "
+                        r"\((\d+) of (\d+) blocks cached, \d+ in host memory\), "
                         r"decode (\S+) \((\d+) cached\); kv lookup (\w+)")
 
 

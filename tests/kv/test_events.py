@@ -35,6 +35,7 @@ def apply(index: BlockIndex, events: list[KVEvent]) -> None:
             index.drop_worker(e.worker_id)
         index.store(e.worker_id, e.model, e.stored, e.parent_hash)
         index.remove(e.worker_id, e.model, e.removed)
+        index.set_tier(e.worker_id, e.to_host, e.to_device)
 
 
 def test_only_the_first_copy_is_stored_and_the_last_removed():
@@ -88,6 +89,8 @@ async def test_resync_for_this_worker_or_all_sends_a_snapshot_and_others_are_ign
 copy_ops = st.lists(st.one_of(
     st.tuples(st.just("stored"), st.integers(0, 3), st.integers(0, 5), st.integers(1, 6)),
     st.tuples(st.just("removed"), st.integers(0, 3), st.lists(st.integers(0, 5), max_size=4)),
+    st.tuples(st.just("stored_host"), st.integers(0, 3), st.lists(st.integers(0, 5), max_size=4)),
+    st.tuples(st.just("removed_host"), st.integers(0, 3), st.lists(st.integers(0, 5), max_size=4)),
     st.tuples(st.just("snapshot")),
     st.tuples(st.just("cleared")),
 ), max_size=50)
@@ -96,9 +99,12 @@ copy_ops = st.lists(st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=6), min_size=4, max_size=4), copy_ops)
 def test_the_broker_sees_exactly_the_blocks_with_a_copy_and_a_snapshot_rebuilds_them(prompts, ops):
+    """Copies in the engine and in the host tier: the index holds every block with a copy, marked host tier
+    where only the host tier has one."""
     chains = [chain_hashes(p, 1, ROOT_HASH) for p in prompts]
     wire = Wire()
     copies: dict[int, int] = {}  # what the engine holds: block -> copies
+    host: dict[int, int] = {}  # what its host tier holds: block -> copies
     index = BlockIndex()
     for op in ops:
         if op[0] == "stored":
@@ -115,19 +121,35 @@ def test_the_broker_sees_exactly_the_blocks_with_a_copy_and_a_snapshot_rebuilds_
                     copies[h] -= 1
                     blocks.append(h)
             wire.relay.removed(blocks)
+        elif op[0] == "stored_host":  # the tier takes copies of blocks held (in the engine or the tier)
+            blocks = [h for h in [chains[op[1]][i] for i in op[2] if i < len(chains[op[1]])]
+                      if copies.get(h) or host.get(h)]
+            wire.relay.stored_host(blocks)
+            for h in blocks:
+                host[h] = host.get(h, 0) + 1
+        elif op[0] == "removed_host":
+            blocks = []
+            for h in [chains[op[1]][i] for i in op[2] if i < len(chains[op[1]])]:
+                if host.get(h):
+                    host[h] -= 1
+                    blocks.append(h)
+            wire.relay.removed_host(blocks)
         elif op[0] == "snapshot":
             wire.relay.snapshot()
         else:
             wire.relay.cleared()
             copies.clear()
+            host.clear()
         apply(index, wire.take())
-        held = {h for h, n in copies.items() if n}
+        held = {h for h, n in copies.items() if n} | {h for h, n in host.items() if n}
         assert index.held("w1", "m") == held
+        assert index.host_only("w1") == {h for h in held if not copies.get(h)}
     fresh = BlockIndex()
     wire.relay.snapshot()
     events = wire.take()
     apply(fresh, events)
     assert fresh.view() == index.view()
+    assert fresh.host_only("w1") == index.host_only("w1")
     assert [e.seq for e in events] == list(range(events[0].seq, events[0].seq + len(events)))
     for chain in chains:  # parents came along: lookups agree too
         assert fresh.lookup("m", chain) == index.lookup("m", chain)

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK_SIZE = 32
 PREFIX = "You are a careful assistant. Answer in one short sentence, and never add anything else. " * 20
-ROUTE_LINE = re.compile(r"request (\S+): route (\w+): prefill (.+?) \((\d+) of (\d+) blocks cached\)")
+ROUTE_LINE = re.compile(r"request (\S+): route (\w+): prefill (.+?) "
+                        r"\((\d+) of (\d+) blocks cached, \d+ in host memory\)")
 
 
 @pytest.fixture(scope="module")

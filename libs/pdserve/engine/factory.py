@@ -59,6 +59,7 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
             kv_connect_timeout_s=config.kv_connect_timeout_s, kv_transport=config.kv_transport,
             offer_nixl=offers_nixl(config), prefix_caching=config.prefix_caching,
+            host_cache_gib=config.kv_host_cache_gib,
         ), kv_events=kv_events)
     if config.engine == "vllm":
         from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig

@@ -11,6 +11,11 @@ cache keeps them: evictable (least recently used first, a prompt's tail before i
 later local prefill of a prompt with the same leading blocks, which then computes only the rest
 (num_cached_tokens). Pulled KV is written into fresh blocks. Every block copy computed, received, freed or
 evicted is reported to `kv_events` (given at construction) by chained block hash, for the broker's index.
+
+With a host-memory tier (host_cache_gib, kv.host_tier), an evicted block is copied there first; a prompt whose
+leading blocks continue there (after those in the cache) gets them copied back into its fresh blocks, and computes
+only the rest, the copies counted as cached tokens (num_prefix_host_loaded_tokens) as vLLM counts tokens that its
+KV connector loads.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import numpy as np
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
+from pdserve.engine.mock_host_tier import HostTierCopies
 from pdserve.engine.mock_prefix import PeerPrefixes
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
+from pdserve.kv.host_tier import GIB, HostKVTier
 from pdserve.kv.pool import ArrayBlockPool
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
@@ -58,6 +65,7 @@ class MockEngineConfig:
     kv_transport: str = "auto"
     offer_nixl: bool = False  # factory.offers_nixl
     prefix_caching: bool = True
+    host_cache_gib: float = 0.0  # the host-memory tier (0: none)
 
 
 @dataclass
@@ -65,12 +73,13 @@ class _Held:
     block_ids: list[int]
     block_hashes: list[int]  # of the full blocks: block_ids[i] holds block_hashes[i]'s tokens
     num_cached: int = 0  # leading blocks taken from the prefix cache (their KV is already there)
+    num_from_host: int = 0  # blocks after those copied back from the host tier into fresh blocks
     computed: bool = False  # the KV of every block is written (computed or pulled)
     transfer_id: str | None = None
     lease_timer: asyncio.TimerHandle | None = None
 
 
-class MockEngine(PeerPrefixes, Engine):
+class MockEngine(PeerPrefixes, HostTierCopies, Engine):
 
     def __init__(self, config: MockEngineConfig, *, kv_events: KVEventSink | None = None):
         self.config = config
@@ -86,6 +95,8 @@ class MockEngine(PeerPrefixes, Engine):
         # prefix between concurrent requests, and never evicted while in use.
         self._pins: Counter[int] = Counter()
         self._held: dict[str, _Held] = {}
+        self._host = HostKVTier.sized(config.host_cache_gib, self._layout.bytes_per_block) \
+            if config.prefix_caching else None
         self._endpoint = TransferEndpoint(self._pool, bind_host=config.bind_host,
                                           advertise_host=config.advertise_host, on_pull=self._on_pull,
                                           offer_nixl=config.offer_nixl)
@@ -95,12 +106,16 @@ class MockEngine(PeerPrefixes, Engine):
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
                           "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0,
                           "num_prefix_peer_loaded_tokens": 0, "num_prefix_peer_load_failures": 0,
+                          "num_prefix_host_loaded_tokens": 0, "num_computed_prompt_tokens": 0,
                           **{f"num_kv_pulls_{path}": 0 for path in PATHS}}
 
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         self._endpoint.start()
+        if self._host is not None:
+            log.info("worker %s: host-memory KV tier of %d blocks (%.2f GiB), empty at start", self.worker_id,
+                     self._host.capacity, self._host.capacity * self._host.bytes_per_block / GIB)
 
     async def stop(self) -> None:
         for request_id in list(self._held):
@@ -127,7 +142,8 @@ class MockEngine(PeerPrefixes, Engine):
             async with self._prefill_lock:
                 queue_ms = (time.monotonic() - queued_at) * 1000
                 await self._compute(len(prompt_token_ids) - num_cached_tokens - num_peer_tokens)
-                self._write_prompt_kv(prompt_token_ids, held.block_ids)
+                self._write_prompt_kv(prompt_token_ids, held.block_ids,
+                                      (num_cached_tokens + num_peer_tokens) // self._layout.block_size)
                 self._computed(held)
         except BaseException:
             self._free_request(request_id)
@@ -269,11 +285,12 @@ class MockEngine(PeerPrefixes, Engine):
         """A local prefill: only what the prefix cache did not have costs time."""
         num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
         await self._compute(len(prompt_token_ids) - num_cached_tokens)
-        self._write_prompt_kv(prompt_token_ids, held.block_ids)
+        self._write_prompt_kv(prompt_token_ids, held.block_ids, num_cached_tokens // self._layout.block_size)
         self._computed(held)
 
     async def _compute(self, num_tokens: int) -> None:
         """The simulated time of prefilling num_tokens."""
+        self._counters["num_computed_prompt_tokens"] += num_tokens
         await asyncio.sleep(num_tokens * self.config.ms_per_prompt_token / 1000)
 
     async def abort(self, request_id: str) -> None:
@@ -291,24 +308,35 @@ class MockEngine(PeerPrefixes, Engine):
             raise EngineFull(f"request {request_id} already holds blocks on this worker")
         num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
         hashes = block_hashes(prompt_token_ids, self._layout.block_size)
+        full = hashes[:len(prompt_token_ids) // self._layout.block_size]
         hits = []
         if reuse and self.config.prefix_caching:
-            hits = self._pin_cached_prefix(hashes[:len(prompt_token_ids) // self._layout.block_size])  # full blocks
+            hits = self._pin_cached_prefix(full)
         need = num_blocks - len(hits)
         if need > len(self._free) + self._num_evictable():
             self._unpin(hits)
             raise EngineFull(f"{num_blocks} KV blocks needed, {len(self._free) + self._num_evictable()} free")
+        in_host = self._host.leading(full[len(hits):]) if reuse and self._host is not None else 0
+        block_ids = hits + self._take_free(need)
+        num_from_host = self._copy_from_host(full[len(hits):len(hits) + in_host], block_ids[len(hits):])
+        held = self._held[request_id] = _Held(block_ids, hashes, num_cached=len(hits), num_from_host=num_from_host)
+        if num_from_host:
+            self._counters["num_prefix_host_loaded_tokens"] += (self._num_cached_tokens(held, prompt_token_ids)
+                                                                - self._tokens_of(len(hits), prompt_token_ids))
+        return held
+
+    def _take_free(self, need: int) -> list[int]:
+        """need free blocks, evicting unpinned cached blocks (least recently used first) into the host tier, if
+        any, when there are too few; the caller checked there are enough."""
         evicted = []
         while len(self._free) < need:
             h, block = next((h, b) for h, b in self._cache.items() if not self._pins[b])
             del self._cache[h]
             self._free.append(block)
-            evicted.append(h)
-        if evicted and self.kv_events:
-            self.kv_events.removed(evicted)
-        block_ids = hits + [self._free.pop() for _ in range(need)]
-        held = self._held[request_id] = _Held(block_ids, hashes, num_cached=len(hits))
-        return held
+            evicted.append((h, block))
+        if evicted:
+            self._evict([h for h, _ in evicted], [b for _, b in evicted])
+        return [self._free.pop() for _ in range(need)]
 
     def _pin_cached_prefix(self, hashes: list[int] | tuple[int, ...]) -> list[int]:
         """The cached blocks of the leading hashes (up to the first one not cached), pinned: not evicted until
@@ -323,9 +351,11 @@ class MockEngine(PeerPrefixes, Engine):
             hits.append(block)
         return hits
 
-    def _hold_cached(self, key: str, block_ids: list[int], hashes: list[int]) -> _Held:
-        """Hold cached blocks (already pinned) under key, as a request holds its own: freed by _free_request(key)."""
-        held = self._held[key] = _Held(block_ids, hashes, num_cached=len(block_ids), computed=True)
+    def _hold_cached(self, key: str, block_ids: list[int], hashes: list[int], *, num_from_host: int = 0) -> _Held:
+        """Hold blocks with valid KV under key, as a request holds its own: cached blocks (already pinned), then
+        num_from_host fresh ones copied from the host tier; freed by _free_request(key)."""
+        held = self._held[key] = _Held(block_ids, hashes, num_cached=len(block_ids) - num_from_host,
+                                       num_from_host=num_from_host, computed=True)
         return held
 
     def _num_evictable(self) -> int:
@@ -338,8 +368,12 @@ class MockEngine(PeerPrefixes, Engine):
                 del self._pins[block]
 
     def _num_cached_tokens(self, held: _Held, prompt_token_ids: tuple[int, ...]) -> int:
+        """Prompt tokens whose KV this worker had: its cache's blocks and those copied back from its host tier."""
+        return self._tokens_of(held.num_cached + held.num_from_host, prompt_token_ids)
+
+    def _tokens_of(self, num_blocks: int, prompt_token_ids: tuple[int, ...]) -> int:
         # As in vLLM, the last prompt token is always computed: its logits choose the first token.
-        return min(held.num_cached * self._layout.block_size, max(0, len(prompt_token_ids) - 1))
+        return min(num_blocks * self._layout.block_size, max(0, len(prompt_token_ids) - 1))
 
     def _computed(self, held: _Held) -> None:
         """The request's KV is written: report the new copies of its full blocks (cached ones were reported)."""
@@ -382,8 +416,9 @@ class MockEngine(PeerPrefixes, Engine):
     def _block_arrays(self, block_ids: list[int]) -> list[np.ndarray]:
         return [np.frombuffer(self._pool.segments(b)[0], dtype=np.uint8) for b in block_ids]
 
-    def _write_prompt_kv(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> None:
-        fill_prompt_kv(prompt_token_ids, self._layout.block_size, self._block_arrays(block_ids))
+    def _write_prompt_kv(self, prompt_token_ids: tuple[int, ...], block_ids: list[int], first_block: int = 0) -> None:
+        """Compute the prompt's KV into its blocks from first_block on (those before were cached or loaded)."""
+        fill_prompt_kv(prompt_token_ids, self._layout.block_size, self._block_arrays(block_ids), first_block)
 
     def _kv_matches(self, prompt_token_ids: tuple[int, ...], block_ids: list[int]) -> bool:
         expected = [np.empty(self._layout.bytes_per_block, dtype=np.uint8) for _ in block_ids]
@@ -399,6 +434,7 @@ class MockEngine(PeerPrefixes, Engine):
             "num_held_blocks": total - free,
             "num_free_blocks": free,
             "num_cached_blocks": len(self._cache),
+            "num_host_tier_blocks": len(self._host) if self._host is not None else 0,
             "num_total_blocks": total,
             "kv_usage": (total - free) / total,
             "num_running": len(self._running),

@@ -78,14 +78,18 @@ def predict(prompt_token_ids: Sequence[int], sampling: SamplingParams) -> Predic
     return Prediction("".join(text), tuple(tokens), stream.finish_reason)
 
 
-def fill_prompt_kv(prompt_token_ids: Sequence[int], block_size: int, blocks: Sequence[np.ndarray]) -> None:
-    """Write the KV of each prompt block (full or partial) into `blocks` (uint8 arrays, one per block)."""
+def fill_prompt_kv(prompt_token_ids: Sequence[int], block_size: int, blocks: Sequence[np.ndarray],
+                   first_block: int = 0) -> None:
+    """Write the KV of each prompt block (full or partial) into `blocks` (uint8 arrays, one per block), from
+    first_block on (those before hold KV loaded from elsewhere, which a check should find right, not rewritten)."""
     tokens = np.asarray(prompt_token_ids, dtype=np.int64)
     parent = 0
     for k, block in enumerate(blocks):
         parent = xxhash.xxh3_64_intdigest(
             parent.to_bytes(8, "little") + tokens[k * block_size : (k + 1) * block_size].tobytes(), seed=HASH_SEED
         )
+        if k < first_block:
+            continue
         pattern = np.random.default_rng(parent).integers(0, 256, size=_PATTERN_BYTES, dtype=np.uint8)
         flat = block.reshape(-1)
         reps = -(-flat.size // _PATTERN_BYTES)

@@ -9,6 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pdserve.kv import TransferError, TransferResult
+from pdserve.kv.hashing import ROOT_HASH
 from pdserve.protocol import KVTransferParams
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class PeerPrefixes:
         """Pull the prompt's leading blocks that a peer holds (prefix_kv) and this cache lacks into the request's
         blocks: (the prompt tokens now loaded, the pull), the last prompt token being computed all the same. Any
         failure: None, and the prefill computes them."""
-        first = held.num_cached
+        first = held.num_cached + held.num_from_host
         last = min(len(prefix_kv.block_ids), len(prompt_token_ids) // self._layout.block_size)
         if last <= first:
             return None
@@ -51,14 +52,26 @@ class PeerPrefixes:
         return loaded, result
 
     async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float) -> KVTransferParams | None:
-        """The leading blocks of block_hashes this cache holds, pinned and open to one pull (the token) until
-        release_kv(lease_id) or lease_s; None when not even the first is cached."""
+        """The leading blocks of block_hashes this worker holds, open to one pull (the token) until
+        release_kv(lease_id) or lease_s: those of its cache pinned, and those that continue them in its host tier
+        copied back into fresh blocks (where there is room); None when not even the first is held."""
         if not self.config.prefix_caching or lease_id in self._held:
             return None
         hits = self._pin_cached_prefix(block_hashes)
-        if len(hits) < len(block_hashes) and self.kv_events:  # the router was told they are here: they are not
-            self.kv_events.absent(block_hashes[len(hits):])
-        if not hits:
+        rest = list(block_hashes[len(hits):])
+        in_host = self._host.leading(rest) if self._host is not None else 0
+        fresh: list[int] = []
+        if in_host and in_host <= len(self._free) + self._num_evictable():
+            fresh = self._take_free(in_host)
+            num_copied = self._copy_from_host(rest[:in_host], fresh)
+            self._free.extend(fresh[num_copied:])
+            fresh = fresh[:num_copied]
+        num_held = len(hits) + len(fresh)
+        if num_held < len(block_hashes) and self.kv_events:  # the router was told they are here: they are not
+            self.kv_events.absent(block_hashes[num_held:])
+        if not num_held:
             return None
-        held = self._hold_cached(lease_id, hits, list(block_hashes[:len(hits)]))
-        return self._open_for_pull(lease_id, held, len(hits) * self._layout.block_size, lease_s)
+        held = self._hold_cached(lease_id, hits + fresh, list(block_hashes[:num_held]), num_from_host=len(fresh))
+        if fresh and self.kv_events:
+            self.kv_events.stored(rest[:len(fresh)], block_hashes[len(hits) - 1] if hits else ROOT_HASH)
+        return self._open_for_pull(lease_id, held, num_held * self._layout.block_size, lease_s)
