@@ -238,6 +238,8 @@ class PrefixLeaseRequest(Message):
     request_id: str
     model: str
     block_hashes: tuple[int, ...] = Field(description="the prompt's leading full blocks, chained hashes")
+    prefix_token_ids: tuple[int, ...] = Field(default=(), description=(
+        "those blocks' tokens: an engine that finds cached blocks by running their tokens (vLLM) needs them"))
     deadline: float = Field(description="unix time after which the router no longer waits: nothing is held then "
                             "(a lease nobody uses would pin its blocks until it ends)")
 
@@ -326,6 +328,9 @@ class TokenChunk(Message):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    error_code: str | None = Field(default=None, description="kv_full: the engine had no room for the request (an "
+                                   "overload, not a fault: the router answers 503 with Retry-After when every "
+                                   "decode worker says so)")
 
 
 class KVRelease(Message):

@@ -167,16 +167,16 @@ class DecodeHandlers:
             raise
         except EngineFull as e:
             tracing.record_error(span, str(e))
-            await self._fail(req, seq, f"{rt.worker_id}: {e}")
+            await self._fail(req, seq, f"{rt.worker_id}: {e}", code="kv_full")
         except Exception as e:
             log.exception("request %s: decode failed", req.request_id)
             span.record_exception(e)
             tracing.record_error(span, f"{type(e).__name__}: {e}")
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
 
-    async def _fail(self, req: DecodeRequest, seq: int, error: str) -> None:
+    async def _fail(self, req: DecodeRequest, seq: int, error: str, *, code: str | None = None) -> None:
         chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, stream_token=req.stream_token,
-                           seq=seq, finish_reason="error", error=error)
+                           seq=seq, finish_reason="error", error=error, error_code=code)
         await self._publish(req, chunk)
 
     async def _publish(self, req: DecodeRequest, chunk: TokenChunk) -> None:

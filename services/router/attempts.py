@@ -237,7 +237,7 @@ class DecodeAttempt:
             raise AttemptFailed(f"chunk {chunk.seq} arrived, expected {self.num_chunks}; tokens were lost",
                                 lost_messages=True)
         if chunk.error:
-            raise AttemptFailed(chunk.error)
+            raise AttemptFailed(chunk.error, overloaded=chunk.error_code in OVERLOAD_CODES)
         self.num_chunks += 1
 
     async def _next_chunk(self, timeout_s: float) -> object:

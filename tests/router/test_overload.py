@@ -131,6 +131,28 @@ def test_every_decode_worker_full_is_429_not_5xx(full_workers):
     assert r.status_code == 200, r.text
 
 
+@pytest.fixture(scope="module")
+def small_kv(tmp_path_factory):
+    """8 KV blocks of 32 tokens per worker (a 200-token prompt takes 7); decode takes 100 ms a token."""
+    up = start_up(tmp_path_factory, "smallkv", {"PDSERVE_NUM_KV_BLOCKS": "8", "PDSERVE_MAX_MODEL_LEN": "256",
+                                                "PDSERVE_MOCK_MS_PER_DECODE_STEP": "100"})
+    yield up
+    stop_up(up)
+
+
+def test_a_decode_worker_whose_kv_cache_is_full_is_429_not_5xx(small_kv):
+    """The decode worker accepts the request, then its engine has no room for the prompt's KV: an overload (the
+    chunk's error_code kv_full), answered as one, not as a failed upstream."""
+    busy = Background(small_kv.base_url, 1, prompt="a" * 200, max_tokens=30)
+    wait_for(lambda: worker(small_kv, "decode")["num_running"] == 1, what="the decode worker busy")
+    r = completion(small_kv.base_url, prompt="b" * 200)
+    assert_429(r, "Every decode worker is full")
+    answers = busy.join()
+    assert [a.status_code for a in answers] == [200], answers
+    r = completion(small_kv.base_url, prompt="b" * 200)
+    assert r.status_code == 200, r.text
+
+
 # ------------------------------------------------------------------------------------ deadline cannot be met
 
 
