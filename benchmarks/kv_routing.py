@@ -12,10 +12,14 @@ routing decisions by reason; and the ratios of every mode to --baseline (round_r
 
 A mode "R+reuse" is routing R with prefix reuse across workers on (a prefill worker pulls a prefix another one has
 cached instead of computing it, services/router/prefix_reuse.py); plain "R" runs with reuse off. Its figure
-"peer loaded rate" is the share of prompt tokens loaded from a peer.
+"peer loaded rate" is the share of prompt tokens loaded from a peer. "+host" gives every worker a host-memory KV
+tier of --host-cache-gib (kv/host_tier.py: what the engine's cache evicts is kept and copied back instead of
+computed); "host loaded rate" is the share of prompt tokens copied back from it ("cache hit rate" counts only
+the engines' own caches). "computed rate": prompt tokens the engines computed (recomputes included) over those sent.
 
     .venv/bin/python benchmarks/kv_routing.py [--num-requests 150] [--rate 3] [--rounds 1] [--out r.json] [--quick]
     .venv/bin/python benchmarks/kv_routing.py --modes kv kv+reuse --baseline kv   # reuse vs none, KV-aware routing
+    .venv/bin/python benchmarks/kv_routing.py --modes kv kv+reuse+host --baseline kv   # with the host tier
 """
 
 from __future__ import annotations
@@ -42,16 +46,18 @@ from pdserve.bench import BenchConfig, run_bench  # noqa: E402
 from pdserve.config import MOCK_MODEL  # noqa: E402
 
 # A mode is a routing mode, with "+reuse" where prefill workers may pull a cached prefix from each other
-# (--kv-prefix-reuse, services/router/prefix_reuse.py); without it, reuse is off, as before reuse existed.
+# (--kv-prefix-reuse, services/router/prefix_reuse.py; without it, reuse is off, as before reuse existed), and
+# "+host" where every worker has a host-memory KV tier (--kv-host-cache-gib).
 ROUTINGS = ("kv", "round_robin", "least_load")
-MODES = ROUTINGS + tuple(f"{r}+reuse" for r in ROUTINGS)
+MODES = tuple(f"{r}{extra}" for r in ROUTINGS for extra in ("", "+reuse", "+host", "+reuse+host"))
 
 
 @contextlib.contextmanager
 def mock_system(mode: str, args, log_dir: Path, round_index: int) -> Iterator[str]:
     port = free_port()
-    routing, _, reuse = mode.partition("+")
-    env = {"PDSERVE_ROUTING": routing, "PDSERVE_KV_PREFIX_REUSE": "1" if reuse else "0",
+    routing, *extras = mode.split("+")
+    env = {"PDSERVE_ROUTING": routing, "PDSERVE_KV_PREFIX_REUSE": "1" if "reuse" in extras else "0",
+           "PDSERVE_KV_HOST_CACHE_GIB": str(args.host_cache_gib) if "host" in extras else "0",
            "PDSERVE_PREFIX_CACHING": "1", "PDSERVE_NUM_KV_BLOCKS": str(args.num_kv_blocks),
            "PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": str(args.ms_per_prompt_token),
            "PDSERVE_MOCK_MS_PER_DECODE_STEP": str(args.ms_per_decode_step)}
@@ -90,16 +96,21 @@ def run_mode(mode: str, args, log_dir: Path, round_index: int) -> dict:
         result = asyncio.run(run_bench(config))
         hits = worker_total(endpoint, "pdserve_prefix_cache_hit_tokens_total")
         peer = worker_total(endpoint, "pdserve_prefix_peer_loaded_tokens_total")
+        host = worker_total(endpoint, "pdserve_prefix_host_loaded_tokens_total")
+        computed = worker_total(endpoint, "pdserve_prompt_tokens_computed_total")
         decisions = scrape(f"{endpoint}/metrics", "pdserve_route_decisions_total")
     sent = sum(r["prompt_tokens"] for r in result["requests"])
     return {"bench": result, "cache_hit_rate": hits / sent if sent else None, "cache_hit_tokens": hits,
             "peer_loaded_rate": peer / sent if sent else None, "peer_loaded_tokens": peer,
+            "host_loaded_rate": host / sent if sent else None, "host_loaded_tokens": host,
+            "computed_rate": computed / sent if sent else None, "computed_tokens": computed,
             "prompt_tokens_sent": sent, "route_decisions": decisions}
 
 
 def summary(run: dict) -> dict[str, float | None]:
     m = run["bench"]["metrics"]
     return {"cache hit rate": run["cache_hit_rate"], "peer loaded rate": run.get("peer_loaded_rate"),
+            "host loaded rate": run.get("host_loaded_rate"), "computed rate": run.get("computed_rate"),
             "ttft p50 ms": m["ttft_ms"]["p50"],
             "ttft p90 ms": m["ttft_ms"]["p90"], "tpot p50 ms": m["tpot_ms"]["p50"],
             "goodput req/s": run["bench"]["goodput"]["requests_per_s"],
@@ -120,6 +131,7 @@ def main() -> int:
     parser.add_argument("--num-prefixes", type=int, default=8)
     parser.add_argument("--num-kv-blocks", type=int, default=256,
                         help="KV blocks per worker (32 tokens each): with the defaults, 5 of the 8 prefixes fit")
+    parser.add_argument("--host-cache-gib", type=float, default=1.0, help="host-memory KV tier per worker (+host modes)")
     parser.add_argument("--ms-per-prompt-token", type=float, default=0.3, help="mock prefill cost per computed token")
     parser.add_argument("--ms-per-decode-step", type=float, default=5.0)
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
