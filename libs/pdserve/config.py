@@ -178,7 +178,7 @@ class RouterConfig(BusOptions):
     route_w_kv: float = _opt(16.0, "routing cost of a full KV cache (x kv_usage, 0..1)")
     kv_prefix_reuse: bool = _opt(True, "a prefill worker that lacks leading blocks of the prompt that another "
                                  "worker's cache holds pulls them from it instead of computing them, where pulling "
-                                 "is estimated to be faster (engines that can: mock; vLLM not yet)")
+                                 "is estimated to be faster (mock and vLLM engines)")
     prefix_lease_timeout_s: float = _opt(0.5, "deadline for a worker to hold a cached prefix for a peer (none in "
                                          "time: the prefix is computed)")
     kv_pull_gbps_estimate: float = _opt(1.0, "KV pull bandwidth (GB/s) the prefix-reuse cost model assumes until "

@@ -105,6 +105,8 @@ class WorkerCollector(Collector):
         "num_cached_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", None),
         "num_prefix_peer_loaded_tokens": ("pdserve_prefix_peer_loaded_tokens", "Prompt tokens whose KV was pulled "
                                           "from another worker's prefix cache instead of computed", None),
+        "num_prefix_peer_loaded_bytes": ("pdserve_prefix_peer_loaded_bytes", "KV bytes pulled from other workers' "
+                                         "prefix caches instead of computed", None),
         "num_prefix_peer_load_failures": ("pdserve_prefix_peer_load_failures", "Prefix pulls from a peer that "
                                           "failed (the tokens were computed)", None),
         "num_prefix_host_loaded_tokens": ("pdserve_prefix_host_loaded_tokens", "Prompt tokens whose KV was copied "

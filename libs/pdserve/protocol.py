@@ -193,6 +193,7 @@ class WorkerStats(Message):
     num_recomputes: int = 0
     num_local_prefills: int = 0
     num_prefix_peer_loaded_tokens: int = 0
+    num_prefix_peer_loaded_bytes: int = 0
     num_prefix_peer_load_failures: int = 0
     num_prefix_host_loaded_tokens: int = 0
     num_computed_prompt_tokens: int = 0

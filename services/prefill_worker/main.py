@@ -115,7 +115,14 @@ class PrefillHandlers:
             log.info("request %s: prefix lease asked for too late; nothing held", msg.request_id)
             return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)
         lease_id = prefix_lease_id(msg.request_id)
-        params = await rt.engine.lease_prefix(lease_id, msg.block_hashes, rt.config.kv_lease_s)
+        try:  # an engine that runs the prefix's tokens to hold them (vLLM) takes time: never past the deadline
+            async with asyncio.timeout(msg.deadline - time.time()):
+                params = await rt.engine.lease_prefix(lease_id, msg.block_hashes, rt.config.kv_lease_s,
+                                                      msg.prefix_token_ids)
+        except TimeoutError:
+            log.info("request %s: cached prefix not held before the lease's deadline; nothing held", msg.request_id)
+            await rt.engine.abort(lease_id)
+            return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)
         if params is not None:
             self._hold(lease_id, params.transfer_id, params.lease_expires_at)
             log.info("request %s: %d cached prefix blocks held for a peer to pull", msg.request_id, len(params.block_ids))

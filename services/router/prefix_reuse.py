@@ -47,15 +47,20 @@ class PrefixReuse:
         if ready.num_peer_loaded_bytes > 0 and ready.peer_load_ms > 0:
             self.pull_gbps = _ewma(self.pull_gbps, ready.num_peer_loaded_bytes / ready.peer_load_ms / 1e6)
 
-    def source(self, plan: RoutePlan, prefill_worker_id: str, card: ModelCard) -> tuple[str, int] | None:
-        """(the worker to pull from, how many leading blocks it holds), or None: compute them."""
+    def source(self, plan: RoutePlan, prefill_worker_id: str, card: ModelCard,
+               num_prompt_tokens: int) -> tuple[str, int] | None:
+        """(the worker to pull from, how many of the prompt's leading blocks to pull from it), or None: compute
+        them."""
         if not self.config.kv_prefix_reuse or not plan.cached_by:
             return None
         me = self.membership.get(prefill_worker_id)
         if me is None or not me.reuses_peer_prefixes:
             return None
         mine = plan.cached_by.get(prefill_worker_id, 0)
-        peers = [(n, worker_id) for worker_id, n in plan.cached_by.items() if worker_id != prefill_worker_id and n > mine]
+        # Never the block of the prompt's last token: that token is computed anyway (its logits choose the first).
+        most = (num_prompt_tokens - 1) // card.kv_layout.block_size
+        peers = [(min(n, most), worker_id) for worker_id, n in plan.cached_by.items() if worker_id != prefill_worker_id]
+        peers = [(n, worker_id) for n, worker_id in peers if n > mine]
         for n, worker_id in sorted(peers, reverse=True):
             hb = self.membership.get(worker_id)
             if hb is not None and hb.role == "prefill" and hb.reuses_peer_prefixes and hb.model.name == card.name:
@@ -69,10 +74,13 @@ class PrefixReuse:
         compute_ms = num_blocks * card.kv_layout.block_size * self.ms_per_prompt_token
         return pull_ms < compute_ms
 
-    async def lease(self, req: GenerateRequest, plan: RoutePlan, source_id: str, num_blocks: int) -> KVTransferParams | None:
+    async def lease(self, req: GenerateRequest, plan: RoutePlan, source_id: str, num_blocks: int,
+                    block_size: int) -> KVTransferParams | None:
         """The source's lease of the prompt's leading blocks, or None (refused, late, nothing cached any more)."""
         timeout_s = max(0.001, min(self.config.prefix_lease_timeout_s, req.remaining_s()))
+        num_tokens = num_blocks * block_size
         msg = PrefixLeaseRequest(request_id=req.request_id, model=req.model, block_hashes=plan.block_hashes[:num_blocks],
+                                 prefix_token_ids=tuple(req.prompt_token_ids[:num_tokens]),
                                  deadline=time.time() + timeout_s)
         try:
             reply = await self.bus.request(subjects.prefix_lease(source_id), msg, PrefixLease, timeout_s=timeout_s,

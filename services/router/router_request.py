@@ -204,10 +204,10 @@ class RouterRequest:
         """A peer's lease of the prompt's leading blocks for prefill_worker_id to pull (prefix_reuse.py), or None."""
         plan, reuse = self.plan, self.router.prefix_reuse
         assert plan is not None and self.card is not None and self.span is not None
-        source = reuse.source(plan, prefill_worker_id, self.card)
+        source = reuse.source(plan, prefill_worker_id, self.card, len(self.req.prompt_token_ids))
         if source is None:
             return None
-        lease = await reuse.lease(self.req, plan, *source)
+        lease = await reuse.lease(self.req, plan, *source, self.card.kv_layout.block_size)
         if lease is not None:
             self.span.set_attributes({"prefix_source_worker_id": lease.worker_id,
                                       "num_prefix_blocks_leased": len(lease.block_ids)})

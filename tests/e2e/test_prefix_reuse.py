@@ -67,6 +67,8 @@ async def test_the_other_worker_pulls_a_cached_prefix_instead_of_computing_it(sy
     assert after[other].num_requests_served == before[other].num_requests_served + 1, "round robin went elsewhere"
     loaded = after[other].num_prefix_peer_loaded_tokens - before[other].num_prefix_peer_loaded_tokens
     assert loaded >= len(PREFIX) - 64, f"{other} loaded {loaded} prompt tokens from {holder}'s cache"
+    loaded_bytes = after[other].num_prefix_peer_loaded_bytes - before[other].num_prefix_peer_loaded_bytes
+    assert loaded_bytes >= loaded // 32 * 32 * 23040  # whole blocks of the mock's KV: 23,040 bytes per token
     assert after[other].num_prefix_peer_load_failures == before[other].num_prefix_peer_load_failures
     # Computing the prefix takes len(PREFIX) x 2 ms = 2 s; pulling it, milliseconds.
     assert second_s < first_s - 1.0, (first_s, second_s)

@@ -83,7 +83,7 @@ class Engine(abc.ABC):
     def transfer_address(self) -> str | None:
         """The engine's KV transfer endpoint (tcp://host:port), advertised in heartbeats."""
 
-    # Whether prefill() takes prefix_kv and lease_prefix() leases (the mock engine; vLLM's not yet).
+    # Whether prefill() takes prefix_kv and lease_prefix() leases.
     reuses_peer_prefixes: bool = False
 
     @abc.abstractmethod
@@ -95,9 +95,11 @@ class Engine(abc.ABC):
         prefix_kv: a peer's lease of the prompt's leading blocks, pulled instead of computed where this cache
         lacks them (any failure: computed). Raises EngineFull when the KV memory cannot take the prompt now."""
 
-    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float) -> KVTransferParams | None:
-        """Hold the leading blocks of block_hashes that this engine's cache has for one peer to pull, until
-        release_kv(lease_id) or lease_s; None when none is cached (or the engine does not lease)."""
+    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float,
+                           prefix_token_ids: tuple[int, ...] = ()) -> KVTransferParams | None:
+        """Hold the leading blocks of block_hashes (prefix_token_ids: their tokens) that this engine's cache has
+        for one peer to pull, until release_kv(lease_id) or lease_s; None when none is cached (or the engine does
+        not lease). Cancelled (the lease's deadline passed): holds nothing."""
         return None
 
     @abc.abstractmethod

@@ -105,7 +105,8 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
         self._running: set[str] = set()
         self._counters = {"num_kv_blocks_received": 0, "num_kv_bytes_received": 0, "kv_transfer_ms": 0.0,
                           "num_recomputes": 0, "num_local_prefills": 0, "num_cached_tokens": 0,
-                          "num_prefix_peer_loaded_tokens": 0, "num_prefix_peer_load_failures": 0,
+                          "num_prefix_peer_loaded_tokens": 0, "num_prefix_peer_loaded_bytes": 0,
+                          "num_prefix_peer_load_failures": 0,
                           "num_prefix_host_loaded_tokens": 0, "num_computed_prompt_tokens": 0,
                           **{f"num_kv_pulls_{path}": 0 for path in PATHS}}
 

