@@ -297,6 +297,9 @@ class DecodeRequest(Message):
         default=None, description="token chosen by prefill; None: decode prefills locally"
     )
     kv_transfer_params: KVTransferParams | None = None
+    prefix_kv: KVTransferParams | None = Field(default=None, description=(
+        "decode prefills locally (first_token_id None): a peer's lease of the prompt's leading blocks to pull "
+        "instead of computing them (services/router/prefix_reuse.py); released on that peer once pulled"))
     stream_subject: str
     stream_token: str = Field(min_length=16, description="secret of this attempt: the router accepts chunks only "
                               "with it, so nobody but the chosen decode worker can write into the stream")
@@ -330,7 +333,7 @@ class TokenChunk(Message):
     usage: Usage | None = None
     error: str | None = None
     error_code: str | None = Field(default=None, description="kv_full: the engine had no room for the request (an "
-                                   "overload, not a fault: the router answers 503 with Retry-After when every "
+                                   "overload, not a fault: the router answers 429 with Retry-After when every "
                                    "decode worker says so)")
 
 

@@ -23,9 +23,9 @@ import time
 from pdserve import subjects, tracing
 from pdserve.cancels import EarlyCancels
 from pdserve.config import WorkerConfig
-from pdserve.engine.base import EngineFull, KVLoadReport
+from pdserve.engine.base import EngineFull, KVLoadReport, prefix_lease_id
 from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone,
-                              Message, TokenChunk, Usage)
+                              KVTransferParams, Message, TokenChunk, Usage)
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
@@ -131,6 +131,7 @@ class DecodeHandlers:
         first_token_id, params, resume = req.first_token_id, req.kv_transfer_params, req.resume_token_ids
         if self._skip_pull(req, span):  # the client has the first token: go on after it, as on a resume
             first_token_id, params, resume = None, None, (*resume, req.first_token_id)
+        prefix_kv = req.prefix_kv  # prefilling locally: a peer's lease of the prompt's leading blocks, until released
         num_tokens = len(req.resume_token_ids) + (1 if req.first_token_id is not None else 0)
         started = time.monotonic()
         first_at = last_at = 0.0
@@ -138,7 +139,8 @@ class DecodeHandlers:
         try:
             # aclosing: the engine frees the request's KV as soon as this ends, whichever way (a failed publish too)
             async with contextlib.aclosing(rt.engine.generate(
-                    req.request_id, req.prompt_token_ids, req.sampling, first_token_id, params, resume)) as outputs:
+                    req.request_id, req.prompt_token_ids, req.sampling, first_token_id, params, resume,
+                    prefix_kv=prefix_kv)) as outputs:
                 async for out in outputs:
                     if isinstance(out, KVLoadReport):  # not a token: nothing to stream, nothing timed
                         self._kv_loaded(req, out)
@@ -147,6 +149,9 @@ class DecodeHandlers:
                     if num_generated == 0:
                         first_at, num_first = last_at, len(out.token_ids)
                         span.set_attribute("ttft_ms", (first_at - started) * 1000)
+                        if prefix_kv is not None:  # pulled or given up by now: the peer may unpin its blocks
+                            self._release_prefix(req, prefix_kv)
+                            prefix_kv = None
                     num_generated += len(out.token_ids)
                     num_tokens += len(out.token_ids)
                     usage = None
@@ -173,6 +178,9 @@ class DecodeHandlers:
             span.record_exception(e)
             tracing.record_error(span, f"{type(e).__name__}: {e}")
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
+        finally:
+            if prefix_kv is not None:  # ended before its first output
+                self._release_prefix(req, prefix_kv)
 
     async def _fail(self, req: DecodeRequest, seq: int, error: str, *, code: str | None = None) -> None:
         chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, stream_token=req.stream_token,
@@ -226,6 +234,11 @@ class DecodeHandlers:
             tracing.current_span().set_attribute("kv_transport", report.transport)
             log.info("request %s: pulled %d KV blocks (%d bytes) from %s over %s in %.2f ms", request_id,
                      report.num_blocks, report.num_bytes, params.worker_id, report.transport or "tcp", report.transfer_ms)
+
+    def _release_prefix(self, req: DecodeRequest, prefix_kv: KVTransferParams) -> None:
+        release = KVRelease(request_id=prefix_lease_id(req.request_id), transfer_id=prefix_kv.transfer_id, ok=True)
+        self.rt.spawn(self.rt.bus.publish(subjects.kv_release(prefix_kv.worker_id), release,
+                                          request_id=req.request_id))
 
     def _send_release(self, req: DecodeRequest, *, ok: bool) -> None:
         params = req.kv_transfer_params

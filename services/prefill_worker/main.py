@@ -24,6 +24,9 @@ from pdserve.worker import WorkerRuntime
 from pdserve.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+# A lease is answered only this long before its deadline at the latest: one held past it reaches a router that stopped
+# waiting, and nobody would release it before its lease ends.
+LEASE_REPLY_MARGIN_S = 0.02
 
 
 class PrefillHandlers:
@@ -115,11 +118,16 @@ class PrefillHandlers:
             log.info("request %s: prefix lease asked for too late; nothing held", msg.request_id)
             return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)
         lease_id = prefix_lease_id(msg.request_id)
+        if self._held.get(lease_id, ("", 0.0))[1] > time.time():  # an earlier attempt's lease is not released yet
+            log.info("request %s: a prefix lease for it is held here already; no second one", msg.request_id)
+            return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)
         try:  # an engine that runs the prefix's tokens to hold them (vLLM) takes time: never past the deadline
-            async with asyncio.timeout(msg.deadline - time.time()):
+            async with asyncio.timeout(msg.deadline - time.time() - LEASE_REPLY_MARGIN_S):
                 params = await rt.engine.lease_prefix(lease_id, msg.block_hashes, rt.config.kv_lease_s,
                                                       msg.prefix_token_ids)
         except TimeoutError:
+            params = None
+        if time.time() >= msg.deadline - LEASE_REPLY_MARGIN_S:  # the router stops waiting: nobody would release it
             log.info("request %s: cached prefix not held before the lease's deadline; nothing held", msg.request_id)
             await rt.engine.abort(lease_id)
             return PrefixLease(request_id=msg.request_id, worker_id=rt.worker_id)

@@ -161,10 +161,11 @@ class DecodeAttempt:
     """
 
     def __init__(self, router: Shared, req: GenerateRequest, worker_id: str, ready: KVReady | None,
-                 resume_token_ids: tuple[int, ...], number: int = 0):
+                 resume_token_ids: tuple[int, ...], number: int = 0, prefix_kv: KVTransferParams | None = None):
         self.router = router
         self.req = req
         self.worker_id = worker_id
+        self.prefix_kv = prefix_kv  # it prefills locally: a peer's lease of the prompt's leading blocks
         self.number = number  # of the request's decode attempts, counting from 0 (DecodeRequest.attempt)
         self.ready = ready
         self.resume_token_ids = resume_token_ids
@@ -186,6 +187,7 @@ class DecodeAttempt:
             kv_transfer_params=ready.kv_transfer_params if ready else None,
             stream_subject=self.router.streams.subject(req.request_id), stream_token=self._stream.token,
             deadline=req.deadline, resume_token_ids=self.resume_token_ids, attempt=self.number,
+            prefix_kv=self.prefix_kv,
         )
         timeout_s = min(self.router.config.decode_accept_timeout_s, req.remaining_s())
         try:

@@ -93,7 +93,7 @@ class RouterRequest:
                         if await candidates.pause(req.remaining_s()):
                             continue
                         break
-                    attempt = self._decode_attempt(worker.worker_id)
+                    attempt = await self._decode_attempt(worker.worker_id)
                     seen = router.policy.acquire(worker.worker_id)
                     try:
                         with tracing.span("decode request", kind=SpanKind.CLIENT,
@@ -201,7 +201,8 @@ class RouterRequest:
         return None
 
     async def _prefix_lease(self, prefill_worker_id: str) -> KVTransferParams | None:
-        """A peer's lease of the prompt's leading blocks for prefill_worker_id to pull (prefix_reuse.py), or None."""
+        """A peer's lease of the prompt's leading blocks for prefill_worker_id (the worker that prefills: a prefill
+        worker, or a decode worker prefilling locally) to pull (prefix_reuse.py), or None."""
         plan, reuse = self.plan, self.router.prefix_reuse
         assert plan is not None and self.card is not None and self.span is not None
         source = reuse.source(plan, prefill_worker_id, self.card, len(self.req.prompt_token_ids))
@@ -229,8 +230,9 @@ class RouterRequest:
         return (policy.choose_decode_reaching(req.model, ready.worker_id, exclude=candidates.excluded)
                 or policy.choose("decode", req.model, exclude=candidates.excluded))
 
-    def _decode_attempt(self, worker_id: str) -> DecodeAttempt:
-        """A decode attempt on worker_id: with P's KV, or, once tokens were streamed, resuming after them."""
+    async def _decode_attempt(self, worker_id: str) -> DecodeAttempt:
+        """A decode attempt on worker_id: with P's KV, or, once tokens were streamed, resuming after them, or
+        prefilling locally (with a peer's lease of the prompt's cached leading blocks where pulling them pays)."""
         assert self.span is not None
         self.span.set_attribute("decode_worker_id", worker_id)
         resume = tuple(self.streamed) if self.streamed is not None else ()
@@ -239,7 +241,9 @@ class RouterRequest:
             self.span.set_attribute("num_resumed_tokens", len(resume))
             log.info("request %s: resuming on %s after %d tokens", self.req.request_id, worker_id, len(resume))
         number, self.num_decode_attempts = self.num_decode_attempts, self.num_decode_attempts + 1
-        return DecodeAttempt(self.router, self.req, worker_id, None if resume else self.ready, resume, number)
+        prefix_kv = await self._prefix_lease(worker_id) if self.ready is None and not resume else None
+        return DecodeAttempt(self.router, self.req, worker_id, None if resume else self.ready, resume, number,
+                             prefix_kv)
 
     async def _cancel_unless_refused(self, worker_id: str, failure: AttemptFailed, attempt: int | None = None) -> None:
         """After a failed attempt: cancel on the worker if it may have the request (it stalled or failed: stop

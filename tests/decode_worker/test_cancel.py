@@ -32,7 +32,7 @@ class FakeEngine:
         self.aborted: list[str] = []
 
     async def generate(self, request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
-                       resume_token_ids=()) -> AsyncIterator[TokenOutput]:
+                       resume_token_ids=(), prefix_kv=None) -> AsyncIterator[TokenOutput]:
         self.running.add(request_id)
         try:
             for i in range(sampling.max_tokens):

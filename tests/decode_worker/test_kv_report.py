@@ -26,7 +26,7 @@ class ReportingEngine(FakeEngine):
         self.report = report
 
     async def generate(self, request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
-                       resume_token_ids=()) -> AsyncIterator[TokenOutput | KVLoadReport]:
+                       resume_token_ids=(), prefix_kv=None) -> AsyncIterator[TokenOutput | KVLoadReport]:
         if kv_transfer_params is not None:
             yield self.report
         async for out in super().generate(request_id, prompt_token_ids, sampling, first_token_id,
@@ -86,9 +86,10 @@ async def test_an_unreachable_prefill_worker_is_marked_and_later_requests_recomp
     generate = rt.engine.generate
 
     def recording_generate(request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params,
-                           resume_token_ids=()):
+                           resume_token_ids=(), prefix_kv=None):
         calls.append((request_id, first_token_id, kv_transfer_params is not None, tuple(resume_token_ids)))
-        return generate(request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params, resume_token_ids)
+        return generate(request_id, prompt_token_ids, sampling, first_token_id, kv_transfer_params, resume_token_ids,
+                        prefix_kv)
 
     rt.engine.generate = recording_generate
     try:

@@ -2,11 +2,14 @@
 with PDSERVE_ROUTING=round_robin, so that the second request sharing a long prefix goes to the prefill worker that does not
 hold it. That worker pulls the prefix from the other one's cache instead of computing it; the answers are the ones
 computing gives. With the holder frozen (SIGSTOP) its lease does not come and the prefix is computed, in time.
-Every lease is released: no block stays held once the requests ended.
+A decode worker that prefills a request itself (the prefill worker's queue is full) pulls the prefix from the
+prefill worker's cache the same way. Every lease is released: no block stays held once the requests ended.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 import httpx
@@ -97,3 +100,45 @@ async def test_a_frozen_holder_costs_only_the_compute(system):
     assert after[other].num_requests_served == before[other].num_requests_served + 1
     assert after[other].num_prefix_peer_loaded_tokens == before[other].num_prefix_peer_loaded_tokens
     assert f"{served_last.worker_id} did not hold its cached prefix" in system.output()  # asked, and no answer came
+
+
+@pytest.fixture(scope="module")
+def busy_prefill(tmp_path_factory):
+    """1P1D, each worker taking one request at a time (--max-queue 1)."""
+    env = {"PDSERVE_MOCK_MS_PER_PROMPT_TOKEN": str(MS_PER_PROMPT_TOKEN), "PDSERVE_MAX_QUEUE": "1"}
+    with PdserveUp(tmp_path_factory.mktemp("prefixlocal"), free_port(), "--prefill", "1", "--decode", "1",
+                   env=env).running(1, 1) as up:
+        yield up
+
+
+async def test_a_decode_worker_prefilling_locally_pulls_the_prefix_the_busy_prefill_worker_holds(busy_prefill):
+    """The prefill worker caches a prefix (an answer of one token: nothing goes to decode, so only it holds the
+    prefix), then computes a long unrelated prompt; meanwhile a request with that prefix finds its queue full, so
+    the decode worker prefills it itself, pulling the prefix from the busy worker's cache instead of computing it."""
+    up = busy_prefill
+    async with httpx.AsyncClient(timeout=60) as http:
+        first = PREFIX + "Say one word."
+        assert await stream_completion(http, up.base_url, first, 1) == expected(first, 1)
+        time.sleep(1.0)  # its KV events reach the broker's index
+        (decode,) = await worker_stats(up, "decode")
+        slow = "An unrelated long prompt keeps the prefill worker busy for seconds. " * 40  # ~2,700 tokens: ~5 s
+        busy = asyncio.ensure_future(stream_completion(http, up.base_url, slow, 4))
+        deadline = time.monotonic() + 5
+        while not (await prefill_stats(up)).popitem()[1].num_held_blocks:  # the slow prompt's blocks
+            assert time.monotonic() < deadline and not busy.done(), "the prefill worker never got busy"
+            await asyncio.sleep(0.05)
+
+        second = PREFIX + "And what is the capital of Italy?"
+        started = time.monotonic()
+        assert await stream_completion(http, up.base_url, second, 8) == expected(second, 8)
+        seconds = time.monotonic() - started
+        assert not busy.done(), "the slow prompt ended first: the prefill worker was not busy throughout"
+        assert await busy == expected(slow, 4)
+    (after,) = await worker_stats(up, "decode")
+    assert after.num_local_prefills == decode.num_local_prefills + 1
+    loaded = after.num_prefix_peer_loaded_tokens - decode.num_prefix_peer_loaded_tokens
+    assert loaded >= len(PREFIX) - 64, after
+    assert seconds < len(PREFIX) * MS_PER_PROMPT_TOKEN / 1000, seconds  # computing the prefix alone takes longer
+    assert re.search(r"decode-\S+ pulls \d+ cached prefix blocks from prefill-", up.output())
+    stats = await wait_prefill_idle(up, 10)  # the lease was released
+    assert all(s.num_held_blocks == 0 for s in stats.values())

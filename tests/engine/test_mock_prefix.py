@@ -78,3 +78,16 @@ async def test_a_prefix_pull_that_fails_is_computed(peers):
     result = await loader.prefill("r5", PROMPT, SAMPLING, LEASE_S, prefix_kv=lease)
     assert result.num_peer_loaded_tokens == 0
     assert loader.stats()["num_prefix_peer_load_failures"] == 1
+
+
+async def test_a_decode_engine_prefilling_locally_loads_a_leased_prefix(peers):
+    holder, loader = peers
+    cached = await holder.prefill("r6", PROMPT, SAMPLING, LEASE_S)
+    await holder.release_kv("r6")
+    lease = await holder.lease_prefix(prefix_lease_id("r7"), full_block_hashes(PROMPT), LEASE_S)
+    outputs = [out async for out in loader.generate("r7", PROMPT, SAMPLING, None, None, prefix_kv=lease)]
+    assert outputs[0].token_ids == (cached.first_token_id,)  # the first token, as computing the prompt gives
+    assert loader.stats()["num_prefix_peer_loaded_tokens"] == 64
+    assert loader.stats()["num_computed_prompt_tokens"] == len(PROMPT) - 64
+    assert await holder.release_kv(prefix_lease_id("r7"))
+    assert holder.stats()["num_held_blocks"] == 0 and loader.stats()["num_held_blocks"] == 0

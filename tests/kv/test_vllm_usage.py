@@ -50,6 +50,7 @@ def engine_reading(tmp_path) -> VllmEngine:
     engine._running = {"r1", "r2"}
     engine._num_local_prefills = 0
     engine._num_cached_tokens = 0
+    engine._prefix_counters = {}
     return engine
 
 

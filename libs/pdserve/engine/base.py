@@ -53,6 +53,7 @@ class KVLoadReport:
     error: str | None = None
     transport: str = ""  # the path the bytes took (tcp, shm); "" when nothing was pulled
     unreachable: bool = False  # no connection to the prefill worker's endpoint could be made (kv.PeerUnreachable)
+    num_tokens: int = 0  # vLLM: the prompt tokens the load was to bring (computed by vLLM instead when it failed)
 
 
 class KVLoadError(Exception):
@@ -115,8 +116,11 @@ class Engine(abc.ABC):
         first_token_id: int | None,
         kv_transfer_params: KVTransferParams | None,
         resume_token_ids: tuple[int, ...] = (),
+        prefix_kv: KVTransferParams | None = None,
     ) -> AsyncIterator[TokenOutput | KVLoadReport]:
         """Load the prompt's KV (pull, or recompute locally on failure) and decode after first_token_id.
+        Without KV from prefill (first_token_id None) the prompt is prefilled here; prefix_kv: then a peer's lease
+        of its leading blocks, pulled instead of computed where this cache lacks them (as prefill() does).
 
         When the KV came from kv_transfer_params, one item of the stream is the `KVLoadReport`, yielded the
         moment the KV is pulled or recomputed (normally before any token), so that the worker lets prefill free

@@ -191,7 +191,8 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
-                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput | KVLoadReport]:
+                       resume_token_ids: tuple[int, ...] = (),
+                       prefix_kv: KVTransferParams | None = None) -> AsyncIterator[TokenOutput | KVLoadReport]:
         pulls = kv_transfer_params is not None and first_token_id is not None and not resume_token_ids
         held = self._allocate(request_id, prompt_token_ids + resume_token_ids, reuse=not pulls)
         self._running.add(request_id)
@@ -211,7 +212,8 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
                         return
             elif kv_transfer_params is None or first_token_id is None:
                 self._counters["num_local_prefills"] += 1
-                await self._compute_prefill(prompt_token_ids, held)
+                peer_load = await self._load_prefix(request_id, prompt_token_ids, held, prefix_kv) if prefix_kv else None
+                await self._compute_prefill(prompt_token_ids, held, peer_load[0] if peer_load else 0)
                 token, text = stream.next()
                 yield TokenOutput((token,), text, stream.finish_reason)
             else:
@@ -282,11 +284,12 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
         tracing.record_span("kv serve", kind=SpanKind.SERVER, seconds=seconds,
                             context=tracecontext.context_of(traceparent), attributes=attributes)
 
-    async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], held: _Held) -> None:
-        """A local prefill: only what the prefix cache did not have costs time."""
-        num_cached_tokens = self._num_cached_tokens(held, prompt_token_ids)
-        await self._compute(len(prompt_token_ids) - num_cached_tokens)
-        self._write_prompt_kv(prompt_token_ids, held.block_ids, num_cached_tokens // self._layout.block_size)
+    async def _compute_prefill(self, prompt_token_ids: tuple[int, ...], held: _Held, num_peer_tokens: int = 0) -> None:
+        """A local prefill: only what the prefix cache (and num_peer_tokens pulled from a peer) did not have costs
+        time."""
+        num_loaded = self._num_cached_tokens(held, prompt_token_ids) + num_peer_tokens
+        await self._compute(len(prompt_token_ids) - num_loaded)
+        self._write_prompt_kv(prompt_token_ids, held.block_ids, num_loaded // self._layout.block_size)
         self._computed(held)
 
     async def _compute(self, num_tokens: int) -> None:

@@ -204,13 +204,15 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         finally:
             self._running.discard(request_id)
         assert final is not None and final.outputs, f"request {request_id}: vLLM returned no output"
+        # vLLM's count: its own cache's hit and the tokens the connector was to load, whether or not it did
         num_cached_tokens = final.num_cached_tokens or 0
-        self._prefix_counters["num_computed_prompt_tokens"] += len(prompt_token_ids) - num_cached_tokens
         num_peer_tokens, peer_load = 0, None
         if report_task is not None:
-            num_peer_tokens, peer_load = await self._prefix_loaded(request_id, report_task, prefix_kv,
-                                                                   num_cached_tokens)
-            num_cached_tokens -= num_peer_tokens
+            num_peer_tokens, num_unloaded, peer_load = await self._prefix_loaded(request_id, report_task, prefix_kv,
+                                                                                 num_cached_tokens)
+            num_cached_tokens -= num_peer_tokens + num_unloaded
+        num_computed = len(prompt_token_ids) - num_cached_tokens - num_peer_tokens
+        self._prefix_counters["num_computed_prompt_tokens"] += num_computed
         completion = final.outputs[0]
         finish: FinishReason | None = None
         if completion.finish_reason == "stop":  # EOS or a stop string as the very first token
@@ -247,7 +249,8 @@ class VllmEngine(VllmPeerPrefixes, Engine):
 
     async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams,
                        first_token_id: int | None, kv_transfer_params: KVTransferParams | None,
-                       resume_token_ids: tuple[int, ...] = ()) -> AsyncIterator[TokenOutput | KVLoadReport]:
+                       resume_token_ids: tuple[int, ...] = (),
+                       prefix_kv: KVTransferParams | None = None) -> AsyncIterator[TokenOutput | KVLoadReport]:
         pulls = False
         if resume_token_ids:
             # Prompt + what was streamed is a prompt like any other: vLLM prefills it and goes on from there.
@@ -274,21 +277,30 @@ class VllmEngine(VllmPeerPrefixes, Engine):
             report_task = self._spawn_report(request_id, pull_span, self._load_reports.expect(request_id))
         else:
             self._num_local_prefills += 1
+        prefix_task = None  # a local prefill that loads a peer's lease of its leading blocks (vllm_prefix.py)
+        if prefix_kv is not None and not pulls and not resume_token_ids and self.reuses_peer_prefixes:
+            kv, prefix_task = self._prefix_load(request_id, prefix_kv, hold_after=False)
         params = vllm_request(sampling, max_tokens=max_tokens, kv_transfer_params=kv)
         finished = counted = False
+        num_unloaded = 0  # prompt tokens a failed pull was to bring: vLLM computed them
         self._running.add(request_id)
         outputs = with_report(self._llm.generate(tokens_prompt(prompt), params, request_id), report_task)
         try:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     if isinstance(output, KVLoadReport):
+                        num_unloaded = output.num_tokens if output.recomputed else 0
                         yield output
                         continue
                     if not counted:  # what vLLM computed of the prompt (after a pull: its first token's KV)
-                        num_computed = len(prompt) - (output.num_cached_tokens or 0)
-                        self._prefix_counters["num_computed_prompt_tokens"] += num_computed
+                        num_cached, num_peer = output.num_cached_tokens or 0, 0
+                        if prefix_task is not None:
+                            num_peer, num_unloaded, _ = await self._prefix_loaded(request_id, prefix_task, prefix_kv,
+                                                                                  num_cached)
+                        num_cached -= num_peer + num_unloaded
+                        self._prefix_counters["num_computed_prompt_tokens"] += len(prompt) - num_cached - num_peer
                         if not pulls:  # a local prefill: what its prefix cache served
-                            self._num_cached_tokens += output.num_cached_tokens or 0
+                            self._num_cached_tokens += num_cached
                     counted = True
                     completion = output.outputs[0]
                     finish = finish_reason(completion.finish_reason) if output.finished else None
@@ -298,6 +310,8 @@ class VllmEngine(VllmPeerPrefixes, Engine):
             self._running.discard(request_id)
             if report_task is not None and not finished:  # ended before or while its KV loaded (cancelled, failed)
                 report_task.cancel()
+            if prefix_task is not None and not prefix_task.done():
+                prefix_task.cancel()
             if not finished and self._llm is not None:
                 await self._llm.abort(request_id)
 
@@ -325,7 +339,17 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         task = asyncio.create_task(self._load_report(request_id, pull_span, future), name=f"kv-report-{request_id}")
         self._report_tasks.add(task)
         task.add_done_callback(self._report_tasks.discard)
+        task.add_done_callback(lambda t: self._report_task_ended(t, request_id, pull_span))
         return task
+
+    def _report_task_ended(self, task: asyncio.Task, request_id: str, pull_span: Span) -> None:
+        """A report task cancelled before its first step never ran its own clean-up: stop awaiting the report,
+        end the span."""
+        if task.cancelled():
+            self._load_reports.forget(request_id)
+            if pull_span.is_recording():
+                pull_span.set_attribute("cancelled", True)
+                pull_span.end()
 
     async def _load_report(self, request_id: str, pull_span: Span, future: asyncio.Future) -> KVLoadReport | None:
         """The connector's report of the load, with the "kv pull" span ended on it; None if it never came."""
@@ -353,7 +377,7 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         return KVLoadReport(num_blocks=report["num_blocks"], num_bytes=report["num_bytes"],
                             transfer_ms=report["transfer_ms"], recomputed=report["recomputed"],
                             error=report.get("error"), transport=report.get("transport") or "",
-                            unreachable=bool(report.get("unreachable")))
+                            unreachable=bool(report.get("unreachable")), num_tokens=int(report.get("num_tokens") or 0))
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:

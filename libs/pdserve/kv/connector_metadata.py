@@ -45,6 +45,7 @@ class LoadSpec:
     remote_block_ids: list[int]
     local_block_ids: list[int]
     traceparent: str | None = None
+    num_tokens: int = 0  # the prompt tokens this load brings (vLLM computes them itself if it fails)
 
 
 @dataclass

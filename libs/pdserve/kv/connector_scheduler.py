@@ -147,7 +147,7 @@ class ConnectorScheduler:
         last = -(-(plan.num_computed_tokens + num_external_tokens) // bs)
         self._meta.loads.append(LoadSpec(rid, plan.params.model_dump(mode="json"),
                                          list(plan.params.block_ids[first:last]), list(block_ids[first:last]),
-                                         plan.traceparent))
+                                         plan.traceparent, num_external_tokens))
         self._loading.add(rid)
 
     # ---- prefill: holds

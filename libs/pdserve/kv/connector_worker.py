@@ -54,6 +54,7 @@ class _Load:
     request_id: str
     local_block_ids: list[int]
     cancelled: bool = False
+    num_tokens: int = 0  # LoadSpec.num_tokens
 
 
 class ConnectorWorker:
@@ -216,7 +217,7 @@ class ConnectorWorker:
         for rid, why in meta.skipped:
             self._record_failure(rid, [], why)
         for spec in meta.loads:
-            self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids)
+            self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids, num_tokens=spec.num_tokens)
             self._loop.call_soon_threadsafe(self._spawn_pull, spec)
         for rid in meta.cached:
             report = dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=False, error=None, transport="")
@@ -286,6 +287,8 @@ class ConnectorWorker:
             result, error = task.result(), None
             report = dict(num_blocks=result.num_blocks, num_bytes=result.num_bytes, transfer_ms=result.seconds * 1000,
                           recomputed=False, error=None, transport=result.transport)
+        load = self._loads.get(rid)
+        report["num_tokens"] = load.num_tokens if load is not None else 0
         with self._done_lock:
             self._done.append((rid, result, error, report))
         self._send_report(rid, report)
@@ -314,15 +317,16 @@ class ConnectorWorker:
                              result.num_bytes, report["transfer_ms"])
             elif load.cancelled:
                 self._recv_failed.add(rid)
-                self._add_report(rid, _failure_report(error, recomputed=False))
+                self._add_report(rid, report)
             else:
-                self._record_failure(rid, load.local_block_ids, error, sent=True)
+                self._record_failure(rid, load.local_block_ids, error, sent=True, report=report)
 
-    def _record_failure(self, rid: str, local_block_ids: list[int], error: str, *, sent: bool = False) -> None:
-        """On vLLM's main thread; `sent`: the pull loop already pushed the report."""
+    def _record_failure(self, rid: str, local_block_ids: list[int], error: str, *, sent: bool = False,
+                        report: dict | None = None) -> None:
+        """On vLLM's main thread; `sent`: the pull loop already pushed the report (given: recorded as pushed)."""
         logger.warning("request %s: KV load failed (%s); recomputing the prefill locally", rid, error)
         self._counters["num_recomputes"] += 1
-        report = _failure_report(error, recomputed=True)
+        report = report if report is not None else _failure_report(error, recomputed=True)
         self._add_report(rid, report)
         if not sent and self._loop is not None:
             self._loop.call_soon_threadsafe(self._send_report, rid, report)
