@@ -17,14 +17,15 @@ import time
 from pdserve import netaddr, rdma_devices, subjects
 from pdserve.bus import Bus
 from pdserve.config import WorkerConfig
-from pdserve.engine.base import Engine
+from pdserve.engine.base import Engine, prefix_lease_id
 from pdserve.engine.factory import create_engine
 from pdserve.kv.events import KVEventRelay
 from pdserve.kv.wire import PATHS
 from pdserve.membership import HeartbeatPublisher
 from pdserve.metrics import WorkerMetrics
 from pdserve.peer_paths import PeerPaths
-from pdserve.protocol import MAX_RDMA_PORTS, ErrorReply, Heartbeat, KVEvent, KVResync, StatsRequest, WorkerStats
+from pdserve.protocol import (MAX_RDMA_PORTS, ErrorReply, Heartbeat, KVEvent, KVRelease, KVResync, KVTransferParams,
+                              StatsRequest, WorkerStats)
 from pdserve.service import StartupError
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ class WorkerRuntime:
         # elsewhere at once, instead of being taken by a worker whose engine is about to stop.
         self.stopping = True
         await self._stack.aclose()
+
+    def release_prefix_lease(self, request_id: str, lease: KVTransferParams) -> None:
+        """Tell the peer that leased the prompt's leading blocks (a prefix lease for request_id) that they were
+        pulled or given up: it unpins them now, not at lease end."""
+        release = KVRelease(request_id=prefix_lease_id(request_id), transfer_id=lease.transfer_id, ok=True)
+        self.spawn(self.bus.publish(subjects.kv_release(lease.worker_id), release, request_id=request_id))
 
     def spawn(self, coro) -> asyncio.Task:
         """Fire-and-forget work (publishes from sync callbacks) with a kept reference."""

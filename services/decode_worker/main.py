@@ -23,9 +23,9 @@ import time
 from pdserve import subjects, tracing
 from pdserve.cancels import EarlyCancels
 from pdserve.config import WorkerConfig
-from pdserve.engine.base import EngineFull, KVLoadReport, prefix_lease_id
+from pdserve.engine.base import EngineFull, KVLoadReport
 from pdserve.protocol import (CancelRequest, DecodeAccepted, DecodeRequest, ErrorReply, KVRelease, KVTransferDone,
-                              KVTransferParams, Message, TokenChunk, Usage)
+                              Message, TokenChunk, Usage)
 from pdserve.service import shutdown_event
 from pdserve.tracing import SpanKind, setup_tracing, shutdown_tracing
 from pdserve.worker import WorkerRuntime
@@ -149,8 +149,8 @@ class DecodeHandlers:
                     if num_generated == 0:
                         first_at, num_first = last_at, len(out.token_ids)
                         span.set_attribute("ttft_ms", (first_at - started) * 1000)
-                        if prefix_kv is not None:  # pulled or given up by now: the peer may unpin its blocks
-                            self._release_prefix(req, prefix_kv)
+                        if prefix_kv is not None:  # pulled or given up by now
+                            rt.release_prefix_lease(req.request_id, prefix_kv)
                             prefix_kv = None
                     num_generated += len(out.token_ids)
                     num_tokens += len(out.token_ids)
@@ -180,7 +180,7 @@ class DecodeHandlers:
             await self._fail(req, seq, f"decode on {rt.worker_id} failed: {type(e).__name__}: {e}")
         finally:
             if prefix_kv is not None:  # ended before its first output
-                self._release_prefix(req, prefix_kv)
+                rt.release_prefix_lease(req.request_id, prefix_kv)
 
     async def _fail(self, req: DecodeRequest, seq: int, error: str, *, code: str | None = None) -> None:
         chunk = TokenChunk(request_id=req.request_id, worker_id=self.rt.worker_id, stream_token=req.stream_token,
@@ -234,11 +234,6 @@ class DecodeHandlers:
             tracing.current_span().set_attribute("kv_transport", report.transport)
             log.info("request %s: pulled %d KV blocks (%d bytes) from %s over %s in %.2f ms", request_id,
                      report.num_blocks, report.num_bytes, params.worker_id, report.transport or "tcp", report.transfer_ms)
-
-    def _release_prefix(self, req: DecodeRequest, prefix_kv: KVTransferParams) -> None:
-        release = KVRelease(request_id=prefix_lease_id(req.request_id), transfer_id=prefix_kv.transfer_id, ok=True)
-        self.rt.spawn(self.rt.bus.publish(subjects.kv_release(prefix_kv.worker_id), release,
-                                          request_id=req.request_id))
 
     def _send_release(self, req: DecodeRequest, *, ok: bool) -> None:
         params = req.kv_transfer_params

@@ -76,11 +76,8 @@ class PrefillHandlers:
             rt.num_in_flight -= 1
             if self._tasks.get(req.request_id) is task:
                 del self._tasks[req.request_id]
-            if req.prefix_kv is not None:  # pulled or given up: the peer may unpin its blocks now, not at lease end
-                release = KVRelease(request_id=prefix_lease_id(req.request_id), transfer_id=req.prefix_kv.transfer_id,
-                                    ok=True)
-                rt.spawn(rt.bus.publish(subjects.kv_release(req.prefix_kv.worker_id), release,
-                                        request_id=req.request_id))
+            if req.prefix_kv is not None:  # pulled or given up
+                rt.release_prefix_lease(req.request_id, req.prefix_kv)
         rt.num_requests_served += 1
         prefill_ms = (time.monotonic() - start) * 1000
         ready = KVReady(

@@ -332,14 +332,15 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
     def _take_free(self, need: int) -> list[int]:
         """need free blocks, evicting unpinned cached blocks (least recently used first) into the host tier, if
         any, when there are too few; the caller checked there are enough."""
-        evicted = []
+        evicted_hashes, evicted_blocks = [], []
         while len(self._free) < need:
             h, block = next((h, b) for h, b in self._cache.items() if not self._pins[b])
             del self._cache[h]
             self._free.append(block)
-            evicted.append((h, block))
-        if evicted:
-            self._evict([h for h, _ in evicted], [b for _, b in evicted])
+            evicted_hashes.append(h)
+            evicted_blocks.append(block)
+        if evicted_hashes:
+            self._evict(evicted_hashes, evicted_blocks)
         return [self._free.pop() for _ in range(need)]
 
     def _pin_cached_prefix(self, hashes: list[int] | tuple[int, ...]) -> list[int]:

@@ -44,8 +44,7 @@ class PeerPrefixes:
             self._counters["num_prefix_peer_load_failures"] += 1
             return None
         self._count_pull(result)
-        loaded = min(last * self._layout.block_size, len(prompt_token_ids) - 1) - self._num_cached_tokens(
-            held, prompt_token_ids)
+        loaded = self._tokens_of(last, prompt_token_ids) - self._num_cached_tokens(held, prompt_token_ids)
         self._counters["num_prefix_peer_loaded_tokens"] += loaded
         self._counters["num_prefix_peer_loaded_bytes"] += result.num_bytes
         log.info("request %s: loaded %d prompt tokens (%d blocks) from %s's cache over %s in %.2f ms", request_id,

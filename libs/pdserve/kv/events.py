@@ -112,6 +112,7 @@ class KVEventRelay:
         self._send_each(to_host, "to_host")
 
     def stored_host(self, block_hashes: Sequence[int]) -> None:
+        to_host = []
         for h in block_hashes:
             entry = self._blocks.get(h)
             if entry is None:  # the tier only takes blocks the engine held: an engine reset raced it
@@ -119,7 +120,8 @@ class KVEventRelay:
                 continue
             entry[2] += 1
             if entry[1] == 0 and entry[2] == 1:
-                self._send(to_host=(h,))
+                to_host.append(h)
+        self._send_each(to_host, "to_host")
 
     def removed_host(self, block_hashes: Sequence[int]) -> None:
         gone = []
@@ -183,10 +185,6 @@ class KVEventRelay:
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
-
-    @property
-    def num_host_only_blocks(self) -> int:
-        return sum(1 for entry in self._blocks.values() if entry[1] == 0)
 
     def held(self) -> dict[int, int]:
         """hash -> parent hash of every held block."""
