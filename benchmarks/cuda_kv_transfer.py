@@ -14,11 +14,16 @@ its own, to other block ids of a "decode" pool, every result checked on the devi
   cuda_ipc   : one whole pull over the cuda-ipc path (IPC handles opened at the first pull, one copy kernel
                over a table of segment addresses, the endpoint's confirmation), timed around pull()
   cuda_ipc_kernel: the copy kernel alone over the same table shape, in this process
+  nixl       : one whole pull over the nixl path from GPU KV (kv/nixl_path.py: the prefill side's KV registered as
+               VRAM, READ in 64 MiB batches into landing buffers on the decode side's GPU, copied into the blocks by
+               the copy kernel, the endpoint's confirmation), timed around pull(); UCX's transports as --ucx-tls
+               says (default: UCX's own choice, cuda_ipc on one host; tcp,cuda_copy: through host memory over TCP,
+               as between hosts without RDMA NICs). Where NIXL loads (a nixl-cu13 wheel).
   device_copy: one contiguous device-to-device copy of the same number of bytes: the ceiling
 
 Needs CUDA. Ends with `ratio <path>/<reference> <value>` lines (medians).
 
-    python benchmarks/cuda_kv_transfer.py [--blocks 32] [--reps 5] [--out F.json]
+    python benchmarks/cuda_kv_transfer.py [--blocks 32] [--reps 5] [--ucx-tls tcp,cuda_copy] [--out F.json]
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import statistics
 import threading
 import time
 
+import os
+
 import torch
 
-from pdserve.kv import TransferClient, TransferEndpoint
+from pdserve.kv import TransferClient, TransferEndpoint, nixl_path
 from pdserve.kv.cuda_ipc import copy, copy_table, launch
 from pdserve.kv.vllm_pool import make_kv_block_pool
 from pdserve.protocol import KVLayout
@@ -76,7 +83,7 @@ def prefill_side(conn, num_blocks: int, layout: KVLayout, raw_nbytes: int) -> No
     """The prefill process: owns the source KV, the endpoint and a raw socket sender; stages blocks out (which
     now only reserves host slots: the copies run when a pull asks) and allows them when asked."""
     pool = make_kv_block_pool(caches(num_blocks, layout, 1), num_blocks, "llama3-8b", layout)
-    endpoint = TransferEndpoint(pool, bind_host="127.0.0.1")
+    endpoint = TransferEndpoint(pool, bind_host="127.0.0.1", offer_nixl=nixl_path.why_unavailable() is None)
     endpoint.start()
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=raw_sender, args=(listener, raw_nbytes), daemon=True).start()
@@ -141,8 +148,15 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="blocks per transfer (2 MiB each by default)")
     parser.add_argument("--pool-blocks", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--ucx-tls", default="default", help="UCX_TLS for the nixl variant, both sides (default: "
+                        "UCX's own choice)")
     parser.add_argument("--out", metavar="FILE.json", help="also write every figure as JSON")
     args = parser.parse_args()
+    if args.ucx_tls != "default":
+        os.environ["UCX_TLS"] = args.ucx_tls  # before either side makes its NIXL agent (the child inherits it)
+    nixl_why = nixl_path.why_unavailable()
+    if nixl_why:
+        print(f"nixl variant left out: {nixl_why}")
     layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", dtype_bytes=2, block_size=16)
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
@@ -156,6 +170,7 @@ def main() -> None:
     target = caches(args.pool_blocks, layout, 2)
     dst = make_kv_block_pool(target, args.pool_blocks, "llama3-8b", layout)
     staged_client, ipc_client = TransferClient(transport="tcp"), TransferClient(transport="cuda-ipc")
+    nixl_client = TransferClient(transport="nixl") if not nixl_why else None
     rows: dict[str, list[float]] = {"staged: pull (copies overlapped)": [], "staged: commit wait": [],
                                     "staged: end to end": [], "raw_socket": [], "cuda_ipc: whole pull": []}
     g = torch.Generator().manual_seed(0)
@@ -202,6 +217,22 @@ def main() -> None:
             if rep:
                 for key, seconds in zip(rows, (t2 - t1, t3 - t2, t3 - t0, raw_s, t5 - t4)):
                     rows[key].append(seconds)
+            if nixl_client is not None:
+                for t in target.values():
+                    t[:, local] = 0
+                conn.send(("allow", f"n{rep}", remote))
+                conn.recv()
+                t6 = time.perf_counter()
+                result = loop.run_until_complete(nixl_client.pull(
+                    address, f"n{rep}", "secret", remote, dst, local, timeout_s=60, peer_host_id=peer_host,
+                    peer_transports=peer_transports))
+                t7 = time.perf_counter()
+                conn.send(("release", f"n{rep}", remote))
+                conn.recv()
+                assert result.transport == "nixl" and result.landed_on_device, result
+                check(remote, local)
+                if rep:
+                    rows.setdefault("nixl: whole pull", []).append(t7 - t6)
         # What a pull costs besides its bytes: one block, the same path.
         one_block = []
         for rep in range(args.reps + 1):
@@ -245,6 +276,8 @@ def main() -> None:
     finally:
         staged_client.close()
         ipc_client.close()
+        if nixl_client is not None:
+            nixl_client.close()
         raw_sock.close()
         loop.close()
         conn.send(None)
@@ -270,13 +303,19 @@ def main() -> None:
               "cuda_ipc_kernel/device_copy": figures["cuda_ipc_kernel (in-process)"]["median_gbps"] / ceiling,
               "staged/device_copy": figures["staged: end to end"]["median_gbps"] / ceiling,
               "staged/raw_socket": figures["staged: end to end"]["median_gbps"] / figures["raw_socket"]["median_gbps"]}
+    if "nixl: whole pull" in figures:
+        nixl_gbps = figures["nixl: whole pull"]["median_gbps"]
+        ratios.update({"nixl/device_copy": nixl_gbps / ceiling,
+                       "nixl/staged": nixl_gbps / figures["staged: end to end"]["median_gbps"],
+                       "nixl/cuda_ipc": nixl_gbps / figures["cuda_ipc: whole pull"]["median_gbps"]})
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(benchmark="cuda-kv-transfer", device=torch.cuda.get_device_name(),
                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                           blocks=args.blocks, payload_bytes=nbytes, reps=args.reps, figures=figures, ratios=ratios),
+                           blocks=args.blocks, payload_bytes=nbytes, reps=args.reps,
+                           ucx_tls=os.environ.get("UCX_TLS", "default"), figures=figures, ratios=ratios),
                       f, indent=2)
             f.write("\n")
 

@@ -59,8 +59,8 @@ class TransferClient:
         self._stream_refused: dict[str, str] = {}  # endpoint address -> why its stream could not be opened
         self._shm_usable: bool | None = None  # can this process make the call at all; asked at the first shm pull
         self._shm_refused: dict[str, str] = {}  # endpoint address -> why its memory could not be read
-        self._nixl: nixl_path.NixlAgent | None = None  # made at the first nixl pull, with its landing buffers
-        self._landing: nixl_landing.Landing | None = None
+        self._nixl: nixl_path.NixlAgent | None = None  # made at the first nixl pull
+        self._landings: dict[object, nixl_landing.Landing] = {}  # its landing buffers: by GPU, None for host memory
         self._nixl_refused: dict[str, str] = {}  # endpoint address -> why nixl does not work with it
         self._rdma_active: bool | None = None  # does this host have an active RDMA port; asked once, for auto
         self._fallbacks_lock = threading.Lock()
@@ -224,7 +224,8 @@ class TransferClient:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._checker.shutdown(wait=True, cancel_futures=True)
         if self._nixl is not None:
-            self._landing.close()
+            for landing in self._landings.values():
+                landing.close()
             self._nixl.close()
         with self._idle_lock:
             for connections in self._idle.values():
@@ -285,7 +286,7 @@ class TransferClient:
             else:
                 sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
                 receiver.receive_replies(path, pool, local_ids, remote_ids, window=self._window, checker=self._checker,
-                                         copy_device=self._copy_device, nixl=nixl, landing=self._landing)
+                                         copy_device=self._copy_device, nixl=nixl, landing_for=self._landing_for)
             clean = True
         except Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
             raise TransferError(f"transfer {transfer_id}: pull cancelled after {e.args[0] if e.args else 0} of "
@@ -296,21 +297,29 @@ class TransferClient:
             else:
                 conn.close()
         seconds = time.monotonic() - started
-        result = TransferResult(num_blocks, num_blocks * block_nbytes, seconds, path)
+        result = TransferResult(num_blocks, num_blocks * block_nbytes, seconds, path,
+                                landed_on_device=receiver.landed_on_device)
         logger.debug("transfer %s: pulled %d blocks, %d bytes over %s in %.4f s (%.2f GB/s)", transfer_id, num_blocks,
                      result.num_bytes, path, seconds, result.gbps)
         return result
 
     def _nixl_agent(self) -> nixl_path.NixlAgent:
-        """This client's NIXL agent and landing buffers, made once; PathUnavailable where NIXL cannot start."""
+        """This client's NIXL agent, made once; PathUnavailable where NIXL cannot start."""
         with self._fallbacks_lock:
             if self._nixl is None:
                 try:
                     self._nixl = nixl_path.NixlAgent("decode")
                 except Exception as e:
                     raise PathUnavailable(f"NIXL cannot start here ({type(e).__name__}: {e})") from e
-                self._landing = nixl_landing.Landing(self._nixl)
         return self._nixl
+
+    def _landing_for(self, device) -> nixl_landing.Landing:
+        """The nixl landing buffers in that GPU's memory (a torch device), or in host memory (None); made once."""
+        with self._fallbacks_lock:
+            landing = self._landings.get(device)
+            if landing is None:
+                landing = self._landings[device] = nixl_landing.Landing(self._nixl, device=device)
+        return landing
 
     def _open_stream(self, receiver: Receiver) -> None:
         """A new connection's byte stream (stream.py): ask the endpoint where, connect, present the ticket. Where

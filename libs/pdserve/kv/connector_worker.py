@@ -265,7 +265,7 @@ class ConnectorWorker:
                             or time.monotonic() + _UNKNOWN_RETRY_INTERVAL_S > deadline):
                         raise
                     await asyncio.sleep(_UNKNOWN_RETRY_INTERVAL_S)
-            if result.transport != "cuda-ipc":  # that one copied device to device, past the host staging slots
+            if not result.landed_on_device:  # else it was copied device to device, past the host staging slots
                 self.pool.stage_in_commit(spec.local_block_ids)
             return result
         finally:

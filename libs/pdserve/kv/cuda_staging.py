@@ -134,6 +134,14 @@ class CudaStagingPool:
                 for b in new:
                     self._out[b] = _OutCopy(produced)
 
+    def wait_produced(self, block_ids: Sequence[int]) -> None:
+        """Return once the staged-out blocks' KV is complete on the device: before another process reads it there
+        (cuda-ipc, nixl), which no event of this process's streams orders."""
+        with self._lock:
+            produced = list({id(c.produced): c.produced for b in block_ids if (c := self._out.get(b)) is not None}.values())
+        for event in produced:
+            event.synchronize()
+
     def prepare_out(self, block_ids: Sequence[int]) -> None:
         """A pull over a host path starts: queue the device -> host copies of those blocks not queued yet, in
         groups of segments, an event after each group. Returns at once."""

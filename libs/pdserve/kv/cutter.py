@@ -1,6 +1,6 @@
 """How a pull's blocks leave the prefill side's pool: cut into ZeroMQ frame messages, byte-stream chunks (stream.py),
-shm descriptions of where they lie in this process (shm.py) or one cuda-ipc description, each batch's checksums
-fed from pool memory as it is cut.
+shm or nixl descriptions of where they lie in this process (shm.py, nixl_path.py) or one cuda-ipc description, each
+host batch's checksums fed from pool memory as it is cut (GPU KV has none: its pulls end with the client's "done").
 
 Kept apart from endpoint.py, which decides whom to serve and when (requests, leases, credit, the poll loop): a
 Cutter only turns the next part of a ServedPull into bytes and counts them; it never sends, refuses or polls.
@@ -17,9 +17,14 @@ from typing import Callable
 
 import orjson
 
-from pdserve.kv import stream, wire
+from pdserve.kv import nixl_path, stream, wire
 from pdserve.kv.ledger import Lease
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
+
+
+# nixl from GPU KV: one description covers this much of a pull, READ as one transfer into one landing buffer (a READ
+# costs its post and its wait; the puller's landing memory bounds how many are in flight).
+DEVICE_BATCH_NBYTES = 64 << 20
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Cutter:
         self.pool = pool
         self.batch_blocks = batch_blocks  # tcp: blocks per batch, the unit of checksums
         self.shm_batch_blocks = shm_batch_blocks
+        self.device_batch_blocks = max(1, DEVICE_BATCH_NBYTES // max(1, sum(pool.segment_nbytes)))
         self.count = count
         # Pieces below this are joined into one frame (zmq would copy each); TransferEndpoint.start() raises it to
         # its socket's copy threshold.
@@ -61,6 +67,8 @@ class Cutter:
         # A staging pool (GPU KV) copies to the host when a pull over a host path starts, segment by segment.
         self._wait_out_segment = getattr(pool, "wait_out_segment", None)
         self._wait_out = getattr(pool, "wait_out", None)
+        # Another process reads GPU KV in place (cuda-ipc, nixl): only once the engine's work that produced it ended.
+        self._wait_produced = getattr(pool, "wait_produced", None)
 
     def start_batch(self, pull: ServedPull) -> None:
         """The pull's next batch of blocks as a BatchStream (tcp, frames or stream)."""
@@ -141,6 +149,8 @@ class Cutter:
 
         if self._ipc_description is None:
             self._ipc_description = cuda_ipc.describe(self.pool.device_segments)
+        if self._wait_produced is not None:
+            self._wait_produced(pull.block_ids)
         pull.next_index = len(pull.block_ids)
         pull.num_bytes = len(pull.block_ids) * sum(self.pool.segment_nbytes)
         pull.credit -= 1
@@ -166,4 +176,19 @@ class Cutter:
         pull.num_bytes += nbytes
         pull.credit -= 1
         self.count(num_bytes_sent=nbytes, num_blocks_sent=len(ids))
+        return [pull.identity, header]
+
+    def describe_device_batch(self, pull: ServedPull) -> list:
+        """nixl from GPU KV: the pull's next batch as where its pieces lie in device memory (nixl_path.device_iov),
+        without checksums; counted, like a cuda-ipc pull, when the client confirms (TransferEndpoint._on_done)."""
+        ids = pull.block_ids[pull.next_index:pull.next_index + self.device_batch_blocks]
+        first, pull.next_index = pull.next_index, pull.next_index + len(ids)
+        if self._wait_produced is not None:
+            self._wait_produced(ids)
+        header = orjson.dumps({"k": "nixl", "nonce": pull.nonce, "i": first, "c": len(ids),
+                               "iov": nixl_path.device_iov(self.pool.device_segments, ids).tolist(),
+                               **pull.describe_extra})
+        pull.describe_extra = {k: v for k, v in pull.describe_extra.items() if k != "md"}
+        pull.num_bytes += len(ids) * sum(self.pool.segment_nbytes)
+        pull.credit -= 1
         return [pull.identity, header]

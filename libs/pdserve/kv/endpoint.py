@@ -106,12 +106,16 @@ class TransferEndpoint:
         self.transports: tuple[str, ...] = ("tcp", "shm") if offer_shm and shm.offer() else ("tcp",)
         if getattr(pool, "device_segments", None) and offer_shm:
             self.transports += ("cuda-ipc",)
-        if offer_nixl and nixl_path.pool_regions(pool) and nixl_path.why_unavailable() is None:
+        nixl_memory = nixl_path.pool_memory(pool) if offer_nixl else None
+        if nixl_memory is not None and nixl_path.why_unavailable() is None:
             self.transports += ("nixl",)
         elif offer_nixl:
             logger.warning("kv nixl path not offered: %s", nixl_path.why_unavailable() or
-                           f"a {type(pool).__name__} has no fixed host memory to register")
+                           f"a {type(pool).__name__} has no fixed memory to register")
         self._nixl: nixl_path.NixlAgent | None = None
+        # GPU KV over nixl is read where it lies on the device (nixl_path.py), as over cuda-ipc
+        self._nixl_on_device = nixl_memory is not None and nixl_memory.kind == "VRAM"
+        self._nixl_describes = {"mem": "VRAM", "dev": nixl_memory.device} if self._nixl_on_device else {}
         self._confirming: dict[tuple[bytes, str], ServedPull] = {}  # cuda-ipc pulls copied, waiting for their "done"
         # A staging pool (GPU KV) copies to the host when a pull over a host path starts (see Cutter for the waits).
         self._prepare_out = getattr(pool, "prepare_out", None)
@@ -305,10 +309,10 @@ class TransferEndpoint:
         if attached is not None:
             attached.pull = pull
         if path == "nixl":  # the metadata only for a client that does not know this agent yet (nixl_path.py)
-            pull.describe_extra = {"agent": self._nixl.name, **(
+            pull.describe_extra = {"agent": self._nixl.name, **self._nixl_describes, **(
                 {"md": self._nixl_metadata} if request.nixl_agent != self._nixl.name else {})}
         self._pulls.append(pull)
-        if path != "cuda-ipc" and self._prepare_out is not None:
+        if not self._reads_device(path) and self._prepare_out is not None:
             self._prepare_out(block_ids)  # a staging pool starts its copies to the host now, sent as they land
         logger.debug("transfer %s: serving %d blocks (traceparent %s)", tid, len(block_ids), pull.traceparent)
 
@@ -352,8 +356,15 @@ class TransferEndpoint:
                 continue
             if pull.batch is None and pull.next_index == len(pull.block_ids):
                 self._pulls.remove(pull)
-                if pull.path != "cuda-ipc":  # that one ends with the client's confirmation (_on_done)
+                if self._reads_device(pull.path):  # it ends with the client's confirmation (_on_done)
+                    self._confirming[(pull.identity, pull.nonce)] = pull
+                else:
                     self._finish(pull)
+
+    def _reads_device(self, path: str) -> bool:
+        """Whether a pull over `path` reads the KV where it lies on the GPU (cuda-ipc, nixl from GPU KV): no host
+        staging, no checksums, and the pull ends with the client's "done"."""
+        return path == "cuda-ipc" or (path == "nixl" and self._nixl_on_device)
 
     def _refuse_released(self, pull: ServedPull) -> None:
         self._pulls.remove(pull)
@@ -369,6 +380,8 @@ class TransferEndpoint:
 
     def _cut_message(self, pull: ServedPull) -> list:
         """The pull's next message, [identity, header, *frames], its checksums fed from pool memory now."""
+        if pull.path == "nixl" and self._nixl_on_device:
+            return self._cutter.describe_device_batch(pull)
         if pull.path in ("shm", "nixl"):
             return self._cutter.describe_batch(pull)
         if pull.path == "cuda-ipc":
@@ -377,18 +390,17 @@ class TransferEndpoint:
 
     def _describe_device(self, pull: ServedPull) -> list:
         """cuda-ipc: the whole pull in one message; the pull then waits for the client's "done" (see _on_done)."""
-        message = self._cutter.describe_device(pull)
-        self._confirming[(pull.identity, pull.nonce)] = pull
-        return message
+        return self._cutter.describe_device(pull)
 
     def _on_done(self, identity: bytes, h: dict) -> None:
-        """cuda-ipc: the client copied; whether the transfer was held all along (a release meanwhile may have let
-        its blocks be reused under the copy)."""
+        """cuda-ipc, nixl from GPU KV: the client copied; whether the transfer was held all along (a release
+        meanwhile may have let its blocks be reused under the copy)."""
         pull = self._confirming.pop((identity, h.get("nonce")), None)
         if pull is None:
             nonce = h.get("nonce")
             return self._control.send_error(identity, nonce if isinstance(nonce, str) else None, "unknown",
-                                            "no cuda-ipc pull waits for this confirmation; recompute the prefill")
+                                            "no pull read on the device waits for this confirmation; recompute the "
+                                            "prefill")
         held = self._ledger.still_held(pull.allowed)
         self._ledger.count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
         self._control.send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})

@@ -57,7 +57,10 @@ class TransferResult:
     num_blocks: int
     num_bytes: int
     seconds: float
-    transport: str = "tcp"  # the path the bytes took: tcp or shm (paths.py)
+    transport: str = "tcp"  # the path the bytes took (wire.PATHS)
+    # The bytes were written into the pool's device memory itself (cuda-ipc, nixl from GPU KV): a staging pool has
+    # nothing in its host slots to commit.
+    landed_on_device: bool = False
 
     @property
     def gbps(self) -> float:

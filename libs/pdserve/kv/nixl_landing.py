@@ -1,5 +1,6 @@
-"""Where the nixl path's READs land: registered host buffers of the client's own, copied into the KV blocks once
-a READ completed and its checksums held (nixl_path.py says why a READ never targets the blocks themselves).
+"""Where the nixl path's READs land: registered buffers of the client's own, copied into the KV blocks once a READ
+completed (and, from host memory, its checksums held; nixl_path.py says why a READ never targets the blocks
+themselves). Host buffers for host KV, buffers in the GPU's memory for GPU KV.
 
 A buffer whose READ was abandoned (deadline, cancel) may still be written by that READ: it is held, and reused only
 once NIXL says the READ ended; at close, buffers that never got there stay mapped for the life of the process.
@@ -26,22 +27,25 @@ _NEVER_UNMAPPED: list = []
 
 
 class Landing:
-    """Registered host buffers that READs land in before their bytes are copied into the KV blocks (see the
-    module's note for why). Buffers come in power-of-two sizes from 1 MiB, are kept for reuse, and are bounded in
-    all by max_nbytes; one whose READ was abandoned is held until its READ has ended."""
+    """Registered buffers that READs land in before their bytes are copied into the KV blocks (see the module's
+    note for why): host memory (numpy arrays), or with `device` (a torch CUDA device) that GPU's (torch tensors).
+    Buffers come in power-of-two sizes from 1 MiB, are kept for reuse, and are bounded in all by max_nbytes; one
+    whose READ was abandoned is held until its READ has ended."""
 
     MIN_NBYTES = 1 << 20
 
-    def __init__(self, nixl: NixlAgent, max_nbytes: int = 256 << 20) -> None:
+    def __init__(self, nixl: NixlAgent, max_nbytes: int = 256 << 20, device=None) -> None:
         self._nixl = nixl
+        self.device = device
+        self.kind, self.device_index = ("VRAM", device.index or 0) if device is not None else ("DRAM", 0)
         self.max_nbytes = max_nbytes
         self.nbytes = 0  # allocated in all
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._held: list[tuple[object, np.ndarray]] = []  # (READ handle still running, its buffer)
+        self._free: dict[int, list] = {}  # free buffers by size
+        self._held: list[tuple[object, object]] = []  # (READ handle still running, its buffer)
         self._cond = threading.Condition()
         self._keep: list = []  # the registrations and mmaps, alive as long as this
 
-    def take(self, nbytes: int, deadline: float, check: Callable[[], None]) -> np.ndarray:
+    def take(self, nbytes: int, deadline: float, check: Callable[[], None]):
         """A buffer of at least nbytes; waits (within `deadline`, calling check()) while all memory is in use."""
         size = max(self.MIN_NBYTES, 1 << (max(1, nbytes) - 1).bit_length())
         with self._cond:
@@ -65,7 +69,14 @@ class Landing:
                 self.nbytes -= size
             raise
 
-    def _allocate(self, size: int) -> np.ndarray:
+    def _allocate(self, size: int):
+        if self.device is not None:
+            import torch  # GPU KV only
+
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self._keep.append((buffer, self._nixl.register_region(buffer.data_ptr(), size, "VRAM",
+                                                                  self.device_index)))
+            return buffer
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_NOHUGEPAGE"):  # first touches of huge pages stall on a busy machine (pool.py)
             memory.madvise(mmap.MADV_NOHUGEPAGE)
@@ -74,12 +85,17 @@ class Landing:
         self._keep.append((memory, self._nixl.register_region(int(buffer.ctypes.data), size)))
         return buffer
 
-    def give_back(self, buffer: np.ndarray) -> None:
+    @staticmethod
+    def address(buffer) -> int:
+        """Where a buffer of this landing starts (in host or device memory)."""
+        return buffer.data_ptr() if hasattr(buffer, "data_ptr") else buffer.ctypes.data
+
+    def give_back(self, buffer) -> None:
         with self._cond:
             self._free.setdefault(buffer.nbytes, []).append(buffer)
             self._cond.notify()
 
-    def hold(self, handle: object, buffer: np.ndarray) -> None:
+    def hold(self, handle: object, buffer) -> None:
         """The buffer's READ was abandoned: reuse it only once that READ ended (done or failed)."""
         with self._cond:
             self._held.append((handle, buffer))

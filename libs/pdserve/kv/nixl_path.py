@@ -12,8 +12,17 @@ again. A landing buffer whose READ was abandoned is reused only once NIXL says t
 memcpy per batch (~12 GB/s here, far above what the path moves); where RDMA NICs move more, a later version can
 READ in place behind a device-level fence.
 
+GPU KV (a pool with device_segments on a CUDA device, e.g. vLLM's on a GPU) goes device to device: the endpoint
+registers the device allocations behind its KV tensors (VRAM) and describes each batch as device pieces, with no
+checksums (hashing on the device would cost a pass over the bytes); the client READs them into landing buffers in
+its own GPU's memory, copies them into its blocks with cuda_ipc's copy kernel and, as on the cuda-ipc path, asks the
+endpoint whether the transfer was still held once every READ had ended ("done"): only a release meanwhile could
+have let the blocks change under the READ. UCX moves VRAM with GPUDirect RDMA where the NICs can, with its
+cuda_ipc transport between GPUs of one host, and through host memory over TCP (cuda_copy) elsewhere. Pinned host
+staging, the tcp path's way for GPU KV, is not used.
+
 Trust: what a NIXL peer can read, and how pdserve limits it.
-- The endpoint registers its whole KV pool with its agent once. Its agent metadata holds the UCX remote keys of
+- The endpoint registers its whole KV pool (host memory, or the GPU allocations of GPU KV) with its agent once. Its agent metadata holds the UCX remote keys of
   that registration: a process that has the metadata can READ any byte of the pool (every request's KV,
   whoever's it is) for as long as the endpoint runs, whatever the descriptors say; nothing outside the pool.
   NIXL checks descriptors against the registration on the reader's side only, so that check protects no one.
@@ -41,11 +50,13 @@ import secrets
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from pdserve.kv.errors import TransferError, TransferTimeout
+from pdserve.kv.pool import coalesced
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +65,10 @@ logger = logging.getLogger(__name__)
 # 4m buffers with 256k segments: 2.2-2.6). Set only where the operator set nothing; RDMA transports ignore them.
 UCX_TCP_DEFAULTS = {"UCX_TCP_SNDBUF": "8m", "UCX_TCP_RCVBUF": "8m", "UCX_TCP_TX_SEG_SIZE": "512k",
                     "UCX_TCP_RX_SEG_SIZE": "512k"}
+# GPU KV between processes of one host: UCX 1.23 turns its cuda_ipc zero-copy GET off where it sees no NVLink (a
+# one-GPU host) and emulates the READ over tcp on loopback: 0.5 GB/s against 638 GB/s with it on (H200, 64 MiB,
+# benchmarks/nixl_vram.py). Hosts with NVLink have it on already.
+UCX_CUDA_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 POLL_S = 0.0005  # between looks at a READ in flight: busy polling would take a core from UCX's own thread
 _import_error: str | None = None
 
@@ -74,6 +89,14 @@ def _nixl():
             os.environ["UCX_MODULES"] = "^ib"
     for name, value in UCX_TCP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if os.path.exists("/dev/nvidiactl") and "cuda_ipc" in os.environ.get("UCX_TLS", "cuda_ipc"):
+        # Only where UCX may load its cuda_ipc transport. Where it then does not (UCX_TLS narrowed in a child
+        # process that inherits this environment), UCX would print "unused environment variable" on stdout, a
+        # CLI's and a test's channel: that warning is off when pdserve set the variable itself.
+        for name, value in UCX_CUDA_DEFAULTS.items():
+            if name not in os.environ:
+                os.environ[name] = value
+                os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     api = None
     for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
         # `nixl` is the meta package's shim that picks a build by the CUDA found; the builds themselves (nixl-cu12,
@@ -155,13 +178,42 @@ def transport_offered(kv_transport: str, nats_authenticated: bool, rdma_active: 
     return True
 
 
-def pool_regions(pool) -> list[tuple[int, int]] | None:
-    """[(address, nbytes)] of the pool's memory, to register once; None when the pool has no fixed host memory
-    to register (a staging pool's slots change hands, a pool of separate bytearrays would be many regions)."""
+@dataclass(frozen=True)
+class PoolMemory:
+    """What NIXL registers of a pool: `kind` in NIXL's names ("DRAM", "VRAM"), the GPU's index for VRAM (0 for
+    DRAM), and the regions as [(address, nbytes)]."""
+
+    kind: str
+    device: int
+    regions: list[tuple[int, int]]
+
+
+def pool_memory(pool) -> PoolMemory | None:
+    """The pool's memory to register once: for GPU KV (device_segments on a CUDA device), the device allocations
+    behind its segment arrays (each once: vLLM's K and V planes of a layer share one); else its fixed host memory.
+    None when there is none (a staging pool's host slots change hands, a pool of separate bytearrays would be many
+    regions)."""
+    segments = getattr(pool, "device_segments", None)
+    if segments and segments[0].device.type == "cuda":
+        allocations = {}
+        for t in segments:
+            storage = t.untyped_storage()
+            allocations[storage.data_ptr()] = storage.nbytes()
+        return PoolMemory("VRAM", segments[0].device.index or 0, sorted(allocations.items()))
     regions = getattr(pool, "memory_regions", None)
     if regions is None or hasattr(pool, "row_of"):
         return None
-    return list(regions())
+    return PoolMemory("DRAM", 0, [(int(a), int(n)) for a, n in regions()])
+
+
+def device_iov(segments, block_ids) -> np.ndarray:
+    """GPU KV: [address, length] of each block's piece of each segment array (uint8 [num_blocks, bytes] tensors),
+    segment-major (segment k of every block, then k+1: the order of a batch everywhere), adjacent pieces joined."""
+    rows = np.asarray(block_ids, dtype=np.uint64)
+    parts = [np.stack([t.data_ptr() + rows * (t.stride(0) * t.element_size()),
+                       np.full(len(rows), t.shape[1] * t.element_size(), dtype=np.uint64)], axis=1)
+             for t in segments]
+    return coalesced(np.concatenate(parts))
 
 
 PROGRESS_DELAY_US = 100  # see _make_agent
@@ -224,14 +276,15 @@ class NixlAgent:
 
     def register(self, pool) -> None:
         """Register the pool's memory (once per pool; unregistered when the pool is collected or at close()).
-        ValueError when the pool has none to register (pool_regions)."""
+        ValueError when the pool has none to register (pool_memory)."""
         with self._lock:
             if id(pool) in self._registered:
                 return
-            regions = pool_regions(pool)
-            if not regions:
-                raise ValueError(f"{type(pool).__name__} has no fixed host memory NIXL can register")
-            handle = self._agent.register_memory([(a, n, 0, "") for a, n in regions], "DRAM")
+            memory = pool_memory(pool)
+            if memory is None or not memory.regions:
+                raise ValueError(f"{type(pool).__name__} has no fixed memory NIXL can register")
+            handle = self._agent.register_memory([(a, n, memory.device, "") for a, n in memory.regions],
+                                                 memory.kind)
             try:
                 done = weakref.finalize(pool, self._forget, id(pool))
             except TypeError:  # a pool that takes no weak references stays registered until close()
@@ -244,9 +297,9 @@ class NixlAgent:
         if entry is not None:
             self._agent.deregister_memory(entry[0])
 
-    def register_region(self, address: int, nbytes: int) -> object:
-        """Register one region of host memory for as long as this agent lives."""
-        return self._agent.register_memory([(address, nbytes, 0, "")], "DRAM")
+    def register_region(self, address: int, nbytes: int, kind: str = "DRAM", device: int = 0) -> object:
+        """Register one region of host memory (or of GPU `device`'s, kind "VRAM") until deregister_region()."""
+        return self._agent.register_memory([(address, nbytes, device, "")], kind)
 
     def deregister_region(self, registration: object) -> None:
         self._agent.deregister_memory(registration)
@@ -304,13 +357,15 @@ class NixlAgent:
                 logger.debug("nixl: removing remote agent %s failed", old, exc_info=True)
         return name
 
-    def post_read(self, remote_agent: str, local: np.ndarray, remote: np.ndarray) -> object:
+    def post_read(self, remote_agent: str, local: np.ndarray, remote: np.ndarray, *, local_kind: str = "DRAM",
+                  local_device: int = 0, remote_kind: str = "DRAM", remote_device: int = 0) -> object:
         """Start a READ of `remote` ([address, length] pieces in the peer) into `local` (pieces here, the same
-        count and lengths: shm.aligned()); returns its handle for wait()."""
+        count and lengths: shm.aligned()); each side's memory kind ("DRAM", "VRAM") and GPU index as registered.
+        Returns its handle for wait()."""
         agent = self._agent
         try:
-            local_descs = agent.get_xfer_descs([(int(a), int(n), 0) for a, n in local], "DRAM")
-            remote_descs = agent.get_xfer_descs([(int(a), int(n), 0) for a, n in remote], "DRAM")
+            local_descs = agent.get_xfer_descs([(int(a), int(n), local_device) for a, n in local], local_kind)
+            remote_descs = agent.get_xfer_descs([(int(a), int(n), remote_device) for a, n in remote], remote_kind)
             handle = agent.initialize_xfer("READ", local_descs, remote_descs, remote_agent)
         except Exception as e:  # nixl's own errors: not found (unregistered memory), remote disconnected
             raise TransferError(f"NIXL could not prepare the READ ({type(e).__name__}: {e})") from e

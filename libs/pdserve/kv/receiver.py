@@ -27,7 +27,7 @@ import xxhash
 import zmq
 
 from pdserve.kv import shm, stream, wire
-from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PeerUnreachable, TransferError,
+from pdserve.kv.errors import (REFUSAL_REASONS, LayoutMismatch, PathUnavailable, PeerUnreachable, TransferError,
                                TransferIntegrityError, TransferRefused, TransferTimeout)
 from pdserve.kv.connection import Connection
 from pdserve.kv.nixl_landing import Landing
@@ -55,15 +55,17 @@ class Receiver:
         self.timeout_s = timeout_s  # as asked, for the timeout's message
         self.cancel = cancel
         self.closing = closing
+        self.landed_on_device = False  # the bytes went into the pool's device memory itself (cuda-ipc, nixl VRAM)
 
     def receive_replies(self, path: str, pool: BlockPool, local_ids: list[int], remote_ids: list[int], *,
                         window: int, checker: Executor, copy_device: Callable, nixl: NixlAgent | None = None,
-                        landing: Landing | None = None) -> None:
+                        landing_for: Callable[[object], Landing] | None = None) -> None:
         """The pull's replies on the control connection: tcp frames, shm or nixl descriptions, or the cuda-ipc
-        description and its confirmation."""
+        description, and the confirmation of a pull read on the device. landing_for(device or None): the nixl
+        landing buffers in that GPU's memory or in host memory."""
         address, sock, num_blocks, transfer_id = self.conn.address, self.conn.sock, self.num_blocks, self.transfer_id
         checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
-        reads = _NixlReads(self, nixl, landing, pool) if path == "nixl" else None
+        reads = _NixlReads(self, nixl, landing_for, pool) if path == "nixl" else None
         received = 0
         try:
             batch: BatchStream | None = None
@@ -84,12 +86,7 @@ class Receiver:
                         raise ValueError(f"unexpected header {str(header)[:200]}")
                     if path == "cuda-ipc":
                         copy_device(header, pool, local_ids, remote_ids)
-                        confirmed = self._confirm()
-                        if not confirmed:
-                            raise TransferIntegrityError(
-                                f"transfer {transfer_id}: the prefill side released it while its blocks were being "
-                                f"copied from {address} (they may have been reused under the copy); recompute the "
-                                "prefill")
+                        self._confirm_held()
                         received = num_blocks
                     elif path == "shm":
                         ids = local_ids[first:first + count]
@@ -124,6 +121,8 @@ class Receiver:
                     owed = 0
             if reads is not None:
                 reads.finish()
+                if reads.on_device:
+                    self._confirm_held()
         except Cancelled:
             raise Cancelled(received) from None
         finally:
@@ -199,8 +198,18 @@ class Receiver:
             if header.get("nonce") == self.nonce and header.get("k") == "error":
                 raise _error_from(header, transfer_id, conn.address)
 
+    def _confirm_held(self) -> None:
+        """A pull read on the device (cuda-ipc, nixl from GPU KV), every byte landed: TransferIntegrityError unless
+        the endpoint still held the transfer then (no checksums there: only a release could have let the blocks
+        change under the copy)."""
+        if not self._confirm():
+            raise TransferIntegrityError(
+                f"transfer {self.transfer_id}: the prefill side released it while its blocks were being copied from "
+                f"{self.conn.address} (they may have been reused under the copy); recompute the prefill")
+        self.landed_on_device = True
+
     def _confirm(self) -> bool:
-        """cuda-ipc: whether the endpoint still held the transfer once the copy was done."""
+        """Whether the endpoint still held the transfer once the copy was done."""
         conn, nonce, transfer_id = self.conn, self.nonce, self.transfer_id
         conn.sock.send(orjson.dumps({"op": "done", "nonce": nonce}), zmq.NOBLOCK)
         while True:
@@ -288,12 +297,16 @@ def _check(got: list[int], want: list[int], transfer_id: str, first: int, count:
 
 
 def _described_iov(header: dict, pool: BlockPool, local_ids: list[int]) -> list:
-    """shm, nixl: where the endpoint says a batch lies ([address, length] pieces); ValueError for a malformed
-    description."""
-    pid, iov, want = header.get("pid"), header.get("iov"), header.get("h")
-    nseg = len(pool.segment_nbytes)
-    if not (type(pid) is int and pid > 0 and isinstance(iov, list) and iov and isinstance(want, list)
-            and len(want) == nseg
+    """shm, nixl: where the endpoint says a batch lies ([address, length] pieces) in its process's memory, or for
+    nixl from GPU KV in its GPU's (no pid, no checksums); ValueError for a malformed description."""
+    iov = header.get("iov")
+    if header.get("mem") == "VRAM":
+        well_formed = type(header.get("dev")) is int and header["dev"] >= 0 and "h" not in header
+    else:
+        pid, want = header.get("pid"), header.get("h")
+        well_formed = (type(pid) is int and pid > 0 and isinstance(want, list)
+                       and len(want) == len(pool.segment_nbytes))
+    if not (well_formed and isinstance(iov, list) and iov
             and all(isinstance(p, list) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p) for p in iov)
             and sum(p[1] for p in iov) == len(local_ids) * sum(pool.segment_nbytes)):
         raise ValueError(f"bad {header.get('k')} batch description {str(header)[:200]}")
@@ -307,34 +320,43 @@ def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None
 
 class _NixlReads:
     """nixl: one pull's READs in flight. Each described batch is READ into a landing buffer at once (up to
-    MAX_IN_FLIGHT, the oldest waited for first), checked there against its checksums, then copied into its blocks,
-    while later ones move. A READ abandoned (failure, deadline, cancel) keeps its buffer: never the blocks."""
+    MAX_IN_FLIGHT, the oldest waited for first), checked there against its checksums (host memory), then copied
+    into its blocks, while later ones move. From GPU KV the landing buffers are in this pool's GPU memory and the
+    copy is a device copy; the pull then ends with the endpoint's confirmation (on_device). A READ abandoned
+    (failure, deadline, cancel) keeps its buffer: never the blocks."""
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, receiver: Receiver, nixl: NixlAgent, landing: Landing, pool: BlockPool) -> None:
-        self.receiver, self.nixl, self.landing, self.pool = receiver, nixl, landing, pool
-        self.in_flight: collections.deque = collections.deque()  # (handle, landing buffer, header, local ids)
+    def __init__(self, receiver: Receiver, nixl: NixlAgent, landing_for: Callable[[object], Landing],
+                 pool: BlockPool) -> None:
+        self.receiver, self.nixl, self.landing_for, self.pool = receiver, nixl, landing_for, pool
+        self.in_flight: collections.deque = collections.deque()  # (handle, landing, its buffer, header, local ids)
+        self.on_device = False  # a batch of GPU KV was read: no checksums, the endpoint confirms instead
 
     def post(self, header: dict, ids: list[int]) -> None:
         r = self.receiver
         agent = header.get("agent")
         if not isinstance(agent, str):
             raise ValueError(f"nixl description without its agent {str(header)[:200]}")
-        name = self.nixl.know(r.conn.address, agent, header.get("md"))
         remote = np.asarray(_described_iov(header, self.pool, ids), dtype=np.uint64)
+        on_device = header.get("mem") == "VRAM"
+        landing = self.landing_for(_gpu_of(self.pool) if on_device else None)
+        name = self.nixl.know(r.conn.address, agent, header.get("md"))
+        self.on_device |= on_device
         while len(self.in_flight) >= self.MAX_IN_FLIGHT:
             self._land_oldest()
         nbytes = int(remote[:, 1].sum())
-        buffer = self.landing.take(nbytes, r.deadline, lambda: r._time_left(header["i"]))
+        buffer = landing.take(nbytes, r.deadline, lambda: r._time_left(header["i"]))
         try:
             ends = np.cumsum(remote[:, 1])
-            local = np.stack([buffer.ctypes.data + ends - remote[:, 1], remote[:, 1]], axis=1).astype(np.uint64)
-            handle = self.nixl.post_read(name, local, remote)
+            local = np.stack([landing.address(buffer) + ends - remote[:, 1], remote[:, 1]], axis=1).astype(np.uint64)
+            handle = self.nixl.post_read(name, local, remote, local_kind=landing.kind,
+                                         local_device=landing.device_index, remote_kind=header.get("mem", "DRAM"),
+                                         remote_device=header.get("dev", 0))
         except BaseException:
-            self.landing.give_back(buffer)  # no READ was posted into it
+            landing.give_back(buffer)  # no READ was posted into it
             raise
-        self.in_flight.append((handle, buffer, header, ids))
+        self.in_flight.append((handle, landing, buffer, header, ids))
 
     def finish(self) -> None:
         while self.in_flight:
@@ -342,7 +364,7 @@ class _NixlReads:
 
     def _land_oldest(self) -> None:
         r = self.receiver
-        handle, buffer, header, ids = self.in_flight[0]
+        handle, landing, buffer, header, ids = self.in_flight[0]
         try:
             self.nixl.wait(handle, r.deadline, lambda: r._time_left(header["i"]))
         except TransferTimeout:
@@ -352,6 +374,12 @@ class _NixlReads:
             raise TransferError(f"transfer {r.transfer_id}: {e} (blocks {header['i']}.. from {r.conn.address}); "
                                 "recompute the prefill") from e
         self.in_flight.popleft()
+        if landing.device is not None:
+            try:
+                _copy_on_device(buffer, self.pool, ids)
+            finally:
+                landing.give_back(buffer)
+            return
         try:
             # Checked in the landing buffer, before any byte reaches the blocks: the batch is laid out segment-major
             # there (segment k of every block, then k+1), so segment k's checksum is one hash of one range.
@@ -362,13 +390,43 @@ class _NixlReads:
             _check(got, header["h"], r.transfer_id, header["i"], len(ids), ids[0], r.conn.address)
             _scatter(buffer, batch_iov(self.pool, ids))
         finally:
-            self.landing.give_back(buffer)
+            landing.give_back(buffer)
 
     def abandon(self) -> None:
         """After a failure: READs still in flight keep their landing buffers until they end (Landing.hold)."""
         while self.in_flight:
-            handle, buffer, _, _ = self.in_flight.popleft()
-            self.landing.hold(handle, buffer)
+            handle, landing, buffer, _, _ = self.in_flight.popleft()
+            landing.hold(handle, buffer)
+
+
+def _gpu_of(pool: BlockPool):
+    """The CUDA device of a pool of GPU KV; PathUnavailable for a pool in host memory (the pull goes over tcp)."""
+    segments = getattr(pool, "device_segments", None)
+    if not segments or segments[0].device.type != "cuda":
+        raise PathUnavailable("the prefill worker's KV is on a GPU and this worker's is not: nixl moves GPU KV "
+                              "between GPU workers")
+    return segments[0].device
+
+
+def _copy_on_device(buffer, pool: BlockPool, ids: list[int]) -> None:
+    """GPU KV: a landed batch (segment-major: segment k of every block, then k+1) into its blocks, with cuda_ipc's
+    copy kernel (one launch for every segment), or one index_copy_ per segment array where the kernel cannot run."""
+    import torch
+
+    from pdserve.kv import cuda_ipc
+
+    local = pool.device_segments  # uint8 [num_blocks, bytes per block]
+    sizes = [int(t.shape[1]) for t in local]
+    starts = np.cumsum([0] + [n * len(ids) for n in sizes[:-1]]).tolist()
+    try:
+        table = cuda_ipc.copy_table([buffer.data_ptr() + o for o in starts], sizes, [t.data_ptr() for t in local],
+                                    [t.stride(0) for t in local], sizes, range(len(ids)), ids)
+        cuda_ipc.copy(table, buffer.device)
+    except PathUnavailable:  # no Triton, or a layout not aligned for the kernel
+        index = torch.as_tensor(ids, device=buffer.device)
+        for t, start, n in zip(local, starts, sizes):
+            t.index_copy_(0, index, buffer[start:start + n * len(ids)].view(len(ids), n))
+        torch.cuda.current_stream(buffer.device).synchronize()
 
 
 def _scatter(buffer: np.ndarray, local_iov: np.ndarray) -> None:

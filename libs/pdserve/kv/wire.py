@@ -13,6 +13,9 @@ Every message starts with an orjson header frame.
                       path "nixl": {"k": "nixl", nonce, i, c, pid, iov, h, agent[, md]}: the shm description, for a
                        NIXL READ (nixl_path.py): `agent` names the endpoint's NIXL agent, `md` (base64, first
                        description of a pull whose request did not name that agent as known) is its metadata
+                      path "nixl" from GPU KV: {"k": "nixl", nonce, i, c, iov, agent, mem: "VRAM", dev[, md]}: device
+                       pieces of GPU `dev` (nixl_path.device_iov), no checksums; the client then sends {"op":
+                       "done", nonce} and is answered {"k": "done", nonce, ok}, as on cuda-ipc
                       {"k": "error", nonce, reason, message}
 The pull is served in batches of blocks. On tcp each batch is cut into messages of about 2 MiB: large pieces
 of pool memory go as zero-copy frames, small ones are joined; on shm each batch is one message. Flow control
