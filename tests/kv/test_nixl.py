@@ -23,6 +23,7 @@ from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, Transfe
 from pdserve.kv import nixl_path
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import batch_iov
+from tests.kv.ucx import UCX_TCP
 
 pytestmark = pytest.mark.skipif(nixl_path.why_unavailable() is not None,
                                 reason=f"NIXL does not load here: {nixl_path.why_unavailable()}")
@@ -30,8 +31,6 @@ pytestmark = pytest.mark.skipif(nixl_path.why_unavailable() is not None,
 TAG = "test-model/float16/bs16"
 TOKEN = "s3cret-token"
 ALL = ("tcp", "shm", "nixl")
-# UCX's TCP transport, as between hosts without RDMA NICs; on a host with GPUs NIXL's UCX backend also wants cuda_copy
-UCX_TCP = "tcp,cuda_copy" if os.path.exists("/dev/nvidiactl") else "tcp"
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from pdserve.kv import (
 )
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import BatchStream, batch_pieces, segment_checksums
+from tests.kv.ucx import UCX_TCP
 
 TAG = "test-model/float16/bs16"
 TOKEN = "s3cret-token"
@@ -107,7 +108,7 @@ class PathClient:
 @pytest.fixture(params=["tcp", "tcp-frames", "shm", "nixl"])
 def path(request, monkeypatch):
     if request.param == "nixl":
-        monkeypatch.setenv("UCX_TLS", "tcp")  # UCX's TCP transport, as between hosts without RDMA NICs
+        monkeypatch.setenv("UCX_TLS", UCX_TCP)  # UCX's TCP transport, as between hosts without RDMA NICs
     return request.param
 
 
