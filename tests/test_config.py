@@ -39,7 +39,8 @@ def test_worker_from_env():
     (cfg.WorkerConfig, {"worker_id": "a.b"}, ["--worker-id", "letters"]),
     (cfg.WorkerConfig, {"num_kv_blocks": "2", "max_model_len": "4096"}, ["--num-kv-blocks", "at least 128"]),
     (cfg.WorkerConfig, {"kv_host_cache_gib": "-1"}, ["--kv-host-cache-gib", ">= 0"]),
-    (cfg.WorkerConfig, {"kv_host_cache_gib": "2", "engine": "vllm"}, ["--kv-host-cache-gib", "vllm", "leave it 0"]),
+    (cfg.WorkerConfig, {"num_kv_blocks": "-1"}, ["--num-kv-blocks", ">= 0"]),
+    (cfg.WorkerConfig, {"num_kv_blocks": "16", "engine": "vllm"}, ["--num-kv-blocks", "at least 128"]),
     (cfg.WorkerConfig, {"kv_host_cache_gib": "2", "prefix_caching": "false"}, ["--kv-host-cache-gib", "prefix caching"]),
     (cfg.BrokerConfig, {"log_level": "LOUD"}, ["--log-level", "DEBUG"]),
 ])

