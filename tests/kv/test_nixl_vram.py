@@ -1,7 +1,8 @@
-"""The nixl path for GPU KV: the prefill process registers its KV tensors' GPU memory with NIXL, the decode side READs
-the blocks into landing buffers in its own GPU's memory and copies them into its blocks on the device, and the
-endpoint confirms the transfer was held throughout (no checksums on the device). The prefill side runs in a process
-of its own, as in production. Skipped where there is no CUDA or no NIXL (CI has neither: run on the GPU machine)."""
+"""The nixl path for GPU KV: the prefill process registers its KV tensors' GPU memory with NIXL and gathers each
+batch into one registered device buffer (piece by piece where none is free), the decode side READs it into landing
+buffers in its own GPU's memory and copies them into its blocks on the device, and the endpoint confirms the
+transfer was held throughout (no checksums on the device). The prefill side runs in a process of its own, as in
+production. Skipped where there is no CUDA or no NIXL (CI has neither: run on the GPU machine)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ async def test_gpu_kv_moves_device_to_device_over_nixl(prefill):
     assert "nixl" in transports
     target = gpu_caches(4)
     dst = make_kv_block_pool(target, NUM_BLOCKS, "m", LAYOUT)
-    remote, local = list(range(10, 42)), list(range(50, 18, -1))  # consecutive rows there, reversed here
+    # consecutive rows there, reversed here; 5 batches: the fifth goes piece by piece (4 gather buffers, all held)
+    remote, local = list(range(10, 50)), list(range(50, 10, -1))
     command("allow", "t", remote)
     client = TransferClient(transport="nixl")
     try:
@@ -118,7 +120,7 @@ async def test_gpu_kv_moves_device_to_device_over_nixl(prefill):
     assert_moved(target, remote, local)
     assert_moved(target, scattered, [0, 2, 4, 6, 60, 61])
     stats = command("stats")
-    assert stats["num_transfers_served"] == 2 and stats["num_bytes_sent"] == (32 + 6) * LAYOUT.bytes_per_block
+    assert stats["num_transfers_served"] == 2 and stats["num_bytes_sent"] == (40 + 6) * LAYOUT.bytes_per_block
 
 
 async def test_nixl_refuses_gpu_kv_as_tcp_does(prefill):
@@ -203,6 +205,7 @@ def test_a_peer_without_the_metadata_reads_no_gpu_memory(prefill):
     command("allow", "t", [2, 3])
     (description,) = raw_pull(address, [2, 3])
     assert description["k"] == "nixl" and description["mem"] == "VRAM" and "h" not in description
+    assert len(description["iov"]) == 1  # the batch gathered into one device buffer (nixl_gather.py)
     remote = np.asarray(description["iov"], dtype=np.uint64)
     landing = torch.zeros(int(remote[:, 1].sum()), dtype=torch.uint8, device="cuda")
     ends = np.cumsum(remote[:, 1])

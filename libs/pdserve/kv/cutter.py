@@ -58,6 +58,7 @@ class Cutter:
         self.batch_blocks = batch_blocks  # tcp: blocks per batch, the unit of checksums
         self.shm_batch_blocks = shm_batch_blocks
         self.device_batch_blocks = max(1, DEVICE_BATCH_NBYTES // max(1, sum(pool.segment_nbytes)))
+        self.gather_buffers = None  # nixl from GPU KV: nixl_gather.GatherBuffers, set by the endpoint
         self.count = count
         # Pieces below this are joined into one frame (zmq would copy each); TransferEndpoint.start() raises it to
         # its socket's copy threshold.
@@ -179,16 +180,22 @@ class Cutter:
         return [pull.identity, header]
 
     def describe_device_batch(self, pull: ServedPull) -> list:
-        """nixl from GPU KV: the pull's next batch as where its pieces lie in device memory (nixl_path.device_iov),
-        without checksums; counted, like a cuda-ipc pull, when the client confirms (TransferEndpoint._on_done)."""
+        """nixl from GPU KV: the pull's next batch gathered into one device buffer (nixl_gather.py) and described as
+        that one piece, or where no buffer is free, as where its pieces lie (nixl_path.device_iov); no checksums.
+        Counted, like a cuda-ipc pull, when the client confirms (TransferEndpoint._on_done)."""
         ids = pull.block_ids[pull.next_index:pull.next_index + self.device_batch_blocks]
         first, pull.next_index = pull.next_index, pull.next_index + len(ids)
         if self._wait_produced is not None:
             self._wait_produced(ids)
-        header = orjson.dumps({"k": "nixl", "nonce": pull.nonce, "i": first, "c": len(ids),
-                               "iov": nixl_path.device_iov(self.pool.device_segments, ids).tolist(),
+        nbytes = len(ids) * sum(self.pool.segment_nbytes)
+        gathered = None
+        if self.gather_buffers is not None and nbytes <= self.gather_buffers.nbytes:
+            gathered = self.gather_buffers.gather(pull, self.pool.device_segments, ids)
+        iov = [[gathered, nbytes]] if gathered is not None else nixl_path.device_iov(
+            self.pool.device_segments, ids).tolist()
+        header = orjson.dumps({"k": "nixl", "nonce": pull.nonce, "i": first, "c": len(ids), "iov": iov,
                                **pull.describe_extra})
         pull.describe_extra = {k: v for k, v in pull.describe_extra.items() if k != "md"}
-        pull.num_bytes += len(ids) * sum(self.pool.segment_nbytes)
+        pull.num_bytes += nbytes
         pull.credit -= 1
         return [pull.identity, header]

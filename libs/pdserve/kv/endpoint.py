@@ -24,6 +24,7 @@ from pdserve.kv.control_socket import ControlSocket
 from pdserve.kv.cutter import Cutter, ServedPull
 from pdserve.kv.host import host_id
 from pdserve.kv.ledger import FORGET_EXPIRED_AFTER_S, Ledger
+from pdserve.kv.nixl_gather import GatherBuffers
 from pdserve.kv.pool import BlockPool
 from pdserve.kv.pull_request import BadRequest, parse_pull, refusal
 from pdserve.kv.streamer import StreamEnd, Streamer
@@ -139,6 +140,10 @@ class TransferEndpoint:
                 self._nixl = nixl_path.NixlAgent("prefill")
                 self._nixl.register(self.pool)
                 self._nixl_metadata = nixl_path.encode_metadata(self._nixl.metadata)
+                if self._nixl_on_device:
+                    self._cutter.gather_buffers = GatherBuffers(
+                        self._nixl, self.pool.device_segments[0].device,
+                        self._cutter.device_batch_blocks * sum(self.pool.segment_nbytes), self._pull_alive)
             except Exception as e:  # the other paths still serve: never a reason for the endpoint not to start
                 logger.warning("kv nixl path not offered: NIXL could not register the KV pool (%s: %s)",
                                type(e).__name__, e)
@@ -183,6 +188,8 @@ class TransferEndpoint:
         if self._streams is not None:
             self._streams.close()
         self._ctx.term()
+        if self._cutter.gather_buffers is not None:
+            self._cutter.gather_buffers.close()
         if self._nixl is not None:
             self._nixl.close()
         logger.info("kv transfer endpoint %s stopped", self._address)
@@ -360,6 +367,10 @@ class TransferEndpoint:
                     self._confirming[(pull.identity, pull.nonce)] = pull
                 else:
                     self._finish(pull)
+
+    def _pull_alive(self, pull: ServedPull) -> bool:
+        """Whether a pull is still served or waits for its "done" (what was gathered for it is then still read)."""
+        return any(p is pull for p in self._pulls) or any(p is pull for p in self._confirming.values())
 
     def _reads_device(self, path: str) -> bool:
         """Whether a pull over `path` reads the KV where it lies on the GPU (cuda-ipc, nixl from GPU KV): no host
