@@ -139,11 +139,12 @@ class TransferEndpoint:
             try:
                 self._nixl = nixl_path.NixlAgent("prefill")
                 self._nixl.register(self.pool)
-                self._nixl_metadata = nixl_path.encode_metadata(self._nixl.metadata)
-                if self._nixl_on_device:
+                if self._nixl_on_device:  # registered before the metadata is taken: pullers must know them
                     self._cutter.gather_buffers = GatherBuffers(
                         self._nixl, self.pool.device_segments[0].device,
                         self._cutter.device_batch_blocks * sum(self.pool.segment_nbytes), self._pull_alive)
+                    self._cutter.gather_buffers.prepare()
+                self._nixl_metadata = nixl_path.encode_metadata(self._nixl.metadata)
             except Exception as e:  # the other paths still serve: never a reason for the endpoint not to start
                 logger.warning("kv nixl path not offered: NIXL could not register the KV pool (%s: %s)",
                                type(e).__name__, e)

@@ -18,11 +18,14 @@ from typing import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
-MAX_BUFFERS = 4  # of one batch's size each (64 MiB): what GPU memory the endpoint may add to the KV pool's
+MAX_BUFFERS = 4  # of one batch's size each (64 MiB): the GPU memory the endpoint adds to the KV pool's, at start
 
 
 class GatherBuffers:
-    """Registered device buffers of `nbytes` each on the KV's GPU, made on first need, at most MAX_BUFFERS."""
+    """MAX_BUFFERS registered device buffers of `nbytes` each on the KV's GPU, made by prepare() before the agent's
+    metadata is taken: a registration made after it is not in the metadata pullers have, and their READs of it fail
+    ("no specified or potential backend had the required registrations": seen on the H200 with buffers made on
+    first need)."""
 
     def __init__(self, nixl, device, nbytes: int, alive: Callable[[object], bool]) -> None:
         self._nixl = nixl
@@ -30,7 +33,6 @@ class GatherBuffers:
         self.nbytes = nbytes
         self._alive = alive  # whether a pull still uses what was gathered for it
         self._buffers: list[list] = []  # [tensor, registration, owner or None]
-        self._cannot: str | None = None  # why no more buffers can be made (logged once)
 
     def gather(self, owner, segments: Sequence, block_ids: Sequence[int]) -> int | None:
         """Copy the blocks' pieces, segment-major, into a free buffer now held by `owner`; its device address, or
@@ -43,26 +45,27 @@ class GatherBuffers:
         entry[2] = owner
         return buffer.data_ptr()
 
+    def prepare(self) -> None:
+        """Make and register the buffers (before the agent's metadata is taken); where that fails, batches go piece
+        by piece."""
+        import torch
+
+        try:
+            for _ in range(MAX_BUFFERS):
+                buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self._device)
+                registration = self._nixl.register_region(buffer.data_ptr(), self.nbytes, "VRAM",
+                                                          self._device.index or 0)
+                self._buffers.append([buffer, registration, None])
+        except Exception as e:  # out of GPU memory, or NIXL refused
+            logger.warning("kv nixl: %d of %d device buffers to gather GPU KV into (%s: %s); batches beyond them go "
+                           "piece by piece", len(self._buffers), MAX_BUFFERS, type(e).__name__, e)
+
     def _free_buffer(self) -> list | None:
         for entry in self._buffers:
             if entry[2] is None or not self._alive(entry[2]):
                 entry[2] = None
                 return entry
-        if len(self._buffers) >= MAX_BUFFERS or self._cannot is not None:
-            return None
-        import torch
-
-        try:
-            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self._device)
-            registration = self._nixl.register_region(buffer.data_ptr(), self.nbytes, "VRAM", self._device.index or 0)
-        except Exception as e:  # out of GPU memory, or NIXL refused: describe piece by piece from now on
-            self._cannot = f"{type(e).__name__}: {e}"
-            logger.warning("kv nixl: no device buffer to gather GPU KV into (%s); batches go piece by piece",
-                           self._cannot)
-            return None
-        entry = [buffer, registration, None]
-        self._buffers.append(entry)
-        return entry
+        return None
 
     def close(self) -> None:
         """Before the agent closes: unregister (the buffers go with this object)."""
