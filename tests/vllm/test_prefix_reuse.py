@@ -11,7 +11,12 @@ with hold_after=False). A long prompt (over 600 tokens, one output token: its KV
 prefill worker, which keeps it in its cache. A shorter prompt that starts with most of it is under 600 tokens, so the
 decode worker prefills it: it loads the leading blocks from the prefill worker instead of computing them, and the
 lease there is released. (That loading is the connector's path of the first test, where the answer is compared
-with a cold run.) The two tests' prompts share nothing.
+with a cold run.)
+
+The workers keep host-memory KV tiers (--kv-host-cache-gib 0.2, kv.connector_host_tier) over vLLM caches of 80
+blocks: a prompt computed on one prefill worker and then pushed out of its vLLM cache by two long prompts is still
+served to the other prefill worker from the first one's tier (its lease copies the blocks back into vLLM's first),
+with the cold run's answer. The three tests' prompts share nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ PROMPT = ("Please reply politely and briefly, in plain words, to the question th
 SENTENCE = "You are a careful assistant. Answer in one short sentence, and never add anything else. "
 LONG = SENTENCE * 40 + "Say yes."  # 723 tokens: prefilled by a prefill worker
 SHORT = SENTENCE * 28 + "Question: what is the capital of France? Answer:"  # 515 tokens: the decode worker's own
+TIER_PROMPT = ("Tell me one short fact about the sea, the stars or the mountains, and nothing more. " * 52
+               + "Question: what is the capital of Spain? Answer:")  # 999 tokens: 31 full blocks
+# On the worker holding TIER_PROMPT (32 blocks) in its 80-block cache (79 usable): the first fits beside it, the second
+# takes all of its blocks but the first few (vLLM evicts a freed prompt's last blocks first).
+FLUSHES = ("A long and unrelated request, written only to fill the engine's small KV cache. " * 75,  # 1,351 tokens
+           "Another unrelated request about gardens, rivers and old bridges in quiet towns. " * 76)  # 1,065 tokens
 ROUTE_LINE = re.compile(r"request (\S+): route \w+: prefill (\S+) \(\d+ of (\d+) blocks cached")
 
 
@@ -46,9 +57,9 @@ def vllm_system(tmp_path_factory):
     pull_default_model(quiet=True)
     # A lease on vLLM runs the prefix's last block: give it time on a busy 2-core machine.
     env = {"PDSERVE_ROUTING": "round_robin", "PDSERVE_PREFIX_LEASE_TIMEOUT_S": "10",
-           "PDSERVE_LOCAL_PREFILL_MAX_TOKENS": "600"}
+           "PDSERVE_LOCAL_PREFILL_MAX_TOKENS": "600", "PDSERVE_NUM_KV_BLOCKS": "80", "PDSERVE_MAX_MODEL_LEN": "1536"}
     up = PdserveUp(tmp_path_factory.mktemp("vllm-prefix-reuse"), free_port(), "--engine", "vllm", "--prefill", "2",
-                   env=env)
+                   "--kv-host-cache-gib", "0.2", env=env)
     with up.running(2, 1, ready_timeout_s=600, stop_timeout_s=60):
         yield up
 
@@ -123,3 +134,32 @@ def test_a_decode_worker_prefilling_locally_loads_the_prefix_from_the_prefill_wo
     assert loaded >= 12 * BLOCK_SIZE, after  # ~15 leading blocks of SHORT are LONG's
     assert after.num_prefix_peer_load_failures == before.num_prefix_peer_load_failures
     wait_until_nothing_held(up)  # the lease on the prefill worker is released
+
+
+def test_a_prompt_only_in_a_prefill_workers_host_tier_is_served_from_there_to_the_other(vllm_system):
+    up = vllm_system
+    num_slots = int(0.2 * (1 << 30)) // (30 * 2 * 3 * 64 * 4 * BLOCK_SIZE)  # SmolLM2-135M's fp32 KV: 1.4 MB a block
+    assert len(re.findall(rf"host-memory KV tier of {num_slots} blocks \(0\.20 GiB\), empty at start", up.output())) == 3
+    cold, cold_id = complete(up, TIER_PROMPT)
+    holder, num_blocks = route_of(up, cold_id)
+    num_flushed = 0
+    while num_flushed < len(FLUSHES):  # round robin: every other request goes to the holder
+        time.sleep(1.5)  # the workers' published KV usage (~1 s stale) shows the last request's blocks free again
+        _, flush_id = complete(up, FLUSHES[num_flushed])
+        num_flushed += route_of(up, flush_id)[0] == holder
+    time.sleep(2.0)  # the holder's KV events (the tier's among them) reach the broker's index
+    before = prefill_stats(up)
+    assert before[holder].num_host_tier_blocks >= num_blocks - 1 + 42, before[holder]
+
+    warm, warm_id = complete(up, TIER_PROMPT)
+    loader, _ = route_of(up, warm_id)
+    assert loader != holder, "round robin sent the prompt to its holder again"
+    assert warm == cold
+    after = prefill_stats(up)
+    # The holder's lease copied the blocks back from its tier (vLLM kept a few: 3 when measured), the loader pulled them.
+    from_host = after[holder].num_prefix_host_loaded_tokens - before[holder].num_prefix_host_loaded_tokens
+    from_peer = after[loader].num_prefix_peer_loaded_tokens - before[loader].num_prefix_peer_loaded_tokens
+    assert from_host >= 24 * BLOCK_SIZE and from_peer >= 29 * BLOCK_SIZE, (from_host, from_peer)
+    print(f"{holder}'s lease copied {from_host} tokens back from its host tier, {loader} pulled {from_peer}")
+    assert re.search(rf"request {warm_id}: {loader} pulls \d+ cached prefix blocks from {holder}", up.output())
+    wait_until_nothing_held(up)
