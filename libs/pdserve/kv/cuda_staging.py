@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pdserve.kv.errors import PathUnavailable
@@ -120,6 +121,33 @@ class CudaStagingPool:
 
     def segment_span(self, segment_index: int, first_slot: int, num_slots: int) -> memoryview:
         return self._host.segment_span(segment_index, first_slot, num_slots)
+
+    # ---- whole-block copies to and from host memory (the vLLM host tier, kv.connector_host_tier)
+
+    def read_blocks(self, block_ids: Sequence[int], out: np.ndarray, out_rows: Sequence[int]) -> None:
+        """Copy each block into its row of out (uint8 [rows, block_nbytes], host memory; pinned copies faster), as
+        ArrayBlockPool.read_blocks does; returns once the bytes are there. On the current stream, so after the
+        work queued on it that produced the KV."""
+        blocks = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        rows = torch.as_tensor(list(out_rows), dtype=torch.long)
+        host = torch.from_numpy(out)
+        offset = 0
+        for seg in self._device:
+            n = seg.shape[1]
+            host[rows, offset:offset + n] = seg.index_select(0, blocks).cpu()
+            offset += n
+
+    def write_blocks(self, block_ids: Sequence[int], data: np.ndarray, data_rows: Sequence[int]) -> None:
+        """The inverse of read_blocks: rows of data into the blocks, queued on the current stream (before the work
+        that reads them), the host rows read before it returns."""
+        blocks = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        rows = torch.as_tensor(list(data_rows), dtype=torch.long)
+        host = torch.from_numpy(data)
+        offset = 0
+        for seg in self._device:
+            n = seg.shape[1]
+            seg.index_copy_(0, blocks, host[rows, offset:offset + n].to(self.device))
+            offset += n
 
     # ---- staging
 

@@ -36,7 +36,7 @@ bind_host, lease_s, pull_timeout_s; optional hold_blocks ("refcount" | "delay_fr
 worker side then publishes its counters there as JSON every 0.5 s, see read_published_stats, and the
 scheduler side the block pool's usage at pool_stats_path(stats_path), see PoolUsagePublisher) and
 reports_endpoint (every load's report is pushed there the moment the load ends, see kv.vllm_reports) and
-host_cache_gib (the host-memory KV tier, see kv.connector_host_tier; CPU KV only).
+host_cache_gib (the host-memory KV tier, see kv.connector_host_tier).
 
 The halves live apart as they run apart: connector_scheduler.py (ConnectorScheduler), connector_worker.py
 (ConnectorWorker), the messages between them in connector_metadata.py, the published counters (stats_path,
