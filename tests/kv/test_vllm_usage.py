@@ -71,6 +71,15 @@ def test_engine_stats_combine_held_blocks_and_pool_usage(tmp_path):
     assert stats["kv_usage"] == pytest.approx(0.4) and stats["num_free_blocks"] == 60
     assert stats["num_held_blocks"] == 8 and stats["num_kv_bytes_sent"] == 1024
 
+    # The worker half released 20 of the 28 blocks the scheduler half still holds (an idle engine frees them at its
+    # next step): they count as free.
+    with open(pool_stats_path(engine._stats_path), "wb") as f:
+        f.write(orjson.dumps({"num_free_blocks": 60, "kv_usage": 0.4, "num_connector_held_blocks": 28,
+                              "published_at": 0}))
+    engine._set_stats(worker_side)
+    stats = engine.stats()
+    assert stats["num_free_blocks"] == 80 and stats["kv_usage"] == pytest.approx(0.4 - 20 / 99)
+
 
 def test_scheduler_side_publishes_once_vllm_binds_its_pool(tmp_path):
     """vLLM calls bind_gpu_block_pool on the scheduler-side connector; shutdown stops the publisher."""
@@ -81,7 +90,8 @@ def test_scheduler_side_publishes_once_vllm_binds_its_pool(tmp_path):
     side = ConnectorScheduler(None, {"worker_id": "p1", "stats_path": stats_path}, "refcount")
     side.bind_block_pool(FakeBlockPool(11))
     try:
-        assert read_published_stats(pool_stats_path(stats_path))["num_free_blocks"] == 10
+        published = read_published_stats(pool_stats_path(stats_path))
+        assert published["num_free_blocks"] == 10 and published["num_connector_held_blocks"] == 0
     finally:
         side.shutdown()
     assert read_published_stats(pool_stats_path(stats_path)) is None

@@ -420,7 +420,14 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         usage = {"kv_usage": held / total if total else 0.0, "num_free_blocks": max(0, total - held)}
         pool = read_published_stats(pool_stats_path(self._stats_path))
         if pool is not None:
-            usage = {"kv_usage": float(pool["kv_usage"]), "num_free_blocks": int(pool["num_free_blocks"])}
+            # Blocks the connector still references for holds its worker half already released: vLLM gets them
+            # back at the engine's next step, which an idle engine takes only when a request comes; free for that
+            # request. (The halves publish apart: a hold the worker half has not applied yet counts as free for up
+            # to 0.5 s, and vLLM queues what overshoots.)
+            released = max(0, int(pool.get("num_connector_held_blocks", 0)) - int(held))
+            usable = max(1, total - 1)  # vLLM's null block is neither free nor usable
+            usage = {"kv_usage": max(0.0, float(pool["kv_usage"]) - released / usable),
+                     "num_free_blocks": int(pool["num_free_blocks"]) + released}
             for name in ("num_host_tier_blocks", "num_prefix_host_loaded_tokens"):  # the host tier's, if any
                 if name in pool:
                     usage[name] = int(pool[name])
