@@ -27,7 +27,7 @@ from pdserve.kv.hashing import block_hashes  # noqa: E402
 from pdserve.kv.host_tier import GIB  # noqa: E402
 from pdserve.kv.vllm_events import VllmKVEventMapper  # noqa: E402
 from pdserve.kv.vllm_pool import CpuKVPool  # noqa: E402
-from pdserve.protocol import KVLayout  # noqa: E402
+from pdserve.protocol import KVLayout, KVTransferParams  # noqa: E402
 
 BS = 4
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32", dtype_bytes=4, block_size=BS)
@@ -124,19 +124,20 @@ def test_least_recently_used_copies_are_dropped_and_the_relay_is_told():
         scheduler.request_finished(request, block_ids)
         mapper.on_events(scheduler.take_events())
     ours_old, ours_new = block_hashes(old, BS), block_hashes(new, BS)
-    # 4 slots: the newer request's 3 blocks dropped the old one's 3 least recently used.
+    # 4 slots: the newer request's 3 blocks dropped the old one's 3 least recently used: its last three (a prompt's
+    # blocks are saved last first, so that a prefix is dropped from its end).
     assert scheduler.host_tier.stats()["num_host_tier_blocks"] == NUM_SLOTS
-    assert relay._blocks[ours_old[3]][2] == 1 and all(relay._blocks[h][2] == 0 for h in ours_old[:3])
+    assert relay._blocks[ours_old[0]][2] == 1 and all(relay._blocks[h][2] == 0 for h in ours_old[1:])
     assert all(relay._blocks[h][2] == 1 for h in ours_new)
     # vLLM evicts the old blocks from its cache: the one the tier still has stays held, as host tier.
     mapper.on_events([BlockRemoved(block_hashes=[maybe_convert_block_hash(h) for h in
                                                  make_request("x", old).block_hashes], medium="GPU")])
-    assert set(relay.held()) == {ours_old[3], *ours_new}
-    # The old prompt's first block is gone from the tier: nothing of it is offered, though its 4th block is there.
-    assert load(scheduler, make_request("again", old + [1]), [9, 10, 11, 12, 13]) == 0
+    assert set(relay.held()) == {ours_old[0], *ours_new}
+    # The old prompt's first block is still there: it is offered, and nothing past it.
+    assert load(scheduler, make_request("again", old + [1]), [9, 10, 11, 12, 13]) == BS
 
 
-def test_a_request_larger_than_the_tier_keeps_its_last_blocks():
+def test_a_request_larger_than_the_tier_keeps_its_first_blocks():
     scheduler, pool, store = make_scheduler(), make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
     tokens = list(range(24))  # 6 blocks, 4 slots
     request = finished(make_request("big", tokens))
@@ -144,9 +145,9 @@ def test_a_request_larger_than_the_tier_keeps_its_last_blocks():
     events = scheduler.take_events()
     (stored,) = events  # blocks stored and dropped within the request are neither stored nor removed
     assert isinstance(stored, BlockStored) and stored.medium == "CPU"
-    assert stored.block_hashes == [maybe_convert_block_hash(h) for h in request.block_hashes[2:]]
+    assert sorted(stored.block_hashes) == sorted(maybe_convert_block_hash(h) for h in request.block_hashes[:4])
     meta = scheduler.build_connector_meta()
-    assert sorted(b for b, _ in meta.tier_saves) == [3, 4, 5, 6]  # one save per slot: the first two were replaced
+    assert sorted(b for b, _ in meta.tier_saves) == [1, 2, 3, 4]  # one save per slot: the last two were replaced
     assert len({s for _, s in meta.tier_saves}) == NUM_SLOTS
     store.copy(pool, meta.tier_saves, [])
     assert all(store.rows[slot].tobytes() == pool.block_bytes(b) for b, slot in meta.tier_saves)
@@ -160,3 +161,23 @@ def test_requests_with_kv_from_a_peer_take_no_tier_load():
     request = make_request("decode", tokens)
     request.kv_transfer_params = {"do_remote_prefill": True, "pdserve": {"bad": "params"}}
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # the peer's plan (here: refused) rules
+
+
+def test_a_request_aborted_while_its_kv_is_pulled_saves_only_what_was_there_before():
+    """vLLM counts a load's tokens as computed when it starts; blocks still waiting for the pull must not be saved
+    under the prompt's hashes (a later prompt would get their garbage copied back)."""
+    scheduler = make_scheduler()
+    scheduler.address = "tcp://127.0.0.1:1"
+    tokens = list(range(17))
+    params = KVTransferParams(worker_id="p2", address="tcp://127.0.0.1:2", transfer_id="t", token="x",
+                              block_ids=(1, 2, 3, 4, 5), num_tokens=17, kv_layout=LAYOUT, lease_expires_at=0.0)
+    request = make_request("decode", tokens)
+    request.kv_transfer_params = {"do_remote_prefill": True, "pdserve": params.model_dump(mode="json")}
+    # vLLM's own cache had the first block; the rest but the last token is pulled in the background
+    assert scheduler.get_num_new_matched_tokens(request, BS) == (len(tokens) - 1 - BS, True)
+    scheduler.update_state_after_alloc(request, Blocks([10, 11, 12, 13, 14]), len(tokens) - 1 - BS)
+    request.status = RequestStatus.FINISHED_ABORTED
+    request.num_computed_tokens = len(tokens) - 1
+    scheduler.request_finished(request, [10, 11, 12, 13, 14])
+    meta = scheduler.build_connector_meta()
+    assert meta.cancelled == ["decode"] and meta.tier_saves == [(10, meta.tier_saves[0][1])]

@@ -420,14 +420,16 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         usage = {"kv_usage": held / total if total else 0.0, "num_free_blocks": max(0, total - held)}
         pool = read_published_stats(pool_stats_path(self._stats_path))
         if pool is not None:
-            # Blocks the connector still references for holds its worker half already released: vLLM gets them
-            # back at the engine's next step, which an idle engine takes only when a request comes; free for that
-            # request. (The halves publish apart: a hold the worker half has not applied yet counts as free for up
-            # to 0.5 s, and vLLM queues what overshoots.)
-            released = max(0, int(pool.get("num_connector_held_blocks", 0)) - int(held))
-            usable = max(1, total - 1)  # vLLM's null block is neither free nor usable
-            usage = {"kv_usage": max(0.0, float(pool["kv_usage"]) - released / usable),
-                     "num_free_blocks": int(pool["num_free_blocks"]) + released}
+            # Blocks of holds the connector's worker half released: vLLM gets them back at the engine's next step,
+            # which an idle engine takes only when a request comes; free for that request. (Counted per hold: holds
+            # sharing blocks count them more than once, hence the cap; vLLM queues what overshoots.)
+            num_free, kv_usage = int(pool["num_free_blocks"]), float(pool["kv_usage"])
+            released = int(stats.get("num_released_blocks", 0))
+            if released and total > 1:
+                usable = total - 1  # vLLM's null block is neither free nor usable
+                released = min(released, usable - num_free)
+                num_free, kv_usage = num_free + released, max(0.0, kv_usage - released / usable)
+            usage = {"kv_usage": kv_usage, "num_free_blocks": num_free}
             for name in ("num_host_tier_blocks", "num_prefix_host_loaded_tokens"):  # the host tier's, if any
                 if name in pool:
                     usage[name] = int(pool[name])

@@ -95,16 +95,17 @@ class HostTierPlanner:
         self.num_loaded_blocks += num_blocks
         self.num_loaded_tokens += num_tokens
 
-    def plan_save(self, request: "Request", block_ids: list[int]) -> None:
-        """Copy the finished request's computed full blocks that are not here yet (those here become most recently
-        used)."""
+    def plan_save(self, request: "Request", block_ids: list[int], num_computed_tokens: int) -> None:
+        """Copy the finished request's full blocks of its first num_computed_tokens that are not here yet (those here
+        become most recently used). Last block first: a prompt's first blocks end up the most recently used, so the
+        tier drops a prefix from its end (a prefix whose first block is gone is of no use)."""
         keys = self._keys(request)
         if not keys:
             return
-        num_blocks = min(len(keys), request.num_computed_tokens // self.block_size, len(block_ids))
+        num_blocks = min(len(keys), num_computed_tokens // self.block_size, len(block_ids))
         stored: dict[Hashable, None] = {}
         removed: list[Hashable] = []
-        for key, block_id in zip(keys[:num_blocks], block_ids[:num_blocks]):
+        for key, block_id in reversed(list(zip(keys[:num_blocks], block_ids[:num_blocks]))):
             slot, dropped, new = self.slots.put(key)
             for old in dropped:
                 if old in stored:  # a tier smaller than the request: its own first blocks made room

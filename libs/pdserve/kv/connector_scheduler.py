@@ -73,9 +73,8 @@ class ConnectorScheduler:
         self.host_id, self.transports = "", ("tcp",)
         self._plans: dict[str, _LoadPlan] = {}
         self._attempted: set[str] = set()  # one load per request: a retry after failure computes locally
-        self._loading: set[str] = set()  # loads started and not yet reported finished
+        self._loading: dict[str, int] = {}  # loads started and not yet reported finished -> tokens computed before
         self._held: dict[str, _SchedulerHold] = {}  # refcount mode: blocks we hold a reference on
-        self._num_held_blocks = 0  # their number, for the usage publisher's thread
         self._meta = PdserveConnectorMetadata()
         self.stats_path = str(extra["stats_path"]) if extra.get("stats_path") else None
         self._usage: PoolUsagePublisher | None = None
@@ -86,15 +85,9 @@ class ConnectorScheduler:
     def bind_block_pool(self, block_pool: "VllmBlockPool") -> None:
         self.block_pool = block_pool
         if self.stats_path and self._usage is None:
-            self._usage = PoolUsagePublisher(block_pool, pool_stats_path(self.stats_path), extra=self._usage_extra)
+            self._usage = PoolUsagePublisher(block_pool, pool_stats_path(self.stats_path),
+                                             extra=self.host_tier.stats if self.host_tier is not None else None)
             self._usage.start()
-
-    def _usage_extra(self) -> dict:
-        """Published with the block pool's usage (from the publisher's thread: ints only). num_connector_held_blocks:
-        the blocks this half holds a reference on, released by the worker half or not (an idle engine frees a
-        released hold's blocks only at its next step)."""
-        tier = self.host_tier.stats() if self.host_tier is not None else {}
-        return {"num_connector_held_blocks": self._num_held_blocks, **tier}
 
     def shutdown(self) -> None:
         if self._usage is not None:
@@ -179,7 +172,7 @@ class ConnectorScheduler:
         self._meta.loads.append(LoadSpec(rid, plan.params.model_dump(mode="json"),
                                          list(plan.params.block_ids[first:last]), list(block_ids[first:last]),
                                          plan.traceparent, num_external_tokens))
-        self._loading.add(rid)
+        self._loading[rid] = plan.num_computed_tokens
 
     # ---- prefill: holds
 
@@ -191,7 +184,9 @@ class ConnectorScheduler:
         self._tier_plans.pop(rid, None)
         self._attempted.discard(rid)
         if self.host_tier is not None and block_ids:
-            self.host_tier.plan_save(request, block_ids)
+            # Aborted while its KV was being pulled: vLLM counts the tokens as computed, but only those before the
+            # pull's are in the blocks.
+            self.host_tier.plan_save(request, block_ids, self._loading.get(rid, request.num_computed_tokens))
         if rid in self._loading:  # aborted while its KV was being pulled: stop the pull
             self._meta.cancelled.append(rid)
         params = request.kv_transfer_params
@@ -219,7 +214,6 @@ class ConnectorScheduler:
         blocks = [self.block_pool.blocks[b] for b in block_ids]
         self.block_pool.touch([b for b in blocks if not b.is_null])
         self._held[rid] = _SchedulerHold([b.block_id for b in blocks if not b.is_null], expires_at)
-        self._num_held_blocks += len(self._held[rid].block_ids)
         return False, out
 
     def _free_held(self, rid: str) -> bool:
@@ -228,7 +222,6 @@ class ConnectorScheduler:
             return False
         assert self.block_pool is not None
         self.block_pool.free_blocks(self.block_pool.blocks[b] for b in reversed(hold.block_ids))
-        self._num_held_blocks -= len(hold.block_ids)
         return True
 
     def has_pending_block_frees(self) -> bool:
@@ -255,7 +248,7 @@ class ConnectorScheduler:
 
     def update_connector_output(self, connector_output: Any) -> None:
         for rid in connector_output.finished_recving or ():
-            self._loading.discard(rid)
+            self._loading.pop(rid, None)
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, PdserveWorkerMetadata):
             for rid in worker_meta.released:

@@ -87,6 +87,7 @@ class ConnectorWorker:
         self._loop_thread: threading.Thread | None = None
         self._holds: dict[str, _WorkerHold] = {}
         self._released: set[str] = set()  # holds ended, not yet reported to the scheduler
+        self._released_blocks: dict[str, int] = {}  # of those, the blocks of each (vLLM frees them when told)
         self._loads: dict[str, _Load] = {}  # main thread
         self._tasks: dict[str, asyncio.Task] = {}  # loop thread
         self._done: deque = deque()  # (request_id, TransferResult | None, error | None, report), from the loop
@@ -182,6 +183,7 @@ class ConnectorWorker:
         for rid in meta.expired:
             if self._end_hold(rid, "lease expired"):
                 self._released.discard(rid)  # the scheduler freed these itself
+                self._released_blocks.pop(rid, None)
 
     def _end_hold(self, rid: str, why: str) -> bool:
         hold = self._holds.pop(rid, None)
@@ -190,6 +192,7 @@ class ConnectorWorker:
         self.endpoint.release(hold.transfer_id)
         self.pool.unstage(hold.block_ids)
         self._released.add(rid)
+        self._released_blocks[rid] = len(hold.block_ids)
         log = logger.warning if why == "lease expired" else logger.debug
         log("request %s: freeing %d KV blocks of transfer %s (%s)", rid, len(hold.block_ids), hold.transfer_id, why)
         return True
@@ -360,6 +363,7 @@ class ConnectorWorker:
         self._recv_finished, self._recv_failed = set(), set()
         if self.hold_mode == "delay_free" and self._released:
             results.finished_sending, self._released = self._released, set()
+            self._released_blocks.clear()
         return results
 
     def take_load_error_blocks(self) -> set[int]:
@@ -370,6 +374,7 @@ class ConnectorWorker:
         if self.hold_mode != "refcount" or not self._released:
             return None
         meta, self._released = PdserveWorkerMetadata(self._released), set()
+        self._released_blocks.clear()
         return meta
 
     # ---- reports (PdserveWorkerExtension)
@@ -394,6 +399,8 @@ class ConnectorWorker:
             "num_kv_bytes_sent": endpoint.get("num_bytes_sent", 0),
             **self._counters,
             "num_held_blocks": sum(len(h.block_ids) for h in holds),
+            # released here, freed by vLLM at the engine's next step (an idle engine takes one when a request comes)
+            "num_released_blocks": sum(list(self._released_blocks.values())),
             "num_held_transfers": len(holds),
             "num_transfers_refused": endpoint.get("num_transfers_refused", 0),
             "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()) if self._client is not None else 0,

@@ -128,25 +128,25 @@ class CudaStagingPool:
         """Copy each block into its row of out (uint8 [rows, block_nbytes], host memory; pinned copies faster), as
         ArrayBlockPool.read_blocks does; returns once the bytes are there. On the current stream, so after the
         work queued on it that produced the KV."""
-        blocks = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        rows = torch.as_tensor(list(out_rows), dtype=torch.long)
-        host = torch.from_numpy(out)
-        offset = 0
-        for seg in self._device:
-            n = seg.shape[1]
-            host[rows, offset:offset + n] = seg.index_select(0, blocks).cpu()
-            offset += n
+        self._copy_whole_blocks(block_ids, out, out_rows, to_host=True)
 
     def write_blocks(self, block_ids: Sequence[int], data: np.ndarray, data_rows: Sequence[int]) -> None:
         """The inverse of read_blocks: rows of data into the blocks, queued on the current stream (before the work
         that reads them), the host rows read before it returns."""
+        self._copy_whole_blocks(block_ids, data, data_rows, to_host=False)
+
+    def _copy_whole_blocks(self, block_ids: Sequence[int], host_rows: np.ndarray, rows: Sequence[int], *,
+                           to_host: bool) -> None:
         blocks = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        rows = torch.as_tensor(list(data_rows), dtype=torch.long)
-        host = torch.from_numpy(data)
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        host = torch.from_numpy(host_rows)
         offset = 0
         for seg in self._device:
             n = seg.shape[1]
-            seg.index_copy_(0, blocks, host[rows, offset:offset + n].to(self.device))
+            if to_host:
+                host[index, offset:offset + n] = seg.index_select(0, blocks).cpu()
+            else:
+                seg.index_copy_(0, blocks, host[index, offset:offset + n].to(self.device))
             offset += n
 
     # ---- staging

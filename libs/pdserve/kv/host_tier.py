@@ -64,14 +64,16 @@ class TierSlots:
         return slot, dropped, True
 
     def leading(self, keys: Iterable[Hashable]) -> int:
-        """How many of the leading keys are here (up to the first that is not), marked used."""
-        n = 0
+        """How many of the leading keys are here (up to the first that is not), marked used, the first most recently:
+        a prefix is dropped from its end, never from its start."""
+        found = []
         for key in keys:
             if key not in self._slot_of:
                 break
+            found.append(key)
+        for key in reversed(found):
             self._slot_of.move_to_end(key)
-            n += 1
-        return n
+        return len(found)
 
     def clear(self) -> list[Hashable]:
         """Drop every key; returns them."""
