@@ -4,7 +4,7 @@ The connector's scheduler half (ConnectorScheduler, with host_cache_gib) is driv
 block hashes computed by vLLM's hasher) and a stand-in for vLLM's KVCacheBlocks (only get_block_ids is read); its
 metadata goes to the worker half's HostTierStore over a CpuKVPool of two segment arrays, as vLLM's CPU KV tensors
 would be. The tier's KV events go through pdserve's mapper into a real KVEventRelay. The whole path on a real
-vLLM engine: tests/vllm/test_host_tier.py.
+vLLM engine: the third test of tests/vllm/test_prefix_reuse.py.
 """
 
 from __future__ import annotations
@@ -181,3 +181,37 @@ def test_a_request_aborted_while_its_kv_is_pulled_saves_only_what_was_there_befo
     scheduler.request_finished(request, [10, 11, 12, 13, 14])
     meta = scheduler.build_connector_meta()
     assert meta.cancelled == ["decode"] and meta.tier_saves == [(10, meta.tier_saves[0][1])]
+
+
+def test_a_connector_cache_reset_forgets_every_copy_and_tells_the_relay():
+    """vLLM's reset_prefix_cache(reset_connector=True) (after a weight update, say) reaches the connector's
+    reset_cache: copies made with the old weights are never loaded back, saves not made yet are dropped."""
+    from pdserve.kv.vllm_connector import PdserveConnector
+
+    connector = object.__new__(PdserveConnector)  # vLLM's scheduler-side connector around this scheduler half
+    connector._scheduler = scheduler = make_scheduler()
+    relay = KVEventRelay("p", "m", publish=None)
+    mapper = VllmKVEventMapper(relay, BS)
+    pool, store = make_pool(), HostTierStore(NUM_SLOTS, LAYOUT.bytes_per_block)
+    tokens = list(range(9))
+    first = finished(make_request("r1", tokens))
+    vllm_hashes = [maybe_convert_block_hash(h) for h in first.block_hashes]
+    mapper.on_events([BlockStored(block_hashes=vllm_hashes, parent_block_hash=None, token_ids=tokens[:8],
+                                  block_size=BS, lora_id=None, medium="GPU", lora_name=None)])  # cached by vLLM
+    scheduler.request_finished(first, [1, 2, 3])
+    step(scheduler, store, pool)
+    mapper.on_events(scheduler.take_events())
+    mapper.on_events([BlockRemoved(block_hashes=vllm_hashes, medium="GPU")])  # then evicted from vLLM's cache
+    assert set(relay.held()) == set(block_hashes(tokens, BS))  # held as host tier
+    scheduler.request_finished(finished(make_request("r2", list(range(50, 59)))), [4, 5, 6])  # save not made yet
+
+    assert connector.reset_cache() is True
+    mapper.on_events(scheduler.take_events())
+    assert relay.held() == {}
+    assert scheduler.build_connector_meta().tier_saves == []
+    assert load(scheduler, make_request("again", tokens + [1]), [7, 8, 9]) == 0
+    assert scheduler.host_tier.stats()["num_host_tier_blocks"] == 0
+    # The tier fills again after the reset.
+    scheduler.request_finished(finished(make_request("r3", tokens)), [1, 2, 3])
+    step(scheduler, store, pool)
+    assert load(scheduler, make_request("again", tokens + [1]), [7, 8, 9]) == 2 * BS

@@ -128,6 +128,17 @@ class HostTierPlanner:
             self._events.append(BlockStored(block_hashes=stored, parent_block_hash=None, token_ids=[],
                                             block_size=self.block_size, lora_id=None, medium=MEDIUM, lora_name=None))
 
+    def reset(self) -> None:
+        """Forget every copy (vLLM's reset_prefix_cache(reset_connector=True), e.g. after a weight update: copies
+        computed with the old weights must not be loaded back) and drop the saves not made yet. No load is pending
+        here: loads are planned and taken within one schedule() and vLLM resets between steps; a slot a load of an
+        earlier step reads is overwritten at the earliest by a save planned from now on, which the worker half
+        makes after that load. The relay is told (BlockRemoved, medium CPU); the bytes stay until slots are reused."""
+        dropped = self.slots.clear()
+        self._saves = {}
+        self._events_for([], dropped)
+        logger.info("host-memory KV tier reset: %d blocks forgotten", len(dropped))
+
     def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(saves as (vLLM block id, slot), loads as (slot, vLLM block id)) of this step."""
         saves, loads = [(b, s) for s, b in self._saves.items()], self._loads

@@ -242,6 +242,13 @@ class ConnectorScheduler:
         meta, self._meta = self._meta, PdserveConnectorMetadata()
         return meta
 
+    def reset_cache(self) -> bool:
+        """vLLM's reset_prefix_cache(reset_connector=True): the host tier forgets its copies. Holds and pulls in flight
+        are requests' own KV, not a cache: they stay."""
+        if self.host_tier is not None:
+            self.host_tier.reset()
+        return True
+
     def take_events(self) -> list:
         """The host tier's KV events of this step, published by vLLM with its own."""
         return self.host_tier.take_events() if self.host_tier is not None else []

@@ -206,3 +206,6 @@ class PdserveConnector(KVConnectorBase_V1):
     def take_events(self) -> list:
         return self.scheduler.take_events()
 
+    def reset_cache(self) -> bool:
+        return self.scheduler.reset_cache()
+
