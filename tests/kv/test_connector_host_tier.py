@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash  # noqa: E402
@@ -215,3 +215,27 @@ def test_a_connector_cache_reset_forgets_every_copy_and_tells_the_relay():
     scheduler.request_finished(finished(make_request("r3", tokens)), [1, 2, 3])
     step(scheduler, store, pool)
     assert load(scheduler, make_request("again", tokens + [1]), [7, 8, 9]) == 2 * BS
+
+
+def test_a_reset_of_vllms_own_cache_leaves_the_tiers_copies_in_the_index():
+    """reset_prefix_cache() without reset_connector clears vLLM's cache only (AllBlocksCleared): the tier still
+    loads its copies back, so the index keeps them, as host tier; the tier dropping them later removes them."""
+    scheduler, relay = make_scheduler(), KVEventRelay("p", "m", publish=None)
+    mapper = VllmKVEventMapper(relay, BS)
+    in_tier, cache_only = list(range(8)), list(range(300, 308))
+    for rid, tokens in (("in-tier", in_tier), ("cache-only", cache_only)):
+        request = finished(make_request(rid, tokens))
+        mapper.on_events([BlockStored(block_hashes=[maybe_convert_block_hash(h) for h in request.block_hashes],
+                                      parent_block_hash=None, token_ids=tokens, block_size=BS, lora_id=None,
+                                      medium="GPU", lora_name=None)])
+    scheduler.request_finished(finished(make_request("in-tier", in_tier)), [1, 2])
+    mapper.on_events(scheduler.take_events())
+
+    mapper.on_events([AllBlocksCleared()])
+    assert set(relay.held()) == set(block_hashes(in_tier, BS))
+    assert all(relay._blocks[h][1:] == [0, 1] for h in block_hashes(in_tier, BS))  # host tier only
+    assert load(scheduler, make_request("again", in_tier + [1]), [3, 4, 5]) == 2 * BS
+
+    scheduler.reset_cache()
+    mapper.on_events(scheduler.take_events())
+    assert relay.held() == {}

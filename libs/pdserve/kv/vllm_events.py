@@ -8,7 +8,7 @@ because vLLM's hashes are its own (another algorithm, a per-process random seed 
   from the blocks mapped before (None: a prompt's first block, ROOT_HASH), the chain continues from it over
   token_ids. A parent never mapped (skipped, or from before a lost message) cannot be continued: skipped.
 - BlockRemoved(block_hashes): one copy of each mapped block is gone.
-- AllBlocksCleared (vLLM's prefix cache was reset): everything is gone.
+- AllBlocksCleared (vLLM's prefix cache was reset): every copy in vLLM's cache is gone; the host tier's stay.
 - BlockStored / BlockRemoved with medium "CPU": pdserve's connector put copies of blocks vLLM had cached into this
   worker's host-memory tier, or dropped them there (kv.connector_host_tier): the relay's stored_host / removed_host.
   A mapped block stays mapped while either vLLM's cache or the tier has it.
@@ -56,12 +56,26 @@ class VllmKVEventMapper:
             elif kind == "BlockRemoved":
                 self._on_removed(event)
             elif kind == "AllBlocksCleared":
-                self.reset()
+                self._cache_cleared()
 
     def reset(self) -> None:
         self._mapped.clear()
         self.num_resets += 1
         self._sink.cleared()
+
+    def _cache_cleared(self) -> None:
+        """vLLM's prefix cache was reset (only its block pool says AllBlocksCleared): its copies are gone, the host
+        tier's stay (the connector drops those only when asked to, and then says so block by block)."""
+        if not any(entry[2] for entry in self._mapped.values()):
+            self.reset()
+            return
+        gone = []
+        for theirs, entry in list(self._mapped.items()):
+            gone.extend([entry[0]] * entry[1])
+            entry[1] = 0
+            if entry[2] == 0:
+                del self._mapped[theirs]
+        self._sink.removed(gone)
 
     def _on_stored(self, event: Any) -> None:
         if getattr(event, "medium", None) == _HOST_MEDIUM and getattr(event, "group_idx", None) in (None, 0):
