@@ -101,6 +101,7 @@ def test_served_prompts_are_indexed_rebuilt_after_a_broker_restart_and_dropped_w
         snapshot_line = "asking every worker for a snapshot"
         num_asked = up.output().count(snapshot_line)
         assert num_asked == 1
+        num_snapshots = up.output().count("KV snapshot of")  # one line per worker per snapshot sent
         old_pid = service_pid(up, "kv-broker")
         os.kill(old_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -111,7 +112,12 @@ def test_served_prompts_are_indexed_rebuilt_after_a_broker_restart_and_dropped_w
         assert service_pid(up, "kv-broker") != old_pid
         after, _ = poll(nats.url, lambda answers: answers == before, timeout_s=REBUILD_DEADLINE_S)
         print(f"index rebuilt {time.monotonic() - started:.2f} s after the broker was restarted")
+        # Rebuilt by the new broker's request to every worker, each answering once; not by the per-worker fallback
+        # (a worker whose heartbeats announce events the broker never applied), which would also get there in time.
+        since_restart = up.output().split("kv-broker restarted", 1)[1]
         assert up.output().count(snapshot_line) == num_asked + 1
+        assert up.output().count("KV snapshot of") == num_snapshots + len(roles)
+        assert "; asking for a snapshot" not in since_restart
 
         # The decode worker stops: its goodbye drops it from the index.
         decode_pid = service_pid(up, "decode-worker")
