@@ -37,9 +37,8 @@ from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult,
 from pdserve.engine.vllm_io import finish_reason, tokens_prompt, vllm_request, with_report
 from pdserve.engine.vllm_prefix import VllmPeerPrefixes
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
-from pdserve.kv.connector_host_tier import tier_size
 from pdserve.kv.events import KVEventSink
-from pdserve.kv.host_tier import GIB
+from pdserve.kv.host_tier import GIB, num_tier_blocks
 from pdserve.kv.vllm_reports import LoadReports, report_endpoint
 from pdserve.protocol import FinishReason, KVTransferParams, ModelCard, SamplingParams
 
@@ -145,10 +144,10 @@ class VllmEngine(VllmPeerPrefixes, Engine):
                 await self._kv_event_subscriber.stop()
             raise
         self._address = await self._rpc("pdserve_transfer_address")
-        num_tier_blocks = tier_size({"host_cache_gib": cfg.host_cache_gib}, card.kv_layout)
-        if num_tier_blocks:
+        num_tier_slots = num_tier_blocks(cfg.host_cache_gib, card.kv_layout.bytes_per_block)
+        if num_tier_slots:
             log.info("worker %s: host-memory KV tier of %d blocks (%.2f GiB), empty at start", self.worker_id,
-                     num_tier_blocks, num_tier_blocks * card.kv_layout.bytes_per_block / GIB)
+                     num_tier_slots, num_tier_slots * card.kv_layout.bytes_per_block / GIB)
         await self.refresh_stats()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="vllm-stats")
 

@@ -86,8 +86,8 @@ class ConnectorWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._holds: dict[str, _WorkerHold] = {}
-        self._released: set[str] = set()  # holds ended, not yet reported to the scheduler
-        self._released_blocks: dict[str, int] = {}  # of those, the blocks of each (vLLM frees them when told)
+        # holds ended, not yet reported to the scheduler -> their number of blocks (vLLM frees them when told)
+        self._released: dict[str, int] = {}
         self._loads: dict[str, _Load] = {}  # main thread
         self._tasks: dict[str, asyncio.Task] = {}  # loop thread
         self._done: deque = deque()  # (request_id, TransferResult | None, error | None, report), from the loop
@@ -168,22 +168,21 @@ class ConnectorWorker:
                 self.pool.stage_out(hold.block_ids)
             except Exception:
                 logger.exception("request %s: could not stage its KV for transfer; freeing its blocks", hold.request_id)
-                self._released.add(hold.request_id)
+                self._released[hold.request_id] = len(hold.block_ids)
                 continue
             try:
                 self.endpoint.allow(hold.transfer_id, hold.token, hold.block_ids, hold.expires_at)
             except Exception:
                 logger.exception("request %s: could not offer its KV for transfer; freeing its blocks", hold.request_id)
                 self.pool.unstage(hold.block_ids)
-                self._released.add(hold.request_id)
+                self._released[hold.request_id] = len(hold.block_ids)
                 continue
             self._holds[hold.request_id] = _WorkerHold(hold.transfer_id, hold.block_ids, hold.expires_at)
             logger.debug("request %s: holding %d blocks for transfer %s", hold.request_id, len(hold.block_ids),
                          hold.transfer_id)
         for rid in meta.expired:
             if self._end_hold(rid, "lease expired"):
-                self._released.discard(rid)  # the scheduler freed these itself
-                self._released_blocks.pop(rid, None)
+                self._released.pop(rid, None)  # the scheduler freed these itself
 
     def _end_hold(self, rid: str, why: str) -> bool:
         hold = self._holds.pop(rid, None)
@@ -191,8 +190,7 @@ class ConnectorWorker:
             return False
         self.endpoint.release(hold.transfer_id)
         self.pool.unstage(hold.block_ids)
-        self._released.add(rid)
-        self._released_blocks[rid] = len(hold.block_ids)
+        self._released[rid] = len(hold.block_ids)
         log = logger.warning if why == "lease expired" else logger.debug
         log("request %s: freeing %d KV blocks of transfer %s (%s)", rid, len(hold.block_ids), hold.transfer_id, why)
         return True
@@ -362,8 +360,7 @@ class ConnectorWorker:
         results = KVConnectorTransferResults(finished_recving=self._recv_finished, failed_recving=self._recv_failed)
         self._recv_finished, self._recv_failed = set(), set()
         if self.hold_mode == "delay_free" and self._released:
-            results.finished_sending, self._released = self._released, set()
-            self._released_blocks.clear()
+            results.finished_sending, self._released = set(self._released), {}
         return results
 
     def take_load_error_blocks(self) -> set[int]:
@@ -373,8 +370,7 @@ class ConnectorWorker:
     def take_worker_meta(self) -> PdserveWorkerMetadata | None:
         if self.hold_mode != "refcount" or not self._released:
             return None
-        meta, self._released = PdserveWorkerMetadata(self._released), set()
-        self._released_blocks.clear()
+        meta, self._released = PdserveWorkerMetadata(set(self._released)), {}
         return meta
 
     # ---- reports (PdserveWorkerExtension)
@@ -400,7 +396,7 @@ class ConnectorWorker:
             **self._counters,
             "num_held_blocks": sum(len(h.block_ids) for h in holds),
             # released here, freed by vLLM at the engine's next step (an idle engine takes one when a request comes)
-            "num_released_blocks": sum(list(self._released_blocks.values())),
+            "num_released_blocks": sum(self._released.values()),
             "num_held_transfers": len(holds),
             "num_transfers_refused": endpoint.get("num_transfers_refused", 0),
             "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()) if self._client is not None else 0,

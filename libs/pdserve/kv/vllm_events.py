@@ -29,6 +29,7 @@ import contextlib
 import logging
 from typing import Any, Hashable
 
+from pdserve.kv.connector_host_tier import MEDIUM as _HOST_MEDIUM  # pdserve's host-memory tier
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, chain_hashes
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 TOPIC = "pdserve-kv"
 _MEDIA = (None, "GPU")  # vLLM's block pool reports "GPU" on every platform; offloading tiers report others
-_HOST_MEDIUM = "CPU"  # pdserve's host-memory tier (kv.connector_host_tier.MEDIUM)
 
 
 class VllmKVEventMapper:
