@@ -22,12 +22,21 @@ def setup_logging(level: str, service: str) -> None:
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
 
 
+_stop_asked = False  # a SIGTERM / SIGINT came (run() reads it when start-up fails)
+
+
 def shutdown_event() -> asyncio.Event:
     """An event set on SIGTERM or SIGINT: services finish what they are doing and leave cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        global _stop_asked
+        _stop_asked = True
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     return stop
 
 
@@ -46,6 +55,9 @@ def run(main: Callable[[], Awaitable[None]]) -> int:
     except KeyboardInterrupt:
         pass
     except (BusError, StartupError) as e:  # NATS unreachable, credentials, TLS, addresses: the message says the fix
+        if _stop_asked:  # told to stop while still starting (a wait on NATS that went away ended it): as asked
+            log.info("stopped while starting (%s)", e)
+            return 0
         log.error("%s", e)
         return 1
     return 0
