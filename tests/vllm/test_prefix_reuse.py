@@ -155,9 +155,15 @@ def test_a_prompt_only_in_a_prefill_workers_host_tier_is_served_from_there_to_th
     loader, _ = route_of(up, warm_id)
     assert loader != holder, "round robin sent the prompt to its holder again"
     assert warm == cold
-    after = prefill_stats(up)
     # The holder's lease copied the blocks back from its tier (vLLM kept a few: 3 when measured), the loader pulled them.
-    from_host = after[holder].num_prefix_host_loaded_tokens - before[holder].num_prefix_host_loaded_tokens
+    # The tier's count comes with vLLM's published pool usage (about a second stale): read until it moved.
+    deadline = time.monotonic() + 10
+    while True:
+        after = prefill_stats(up)
+        from_host = after[holder].num_prefix_host_loaded_tokens - before[holder].num_prefix_host_loaded_tokens
+        if from_host or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     from_peer = after[loader].num_prefix_peer_loaded_tokens - before[loader].num_prefix_peer_loaded_tokens
     assert from_host >= 24 * BLOCK_SIZE and from_peer >= 29 * BLOCK_SIZE, (from_host, from_peer)
     print(f"{holder}'s lease copied {from_host} tokens back from its host tier, {loader} pulled {from_peer}")
