@@ -23,6 +23,7 @@ from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, Transfe
 from pdserve.kv import nixl_path
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import batch_iov
+from pdserve.kv.read_fence import ReadFence
 from tests.kv.ucx import UCX_TCP
 
 pytestmark = pytest.mark.skipif(nixl_path.why_unavailable() is not None,
@@ -194,15 +195,15 @@ def big_endpoint():
 
 
 @contextlib.asynccontextmanager
-async def pull_under_way(address: str, timeout_s: float):
-    """A nixl pull of the big endpoint's 64 blocks, yielded once its first READ landed (the path is up and bytes
-    move): (client, destination pool, block ids, the pull's task)."""
+async def pull_under_way(address: str, timeout_s: float, fence: ReadFence | None = None):
+    """A nixl pull of the big endpoint's 64 blocks (with a fence: READ straight into them), yielded once its first
+    READ landed (the path is up and bytes move): (client, destination pool, block ids, the pull's task)."""
     local = ArrayBlockPool([np.zeros((64, 4 << 20), np.uint8)], layout_tag=TAG)
     client = TransferClient(transport="nixl", window_messages=2)
     ids = list(range(64))
     try:
         pull = asyncio.create_task(client.pull(address, "t1", TOKEN, ids, local, ids, timeout_s=timeout_s,
-                                               peer_host_id="another-host", peer_transports=ALL))
+                                               peer_host_id="another-host", peer_transports=ALL, fence=fence))
         until = time.monotonic() + 10
         while local.block_bytes(0)[:1] != b"\x07":
             assert not pull.done(), pull.exception() if not pull.cancelled() else "cancelled"
@@ -233,15 +234,43 @@ async def test_a_frozen_prefill_process_fails_the_pull_at_its_deadline_and_write
         os.kill(proc.pid, signal.SIGCONT)
 
 
-async def test_a_killed_prefill_process_fails_the_pull_at_once(big_endpoint):
+async def test_read_into_the_blocks_a_frozen_prefill_leaves_its_reads_to_the_fence(big_endpoint):
+    """With a fence the READs land in the blocks themselves. The pull still fails at its deadline; the READs the
+    frozen process had not answered stay in the fence, and they do land in the blocks once it runs again: that is
+    why their owner must hold the blocks until the fence has ended (read_fence.py)."""
     proc, address = big_endpoint
-    async with pull_under_way(address, timeout_s=20) as (_, _, _, pull):
+    fence = ReadFence()
+    try:
+        async with pull_under_way(address, timeout_s=2.0, fence=fence) as (client, local, ids, pull):
+            os.kill(proc.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(TransferError, match="timeout_s=2.0"):
+                await pull
+            assert time.monotonic() - started < 2.5
+            assert None not in client._landings  # no landing buffer was used
+            assert fence.num_in_flight > 0 and not fence.ended()
+            landed = sum(local.block_bytes(b).count(7) for b in ids)
+            assert landed < 64 * (4 << 20)  # it did stop mid-way
+            os.kill(proc.pid, signal.SIGCONT)
+            assert await asyncio.to_thread(fence.wait, 10.0), "the READs did not end once the prefill process ran"
+            assert sum(local.block_bytes(b).count(7) for b in ids) > landed  # late bytes, in the blocks
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("fenced", [False, True], ids=["landing", "into-the-blocks"])
+async def test_a_killed_prefill_process_fails_the_pull_at_once(big_endpoint, fenced):
+    proc, address = big_endpoint
+    fence = ReadFence() if fenced else None
+    async with pull_under_way(address, timeout_s=20, fence=fence) as (_, _, _, pull):
         proc.kill()
         killed = time.monotonic()
         with pytest.raises(TransferError) as info:
             await pull
         assert time.monotonic() - killed < 1.5, info.value  # not the pull's 20 s: decode recomputes at once
         assert not isinstance(info.value, TransferRefused)
+        if fenced:  # its READs failed with it: the blocks are free at once
+            assert fence.ended()
 
 
 EXITS_CLEANLY = f"""

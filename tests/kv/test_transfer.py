@@ -23,6 +23,7 @@ from pdserve.kv import (
 )
 from pdserve.kv.host import host_id
 from pdserve.kv.pool import BatchStream, batch_pieces, segment_checksums
+from pdserve.kv.read_fence import ReadFence
 from tests.kv.ucx import UCX_TCP
 
 TAG = "test-model/float16/bs16"
@@ -62,7 +63,7 @@ class SlowPool(BytearrayPool):
 
 def endpoint_kwargs(path: str) -> dict:
     """What an endpoint needs to serve the path: nixl is offered only when asked for (the worker decides)."""
-    return {"offer_nixl": True} if path == "nixl" else {}
+    return {"offer_nixl": True} if path.startswith("nixl") else {}
 
 
 @pytest.fixture
@@ -86,13 +87,19 @@ class PathClient:
     """A TransferClient that pulls over one path (the test's parameter) and checks that it did: the behaviour
     suite runs over every path this machine has, unchanged. "tcp" is the tcp path as clients take it (the bytes on
     the endpoint's TCP stream); "tcp-frames", the same path with the bytes as ZeroMQ frames (a client that cannot
-    reach the stream port); "nixl", a NIXL READ over UCX's TCP transport (this machine has no RDMA device)."""
+    reach the stream port); "nixl", a NIXL READ over UCX's TCP transport (this machine has no RDMA device) into
+    landing buffers, checked there and copied into the blocks; "nixl-direct", the same with a ReadFence: READ
+    straight into the blocks of pools NIXL can register (the others land as without one), confirmed by the
+    endpoint."""
 
     def __init__(self, path: str, **kwargs):
-        self.path = "tcp" if path == "tcp-frames" else path
+        self.path = {"tcp-frames": "tcp", "nixl-direct": "nixl"}.get(path, path)
+        self.fenced = path == "nixl-direct"
         self._client = TransferClient(transport=self.path, tcp_stream=path != "tcp-frames", **kwargs)
 
     async def pull(self, *args, **kwargs):
+        if self.fenced:
+            kwargs.setdefault("fence", ReadFence())
         result = await self._client.pull(*args, peer_host_id=host_id(), peer_transports=("tcp", "shm", "nixl"),
                                          **kwargs)
         assert result.transport == self.path
@@ -105,15 +112,15 @@ class PathClient:
         return getattr(self._client, name)
 
 
-@pytest.fixture(params=["tcp", "tcp-frames", "shm", "nixl"])
+@pytest.fixture(params=["tcp", "tcp-frames", "shm", "nixl", "nixl-direct"])
 def path(request, monkeypatch):
-    if request.param == "nixl":
+    if request.param.startswith("nixl"):
         monkeypatch.setenv("UCX_TLS", UCX_TCP)  # UCX's TCP transport, as between hosts without RDMA NICs
     return request.param
 
 
 def skip_for_nixl(path: str) -> None:
-    if path == "nixl":
+    if path.startswith("nixl"):
         pytest.skip("nixl serves a pool's fixed memory, registered once, and this pool of separate bytearrays has "
                     "none (the endpoint does not offer nixl then: tested in test_nixl.py)")
 
@@ -364,9 +371,23 @@ async def test_malformed_address_is_a_transfer_error(client):
 # --------------------------------------------------------------------------------------------- failures
 
 
-async def test_corruption_detected(endpoints, client):
+async def test_corruption_detected(endpoints, client, path):
     ep = endpoints(make_pool((100_000,), seed=12))
     allow(ep, block_ids=[0, 1, 2])
+    if path == "nixl-direct":
+        # READ straight into the blocks, no checksums: what this path can detect is the prefill side letting the
+        # blocks go (and maybe reuse them) while they were read. Released once every batch was described and
+        # READ: no refusal can come then, only the endpoint's answer to the client's "done".
+        on_done = ep._on_done
+
+        def release_then_answer(identity, header):
+            ep.release("t1")
+            on_done(identity, header)
+
+        ep._on_done = release_then_answer
+        with pytest.raises(TransferIntegrityError, match="released it while its blocks were being copied"):
+            await client.pull(ep.address, "t1", TOKEN, [0, 1, 2], make_pool((100_000,)), [0, 1, 2], timeout_s=5)
+        return
     ep._corrupt_next_send_for_tests()
     with pytest.raises(TransferIntegrityError, match="checksum"):
         await client.pull(ep.address, "t1", TOKEN, [0, 1, 2], make_pool((100_000,)), [0, 1, 2], timeout_s=5)

@@ -25,6 +25,7 @@ from pdserve.kv.errors import PathUnavailable, TransferError, TransferResult
 from pdserve.kv.host import host_id
 from pdserve.kv.connection import Connection
 from pdserve.kv.pool import BlockPool
+from pdserve.kv.read_fence import SETTLE_S, ReadFence
 from pdserve.kv.receiver import Cancelled, Receiver, parse_header
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class TransferClient:
         traceparent: str | None = None,
         peer_host_id: str = "",
         peer_transports: Sequence[str] = ("tcp",),
+        fence: ReadFence | None = None,
     ) -> TransferResult:
         """Copy remote blocks into local ones (remote_block_ids[i] -> local_block_ids[i]) within timeout_s, over
         the path choose_path() picks for the peer (its host id and offered transports come with its KV-ready);
@@ -102,7 +104,10 @@ class TransferClient:
         with one WARNING, counted in `fallbacks`, and the pull goes over TCP within the same deadline.
 
         Raises a TransferError subclass on any failure; the local blocks' contents are then undefined. When
-        pull() returns or raises (cancellation included), nothing writes into the local blocks any more.
+        pull() returns or raises (cancellation included), nothing writes into the local blocks any more, unless the
+        caller gave a `fence`: the nixl path then READs host KV straight into the local blocks (no landing copy, no
+        checksums: the endpoint confirms the transfer was held throughout), and READs that had not ended when the
+        pull failed are in the fence. The caller keeps those blocks out of use until fence.ended() (read_fence.py).
         """
         if self._closing.is_set():
             raise TransferError("TransferClient is closed; create a new one")
@@ -119,8 +124,11 @@ class TransferClient:
         path = self.choose_path(address, peer_host_id, peer_transports, pool)
         try:
             return await self._pull_over(path, address, transfer_id, token, list(remote_block_ids), pool,
-                                         list(local_block_ids), timeout_s, deadline, traceparent)
+                                         list(local_block_ids), timeout_s, deadline, traceparent, fence)
         except PathUnavailable as e:
+            if fence is not None and not fence.ended():
+                raise TransferError(f"transfer {transfer_id}: {e}; READs into the local blocks are still running, "
+                                    "so the pull does not go on over tcp; recompute the prefill") from e
             self._fall_back(address, str(e), path)
             return await self._pull_over("tcp", address, transfer_id, token, list(remote_block_ids), pool,
                                          list(local_block_ids), timeout_s, deadline, traceparent)
@@ -199,11 +207,11 @@ class TransferClient:
         return first
 
     async def _pull_over(self, path, address, transfer_id, token, remote_ids, pool, local_ids, timeout_s, deadline,
-                         traceparent) -> TransferResult:
+                         traceparent, fence=None) -> TransferResult:
         cancel = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self._pull_blocking, path, address, transfer_id, token, remote_ids, pool,
-            local_ids, timeout_s, deadline, traceparent, cancel)
+            local_ids, timeout_s, deadline, traceparent, cancel, fence)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -260,7 +268,7 @@ class TransferClient:
         conn.close()
 
     def _pull_blocking(self, path, address, transfer_id, token, remote_ids, pool, local_ids, timeout_s, deadline,
-                       traceparent, cancel) -> TransferResult:
+                       traceparent, cancel, fence=None) -> TransferResult:
         started = time.monotonic()
         nonce = secrets.token_hex(8)
         request = {
@@ -271,6 +279,11 @@ class TransferClient:
         nixl = self._nixl_agent() if path == "nixl" else None
         if nixl is not None:
             request["nixl_agent"] = nixl.agent_for(address)
+            fence = fence if self._reads_into(nixl, pool, fence) else None
+            if fence is not None:
+                request["direct"] = True
+        else:
+            fence = None
         block_nbytes = sum(pool.segment_nbytes)
         num_blocks = len(remote_ids)
         conn = self._checkout(address, transfer_id)
@@ -286,7 +299,8 @@ class TransferClient:
             else:
                 sock.send(orjson.dumps(request), zmq.NOBLOCK)  # queued on the connecting pipe; nothing blocks here
                 receiver.receive_replies(path, pool, local_ids, remote_ids, window=self._window, checker=self._checker,
-                                         copy_device=self._copy_device, nixl=nixl, landing_for=self._landing_for)
+                                         copy_device=self._copy_device, nixl=nixl, landing_for=self._landing_for,
+                                         fence=fence)
             clean = True
         except Cancelled as e:  # carries how many blocks had arrived, where the receiver knew
             raise TransferError(f"transfer {transfer_id}: pull cancelled after {e.args[0] if e.args else 0} of "
@@ -296,6 +310,8 @@ class TransferClient:
                 self._checkin(conn)
             else:
                 conn.close()
+                if fence is not None:
+                    fence.wait(SETTLE_S)  # most end at once: the owner then need not set its blocks aside
         seconds = time.monotonic() - started
         result = TransferResult(num_blocks, num_blocks * block_nbytes, seconds, path,
                                 landed_on_device=receiver.landed_on_device)
@@ -312,6 +328,22 @@ class TransferClient:
                 except Exception as e:
                     raise PathUnavailable(f"NIXL cannot start here ({type(e).__name__}: {e})") from e
         return self._nixl
+
+    def _reads_into(self, nixl: nixl_path.NixlAgent, pool: BlockPool, fence: ReadFence | None) -> bool:
+        """Whether a nixl pull READs straight into the pool's blocks: the caller gave a fence and the pool is host
+        memory this client's agent can register (registered once)."""
+        if fence is None:
+            return False
+        memory = nixl_path.pool_memory(pool)
+        if memory is None or memory.kind != "DRAM":
+            return False
+        try:
+            nixl.register(pool)
+        except Exception as e:  # NIXL refused the memory: landing buffers, as without a fence
+            logger.debug("kv nixl: cannot register the local pool (%s: %s); READs go to landing buffers",
+                         type(e).__name__, e)
+            return False
+        return True
 
     def _landing_for(self, device) -> nixl_landing.Landing:
         """The nixl landing buffers in that GPU's memory (a torch device), or in host memory (None); made once."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from typing import Callable, Sequence
@@ -92,7 +94,8 @@ class TransferEndpoint:
         self._poller: zmq.Poller | None = None
         self._cutting = threading.Lock()  # held while a message is cut from pool memory; see release()
         self._ledger = Ledger(pool.num_blocks)
-        self._cutter = Cutter(pool, batch_blocks, self.shm_batch_blocks, self._ledger.count)
+        self._cutter = Cutter(pool, batch_blocks, self.shm_batch_blocks, self._ledger.count,
+                              direct_batch_blocks=batch_blocks or None)
         self._pulls: list[ServedPull] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,6 +103,7 @@ class TransferEndpoint:
         self._control: ControlSocket | None = None
         self._address: str | None = None
         self._paused_until = 0.0
+        self._freeze_after_describing = False  # test hook
         self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
         # A pull request names each block once at most (a few bytes each) and a few fields: anything much larger is
         # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
@@ -224,6 +228,11 @@ class TransferEndpoint:
         """Test hook: flip a byte of the next message sent, after its blocks' checksums were fed."""
         self._cutter.corrupt_next = True
 
+    def freeze_after_describing_for_tests(self) -> None:
+        """Test hook: 5 ms after the next nixl description went out, the whole process stops (SIGSTOP to itself;
+        the test sends SIGCONT): a prefill process frozen while a READ of its blocks is in flight."""
+        self._freeze_after_describing = True
+
     # ---- serving thread
 
     def _serve(self) -> None:
@@ -319,6 +328,7 @@ class TransferEndpoint:
         if path == "nixl":  # the metadata only for a client that does not know this agent yet (nixl_path.py)
             pull.describe_extra = {"agent": self._nixl.name, **self._nixl_describes, **(
                 {"md": self._nixl_metadata} if request.nixl_agent != self._nixl.name else {})}
+        pull.confirms = self._reads_device(path) or (path == "nixl" and request.direct)
         self._pulls.append(pull)
         if not self._reads_device(path) and self._prepare_out is not None:
             self._prepare_out(block_ids)  # a staging pool starts its copies to the host now, sent as they land
@@ -355,6 +365,10 @@ class TransferEndpoint:
                         continue
                     message = self._cut_message(pull)
                 self._control.send(message)
+                if self._freeze_after_describing and pull.path == "nixl":
+                    self._freeze_after_describing = False
+                    time.sleep(0.005)  # the description reaches the puller, which posts its READ
+                    os.kill(os.getpid(), signal.SIGSTOP)
             except zmq.ZMQError as e:
                 self._pulls.remove(pull)
                 logger.warning("transfer %s: client went away mid-pull (%s); dropped", pull.transfer_id, e)
@@ -364,7 +378,7 @@ class TransferEndpoint:
                 continue
             if pull.batch is None and pull.next_index == len(pull.block_ids):
                 self._pulls.remove(pull)
-                if self._reads_device(pull.path):  # it ends with the client's confirmation (_on_done)
+                if pull.confirms:  # it ends with the client's confirmation (_on_done)
                     self._confirming[(pull.identity, pull.nonce)] = pull
                 else:
                     self._finish(pull)
@@ -405,8 +419,9 @@ class TransferEndpoint:
         return self._cutter.describe_device(pull)
 
     def _on_done(self, identity: bytes, h: dict) -> None:
-        """cuda-ipc, nixl from GPU KV: the client copied; whether the transfer was held all along (a release
-        meanwhile may have let its blocks be reused under the copy)."""
+        """cuda-ipc, nixl from GPU KV or straight into the client's blocks: the client copied (its READs ended);
+        whether the transfer was held all along (a release meanwhile may have let its blocks be reused under the
+        copy). A pull read on the device is counted now (its bytes were not as they were described)."""
         pull = self._confirming.pop((identity, h.get("nonce")), None)
         if pull is None:
             nonce = h.get("nonce")
@@ -414,7 +429,8 @@ class TransferEndpoint:
                                             "no pull read on the device waits for this confirmation; recompute the "
                                             "prefill")
         held = self._ledger.still_held(pull.allowed)
-        self._ledger.count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
+        if self._reads_device(pull.path):
+            self._ledger.count(num_bytes_sent=pull.num_bytes, num_blocks_sent=len(pull.block_ids))
         self._control.send_control(identity, {"k": "done", "nonce": pull.nonce, "ok": held})
         if held:
             self._finish(pull)

@@ -1,6 +1,7 @@
-"""Where the nixl path's READs land: registered buffers of the client's own, copied into the KV blocks once a READ
-completed (and, from host memory, its checksums held; nixl_path.py says why a READ never targets the blocks
-themselves). Host buffers for host KV, buffers in the GPU's memory for GPU KV.
+"""Where the nixl path's READs land when they may not land in the KV blocks themselves (a pull without a ReadFence,
+and GPU KV): registered buffers of the client's own, copied into the blocks once a READ completed (and, from host
+memory, its checksums held; nixl_path.py says why). Host buffers for host KV, buffers in the GPU's memory for GPU
+KV.
 
 A buffer whose READ was abandoned (deadline, cancel) may still be written by that READ: it is held, and reused only
 once NIXL says the READ ended; at close, buffers that never got there stay mapped for the life of the process.

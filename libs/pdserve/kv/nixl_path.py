@@ -1,16 +1,21 @@
 """The "nixl" byte path: the decode side READs the prefill side's blocks with NIXL (NVIDIA's inference transfer
 library), whose UCX backend uses RDMA verbs where the hosts have RDMA NICs and TCP (or same-host transports)
 where they do not. The pull's protocol is the shm path's (wire.py): over the control connection the endpoint
-describes each batch (where its pieces lie in its memory, their checksums taken then), the client READs those
-pieces one-sided, copies them into its blocks and checks them.
+describes each batch (where its pieces lie in its memory), and the client READs those pieces one-sided.
 
-Why the READs land in buffers of the client's own (nixl_landing.py), not in the KV blocks: a pull that fails
-(deadline, cancel) must leave nothing writing into its blocks, which the engine then recomputes or gives to
-another request. NIXL cannot promise that: measured here (UCX over TCP), a READ from a frozen prefill process was released without
-error, its remote agent removed, even the whole agent deleted, and its bytes still landed once that process ran
-again. A landing buffer whose READ was abandoned is reused only once NIXL says that READ ended. The cost is one
-memcpy per batch (~12 GB/s here, far above what the path moves); where RDMA NICs move more, a later version can
-READ in place behind a device-level fence.
+Where a READ lands. A pull that fails (deadline, cancel) must leave nothing writing into blocks the engine then
+recomputes or gives to another request, and NIXL cannot promise that: measured here (UCX over TCP), a READ from a
+frozen prefill process was released without error, its remote agent removed, even the whole agent deleted, and its
+bytes still landed once that process ran again. So:
+- a caller that can hold its blocks until such READs end gives the pull a ReadFence (read_fence.py; the engines
+  do): host KV is READ straight into the blocks, in batches of 64 MiB, with no checksums; the pull ends with the
+  endpoint's confirmation that it held the transfer throughout ("done", as on the cuda-ipc path: only a release
+  could have let the blocks change under the READ), and READs still running after a failure go to the fence.
+  Measured on 2 cores (UCX over TCP, benchmarks/transfer.py): as fast as NIXL alone, 0.81-0.89x pdserve's tcp path;
+- without one, READs land in buffers of the client's own (nixl_landing.py), are checked there against the
+  checksums the endpoint took as it described the batch, and copied into the blocks; a buffer whose READ was
+  abandoned is reused only once NIXL says that READ ended. That copy and the checksums cost ~150 core-ms per GB
+  over both sides here (0.6-0.7x tcp).
 
 GPU KV (a pool with device_segments on a CUDA device, e.g. vLLM's on a GPU) goes device to device: the endpoint
 registers the device allocations behind its KV tensors (VRAM) and describes each batch as device pieces, with no

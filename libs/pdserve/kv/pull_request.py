@@ -36,6 +36,9 @@ class PullRequest:
     stream: object  # tcp: the ticket of the byte stream the bytes should go on, as sent; None for frames
     traceparent: str | None
     nixl_agent: str | None = None  # nixl: the endpoint agent the client already knows (no metadata needed then)
+    # nixl from host KV: the client READs straight into its blocks (read_fence.py) and ends the pull with "done"
+    # instead of checking checksums in landing buffers
+    direct: bool = False
 
 
 def parse_pull(h: dict) -> PullRequest:
@@ -56,7 +59,7 @@ def parse_pull(h: dict) -> PullRequest:
     tp, agent = h.get("traceparent"), h.get("nixl_agent")
     return PullRequest(nonce, tid, token, block_ids, segment_nbytes, layout_tag, window, timeout_s,
                        h.get("path", "tcp"), h.get("stream"), tp if isinstance(tp, str) else None,
-                       agent if isinstance(agent, str) else None)
+                       agent if isinstance(agent, str) else None, h.get("direct") is True)
 
 
 def refusal(request: PullRequest, allowed: Lease | None, gone: str | None, pool: BlockPool,

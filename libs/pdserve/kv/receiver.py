@@ -33,6 +33,7 @@ from pdserve.kv.connection import Connection
 from pdserve.kv.nixl_landing import Landing
 from pdserve.kv.nixl_path import NixlAgent
 from pdserve.kv.pool import BatchStream, BlockPool, batch_iov, batch_pieces, pieces_checksums
+from pdserve.kv.read_fence import ReadFence
 
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ class Receiver:
 
     def receive_replies(self, path: str, pool: BlockPool, local_ids: list[int], remote_ids: list[int], *,
                         window: int, checker: Executor, copy_device: Callable, nixl: NixlAgent | None = None,
-                        landing_for: Callable[[object], Landing] | None = None) -> None:
+                        landing_for: Callable[[object], Landing] | None = None, fence: ReadFence | None = None) -> None:
         """The pull's replies on the control connection: tcp frames, shm or nixl descriptions, or the cuda-ipc
-        description, and the confirmation of a pull read on the device. landing_for(device or None): the nixl
-        landing buffers in that GPU's memory or in host memory."""
+        description, and the confirmation of a pull read where it lies. landing_for(device or None): the nixl
+        landing buffers in that GPU's memory or in host memory. fence: nixl from host memory READs straight into
+        the local blocks (the pull asked for it: "direct"), and READs still running when the pull fails go to it."""
         address, sock, num_blocks, transfer_id = self.conn.address, self.conn.sock, self.num_blocks, self.transfer_id
         checks: list = []  # shm: each batch's checksum check, running while the next batch is copied
-        reads = _NixlReads(self, nixl, landing_for, pool) if path == "nixl" else None
+        reads = _NixlReads(self, nixl, landing_for, pool, fence) if path == "nixl" else None
         received = 0
         try:
             batch: BatchStream | None = None
@@ -87,6 +89,7 @@ class Receiver:
                     if path == "cuda-ipc":
                         copy_device(header, pool, local_ids, remote_ids)
                         self._confirm_held()
+                        self.landed_on_device = True
                         received = num_blocks
                     elif path == "shm":
                         ids = local_ids[first:first + count]
@@ -121,8 +124,9 @@ class Receiver:
                     owed = 0
             if reads is not None:
                 reads.finish()
-                if reads.on_device:
+                if reads.confirms:
                     self._confirm_held()
+                    self.landed_on_device = reads.on_device
         except Cancelled:
             raise Cancelled(received) from None
         finally:
@@ -199,14 +203,13 @@ class Receiver:
                 raise _error_from(header, transfer_id, conn.address)
 
     def _confirm_held(self) -> None:
-        """A pull read on the device (cuda-ipc, nixl from GPU KV), every byte landed: TransferIntegrityError unless
-        the endpoint still held the transfer then (no checksums there: only a release could have let the blocks
-        change under the copy)."""
+        """A pull read where it lies (cuda-ipc, nixl), every byte landed: TransferIntegrityError unless the endpoint
+        still held the transfer then (no checksums there: only a release could have let the blocks change under
+        the copy)."""
         if not self._confirm():
             raise TransferIntegrityError(
                 f"transfer {self.transfer_id}: the prefill side released it while its blocks were being copied from "
                 f"{self.conn.address} (they may have been reused under the copy); recompute the prefill")
-        self.landed_on_device = True
 
     def _confirm(self) -> bool:
         """Whether the endpoint still held the transfer once the copy was done."""
@@ -296,16 +299,17 @@ def _check(got: list[int], want: list[int], transfer_id: str, first: int, count:
             "the prefill")
 
 
-def _described_iov(header: dict, pool: BlockPool, local_ids: list[int]) -> list:
-    """shm, nixl: where the endpoint says a batch lies ([address, length] pieces) in its process's memory, or for
-    nixl from GPU KV in its GPU's (no pid, no checksums); ValueError for a malformed description."""
+def _described_iov(header: dict, pool: BlockPool, local_ids: list[int], checksums: bool = True) -> list:
+    """shm, nixl: where the endpoint says a batch lies ([address, length] pieces) in its process's memory, with its
+    checksums unless the pull confirms instead (`checksums` False: nixl straight into the blocks), or for nixl from
+    GPU KV in its GPU's (no pid, no checksums); ValueError for a malformed description."""
     iov = header.get("iov")
     if header.get("mem") == "VRAM":
         well_formed = type(header.get("dev")) is int and header["dev"] >= 0 and "h" not in header
     else:
         pid, want = header.get("pid"), header.get("h")
-        well_formed = (type(pid) is int and pid > 0 and isinstance(want, list)
-                       and len(want) == len(pool.segment_nbytes))
+        well_formed = type(pid) is int and pid > 0 and (
+            isinstance(want, list) and len(want) == len(pool.segment_nbytes) if checksums else "h" not in header)
     if not (well_formed and isinstance(iov, list) and iov
             and all(isinstance(p, list) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p) for p in iov)
             and sum(p[1] for p in iov) == len(local_ids) * sum(pool.segment_nbytes)):
@@ -319,32 +323,42 @@ def _read_described(header: dict, pool: BlockPool, local_ids: list[int]) -> None
 
 
 class _NixlReads:
-    """nixl: one pull's READs in flight. Each described batch is READ into a landing buffer at once (up to
-    MAX_IN_FLIGHT, the oldest waited for first), checked there against its checksums (host memory), then copied
-    into its blocks, while later ones move. From GPU KV the landing buffers are in this pool's GPU memory and the
-    copy is a device copy; the pull then ends with the endpoint's confirmation (on_device). A READ abandoned
-    (failure, deadline, cancel) keeps its buffer: never the blocks."""
+    """nixl: one pull's READs in flight (up to MAX_IN_FLIGHT, the oldest waited for first). From host memory with a
+    fence (the pull asked for "direct"), each described batch is READ straight into its blocks and the pull ends
+    with the endpoint's confirmation; READs still running when the pull fails go to the fence, which tells the
+    blocks' owner when they are free again (read_fence.py). Without one, each batch is READ into a landing buffer,
+    checked there against its checksums, then copied into its blocks while later ones move; a READ abandoned
+    (failure, deadline, cancel) keeps its buffer, never the blocks. From GPU KV the landing buffers are in this
+    pool's GPU memory, the copy is a device copy, and the pull ends with the endpoint's confirmation (on_device)."""
 
     MAX_IN_FLIGHT = 4
 
     def __init__(self, receiver: Receiver, nixl: NixlAgent, landing_for: Callable[[object], Landing],
-                 pool: BlockPool) -> None:
-        self.receiver, self.nixl, self.landing_for, self.pool = receiver, nixl, landing_for, pool
-        self.in_flight: collections.deque = collections.deque()  # (handle, landing, its buffer, header, local ids)
+                 pool: BlockPool, fence: ReadFence | None = None) -> None:
+        self.receiver, self.nixl, self.landing_for, self.pool, self.fence = receiver, nixl, landing_for, pool, fence
+        # (handle, landing or None when READ into the blocks, its buffer, header, local ids)
+        self.in_flight: collections.deque = collections.deque()
         self.on_device = False  # a batch of GPU KV was read: no checksums, the endpoint confirms instead
+        self.confirms = fence is not None  # the pull ends with the endpoint's confirmation, not with checksums
 
     def post(self, header: dict, ids: list[int]) -> None:
         r = self.receiver
         agent = header.get("agent")
         if not isinstance(agent, str):
             raise ValueError(f"nixl description without its agent {str(header)[:200]}")
-        remote = np.asarray(_described_iov(header, self.pool, ids), dtype=np.uint64)
         on_device = header.get("mem") == "VRAM"
-        landing = self.landing_for(_gpu_of(self.pool) if on_device else None)
+        remote = np.asarray(_described_iov(header, self.pool, ids, checksums=not self.confirms), dtype=np.uint64)
         name = self.nixl.know(r.conn.address, agent, header.get("md"))
         self.on_device |= on_device
+        self.confirms |= on_device
         while len(self.in_flight) >= self.MAX_IN_FLIGHT:
             self._land_oldest()
+        if self.fence is not None and not on_device:
+            local, remote = shm.aligned(batch_iov(self.pool, ids), remote)
+            handle = self.nixl.post_read(name, local, remote)
+            self.in_flight.append((handle, None, None, header, ids))
+            return
+        landing = self.landing_for(_gpu_of(self.pool) if on_device else None)
         nbytes = int(remote[:, 1].sum())
         buffer = landing.take(nbytes, r.deadline, lambda: r._time_left(header["i"]))
         try:
@@ -374,6 +388,8 @@ class _NixlReads:
             raise TransferError(f"transfer {r.transfer_id}: {e} (blocks {header['i']}.. from {r.conn.address}); "
                                 "recompute the prefill") from e
         self.in_flight.popleft()
+        if landing is None:  # READ into the blocks: the endpoint's confirmation ends the pull
+            return
         if landing.device is not None:
             try:
                 _copy_on_device(buffer, self.pool, ids)
@@ -393,10 +409,14 @@ class _NixlReads:
             landing.give_back(buffer)
 
     def abandon(self) -> None:
-        """After a failure: READs still in flight keep their landing buffers until they end (Landing.hold)."""
+        """After a failure: READs still in flight keep their landing buffers until they end (Landing.hold), or, READ
+        into the blocks, go to the pull's fence."""
         while self.in_flight:
             handle, landing, buffer, _, _ = self.in_flight.popleft()
-            landing.hold(handle, buffer)
+            if landing is None:
+                self.fence.add(self.nixl, handle)
+            else:
+                landing.hold(handle, buffer)
 
 
 def _gpu_of(pool: BlockPool):
