@@ -34,12 +34,14 @@ import numpy as np
 from pdserve import tracecontext, tracing
 from pdserve.engine.base import Engine, EngineFull, KVLoadReport, PrefillResult, TokenOutput
 from pdserve.engine.mock_model import TokenStream, fill_prompt_kv
+from pdserve.engine.mock_fenced import FencedBlocks
 from pdserve.engine.mock_host_tier import HostTierCopies
 from pdserve.engine.mock_prefix import PeerPrefixes
 from pdserve.kv.events import KVEventSink
 from pdserve.kv.hashing import ROOT_HASH, block_hashes
 from pdserve.kv.host_tier import GIB, HostKVTier
 from pdserve.kv.pool import ArrayBlockPool
+from pdserve.kv.read_fence import ReadFence
 from pdserve.kv import PeerUnreachable, TransferClient, TransferEndpoint, TransferError, TransferResult
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.wire import PATHS
@@ -79,7 +81,7 @@ class _Held:
     lease_timer: asyncio.TimerHandle | None = None
 
 
-class MockEngine(PeerPrefixes, HostTierCopies, Engine):
+class MockEngine(PeerPrefixes, HostTierCopies, FencedBlocks, Engine):
 
     def __init__(self, config: MockEngineConfig, *, kv_events: KVEventSink | None = None):
         self.config = config
@@ -95,6 +97,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
         # prefix between concurrent requests, and never evicted while in use.
         self._pins: Counter[int] = Counter()
         self._held: dict[str, _Held] = {}
+        self._fenced: list[tuple[ReadFence, list[int]]] = []  # blocks a failed pull may still write (mock_fenced.py)
         self._host = HostKVTier.sized(config.host_cache_gib, self._layout.bytes_per_block) \
             if config.prefix_caching else None
         self._endpoint = TransferEndpoint(self._pool, bind_host=config.bind_host,
@@ -217,7 +220,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
                 token, text = stream.next()
                 yield TokenOutput((token,), text, stream.finish_reason)
             else:
-                report = await self._load_kv(request_id, prompt_token_ids, held.block_ids, kv_transfer_params)
+                report = await self._load_kv(request_id, prompt_token_ids, held, kv_transfer_params)
                 self._computed(held)
                 yield report
                 token, _ = stream.next()  # prefill already emitted the first token's text
@@ -231,9 +234,12 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
             self._running.discard(request_id)
             self._free_request(request_id)
 
-    async def _load_kv(self, request_id: str, prompt_token_ids: tuple[int, ...], block_ids: list[int],
+    async def _load_kv(self, request_id: str, prompt_token_ids: tuple[int, ...], held: _Held,
                        params: KVTransferParams) -> KVLoadReport:
-        """Pull the prompt's KV from prefill; on any failure recompute it locally (never hang, never decode bad KV)."""
+        """Pull the prompt's KV from prefill; on any failure recompute it locally (never hang, never decode bad KV),
+        in other blocks where the pull's READs into its own may still land (mock_fenced.py)."""
+        block_ids = held.block_ids
+        fence = ReadFence()
         error: str | None = None
         unreachable = False
         if params.kv_layout != self._layout:
@@ -243,7 +249,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
             error = f"prefill holds {len(params.block_ids)} blocks for the prompt, decode needs {len(block_ids)}"
         else:
             try:
-                result = await self._pull(request_id, params, block_ids)
+                result = await self._pull(request_id, params, block_ids, fence)
                 if not self._kv_matches(prompt_token_ids, block_ids):
                     error = "received KV differs from what prefill computed for this prompt"
                 else:
@@ -253,14 +259,21 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
             except TransferError as e:
                 error = f"{type(e).__name__}: {e}"
                 unreachable = isinstance(e, PeerUnreachable)
+            except asyncio.CancelledError:
+                if not fence.ended():
+                    self._set_aside(request_id, held, fence)
+                raise
         log.warning("request %s: KV load from %s failed (%s); recomputing the prefill locally",
                     request_id, params.worker_id, error)
         self._counters["num_recomputes"] += 1
+        if not fence.ended():
+            self._move_off_fenced(request_id, held, fence)
         await self._compute(len(prompt_token_ids))
-        self._write_prompt_kv(prompt_token_ids, block_ids)
+        self._write_prompt_kv(prompt_token_ids, held.block_ids)
         return KVLoadReport(0, 0, 0.0, recomputed=True, error=error, unreachable=unreachable)
 
-    async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int]) -> TransferResult:
+    async def _pull(self, request_id: str, params: KVTransferParams, block_ids: list[int],
+                    fence: ReadFence | None = None) -> TransferResult:
         """The pull under a "kv pull" span, whose traceparent rides in the pull so the endpoint's span is its child."""
         attributes = {"request_id": request_id, "worker_id": self.worker_id, "prefill_worker_id": params.worker_id,
                       "transfer_id": params.transfer_id, "num_blocks": len(block_ids)}
@@ -268,7 +281,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
             result = await self._client.pull(
                 params.address, params.transfer_id, params.token, params.block_ids, self._pool, block_ids,
                 timeout_s=self.config.kv_pull_timeout_s, traceparent=tracecontext.current(),
-                peer_host_id=params.host_id, peer_transports=params.transports)
+                peer_host_id=params.host_id, peer_transports=params.transports, fence=fence)
             span.set_attributes(tracing.transfer_attributes(result.num_blocks, result.num_bytes, result.seconds))
             span.set_attribute("kv_transport", result.transport)
             return result
@@ -310,6 +323,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
         requests using them, pinned meanwhile), the rest free, evicting unpinned cached blocks when needed."""
         if request_id in self._held:
             raise EngineFull(f"request {request_id} already holds blocks on this worker")
+        self._reclaim_fenced()
         num_blocks = -(-len(prompt_token_ids) // self._layout.block_size)
         hashes = block_hashes(prompt_token_ids, self._layout.block_size)
         full = hashes[:len(prompt_token_ids) // self._layout.block_size]
@@ -439,6 +453,7 @@ class MockEngine(PeerPrefixes, HostTierCopies, Engine):
             "num_held_blocks": total - free,
             "num_free_blocks": free,
             "num_cached_blocks": len(self._cache),
+            "num_fenced_blocks": self.num_fenced_blocks,
             "num_host_tier_blocks": len(self._host) if self._host is not None else 0,
             "num_total_blocks": total,
             "kv_usage": (total - free) / total,
