@@ -453,3 +453,77 @@ def test_engine_core_sleeps_while_it_holds_blocks(vllm_harness, engines, prompts
     share, held = vllm_harness.run(scenario())
     assert held == blocks_for(150)
     assert share < 0.15, f"EngineCore used {share:.0%} of a core while only holding blocks"
+
+
+def listening_process(address: str):
+    """The process (psutil.Process) that listens on the port of `address` (a transfer endpoint's)."""
+    import psutil
+
+    port = int(address.rsplit(":", 1)[1])
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no child process listens on {address}")
+
+
+def test_a_prefill_frozen_mid_read_holds_the_blocks_and_the_engine_prefills_anew(vllm_harness, engines, layout,
+                                                                                  load_reports):
+    """A pull over nixl READs straight into vLLM's blocks. The prefill's worker process stops while a READ is in
+    flight: the pull fails at its deadline, the connector reports the load failed with READs still running, and
+    vLLM keeps the request waiting for its KV, and its blocks, until they end. pdserve's vLLM engine does not wait:
+    it aborts that request and prefills the prompt anew (same greedy tokens as one engine alone). Once the prefill
+    runs again the READs end and vLLM gets its blocks back."""
+    from transformers import AutoTokenizer
+
+    from pdserve.engine.base import KVLoadReport, TokenOutput
+    from pdserve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+    from pdserve.protocol import ModelCard, SamplingParams
+
+    prefill_engine, decode_engine = engines
+    # ~2,000 tokens, 63 blocks of 1.4 MiB: the first READ (64 MiB) is still moving 5 ms after it was described
+    ids = AutoTokenizer.from_pretrained(str(MODEL_DIR))(" ".join([TEXT] * 14))["input_ids"][:2000]
+    card = ModelCard(name="m", tokenizer="unused", max_model_len=2048, kv_layout=layout)
+    engine = VllmEngine(VllmEngineConfig(worker_id="test-frozen", model_path=MODEL_DIR, card=card,
+                                         advertise_host="127.0.0.1", bind_host="127.0.0.1", kv_lease_s=LEASE_S,
+                                         kv_pull_timeout_s=PULL_TIMEOUT_S))
+    engine._llm, engine._load_reports = decode_engine.llm, load_reports  # over the module's decode engine
+
+    async def scenario():
+        reference = await generate(decode_engine, "frozen-ref", ids, MAX_TOKENS)
+        baseline = await kv_usage_now(decode_engine, "frozen-0")
+        await rpc(decode_engine, "pdserve_pull_over_for_tests", "nixl")
+        first, params = await prefill(prefill_engine, "frozen-p", ids)
+        worker = listening_process(params.address)
+        await rpc(prefill_engine, "pdserve_freeze_after_describing_for_tests")
+        outputs, started = [], time.monotonic()
+        try:
+            async for out in engine.generate("frozen-d", tuple(ids), SamplingParams(
+                    max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True), first, params):
+                outputs.append(out)
+            seconds = time.monotonic() - started
+            fenced = (await rpc(decode_engine, "pdserve_stats"))["num_fenced_loads"]
+            usage_while_frozen = await kv_usage_now(decode_engine, "frozen-1")
+        finally:
+            worker.resume()
+            await rpc(decode_engine, "pdserve_pull_over_for_tests", "auto")
+
+        async def reads_ended():
+            await kv_usage_now(decode_engine, "frozen-2")  # steps of the engine deliver finished_recving
+            return (await rpc(decode_engine, "pdserve_stats"))["num_fenced_loads"] == 0
+        await wait_for(reads_ended, 10, "the READs to end once the prefill runs again")
+        after = await kv_usage_now(decode_engine, "frozen-3")
+        await rpc(prefill_engine, "pdserve_release", "frozen-p")
+        return reference, first, outputs, seconds, fenced, baseline, usage_while_frozen, after
+
+    reference, first, outputs, seconds, fenced, baseline, usage_while_frozen, after = vllm_harness.run(scenario())
+    reports = [o for o in outputs if isinstance(o, KVLoadReport)]
+    assert len(reports) == 1 and reports[0].recomputed and reports[0].reads_in_flight > 0, reports
+    assert "TransferTimeout" in reports[0].error
+    assert [first] + [t for o in outputs if isinstance(o, TokenOutput) for t in o.token_ids] == reference
+    assert seconds < PULL_TIMEOUT_S + 10, "the engine prefilled anew instead of waiting for the frozen prefill"
+    assert fenced == 1
+    assert usage_while_frozen > baseline  # the failed load's blocks stay with vLLM's waiting request
+    assert after == pytest.approx(baseline)

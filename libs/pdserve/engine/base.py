@@ -54,6 +54,9 @@ class KVLoadReport:
     transport: str = ""  # the path the bytes took (tcp, shm); "" when nothing was pulled
     unreachable: bool = False  # no connection to the prefill worker's endpoint could be made (kv.PeerUnreachable)
     num_tokens: int = 0  # vLLM: the prompt tokens the load was to bring (computed by vLLM instead when it failed)
+    # READs of the failed pull still landing in its blocks (kv/read_fence.py): vLLM keeps the request waiting until
+    # they end, so the engine runs the prompt anew in a new request instead
+    reads_in_flight: int = 0
 
 
 class KVLoadError(Exception):

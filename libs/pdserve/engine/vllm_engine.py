@@ -294,26 +294,33 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         self._running.add(request_id)
         outputs = with_report(self._llm.generate(tokens_prompt(prompt), params, request_id), report_task)
         try:
-            async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    if isinstance(output, KVLoadReport):
-                        num_unloaded = output.num_tokens if output.recomputed else 0
-                        yield output
-                        continue
-                    if not counted:  # what vLLM computed of the prompt (after a pull: its first token's KV)
-                        num_cached, num_peer = output.num_cached_tokens or 0, 0
-                        if prefix_task is not None:
-                            num_peer, num_unloaded, _ = await self._prefix_loaded(request_id, prefix_task, prefix_kv,
-                                                                                  num_cached)
-                        num_cached -= num_peer + num_unloaded
-                        self._prefix_counters["num_computed_prompt_tokens"] += len(prompt) - num_cached - num_peer
-                        if not pulls:  # a local prefill: what its prefix cache served
-                            self._num_cached_tokens += num_cached
-                    counted = True
-                    completion = output.outputs[0]
-                    finish = finish_reason(completion.finish_reason) if output.finished else None
-                    finished = output.finished
-                    yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
+            while outputs is not None:
+                stuck = None  # a failed load whose READs still run: the request is run anew
+                async with contextlib.aclosing(outputs):
+                    async for output in outputs:
+                        if isinstance(output, KVLoadReport):
+                            num_unloaded = output.num_tokens if output.recomputed else 0
+                            yield output
+                            if output.reads_in_flight:
+                                stuck = output
+                                break
+                            continue
+                        if not counted:  # what vLLM computed of the prompt (after a pull: its first token's KV)
+                            num_cached, num_peer = output.num_cached_tokens or 0, 0
+                            if prefix_task is not None:
+                                num_peer, num_unloaded, _ = await self._prefix_loaded(request_id, prefix_task,
+                                                                                      prefix_kv, num_cached)
+                            num_cached -= num_peer + num_unloaded
+                            self._prefix_counters["num_computed_prompt_tokens"] += len(prompt) - num_cached - num_peer
+                            if not pulls:  # a local prefill: what its prefix cache served
+                                self._num_cached_tokens += num_cached
+                        counted = True
+                        completion = output.outputs[0]
+                        finish = finish_reason(completion.finish_reason) if output.finished else None
+                        finished = output.finished
+                        yield TokenOutput(tuple(completion.token_ids), completion.text, finish)
+                # after the old outputs closed: closing them aborts vLLM's request of that id
+                outputs = await self._run_anew(request_id, prompt, sampling, max_tokens, stuck) if stuck else None
         finally:
             self._running.discard(request_id)
             if report_task is not None and not finished:  # ended before or while its KV loaded (cancelled, failed)
@@ -322,6 +329,18 @@ class VllmEngine(VllmPeerPrefixes, Engine):
                 prefix_task.cancel()
             if not finished and self._llm is not None:
                 await self._llm.abort(request_id)
+
+    async def _run_anew(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams, max_tokens: int,
+                        report: KVLoadReport) -> Any:
+        """A failed pull left READs running into the request's blocks (a frozen prefill process): vLLM keeps that
+        request waiting for its KV until they end, maybe never. It is aborted (vLLM still keeps its blocks until the
+        connector says the READs ended) and the prompt runs anew as a local prefill; its outputs."""
+        log.warning("request %s: %d READs of its failed KV load still run; prefilling it anew here instead of "
+                    "waiting for them", request_id, report.reads_in_flight)
+        await self._llm.abort(request_id)
+        self._num_local_prefills += 1
+        params = vllm_request(sampling, max_tokens=max_tokens, kv_transfer_params=None)
+        return self._llm.generate(tokens_prompt(prompt), params, request_id)
 
     def _check_room(self, request_id: str, num_tokens: int) -> None:
         """Raise EngineFull when vLLM's KV cache cannot take a request of num_tokens now (blocks needed > free).
@@ -385,7 +404,8 @@ class VllmEngine(VllmPeerPrefixes, Engine):
         return KVLoadReport(num_blocks=report["num_blocks"], num_bytes=report["num_bytes"],
                             transfer_ms=report["transfer_ms"], recomputed=report["recomputed"],
                             error=report.get("error"), transport=report.get("transport") or "",
-                            unreachable=bool(report.get("unreachable")), num_tokens=int(report.get("num_tokens") or 0))
+                            unreachable=bool(report.get("unreachable")), num_tokens=int(report.get("num_tokens") or 0),
+                            reads_in_flight=int(report.get("reads_in_flight") or 0))
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:

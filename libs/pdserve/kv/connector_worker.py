@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
@@ -24,6 +24,7 @@ from pdserve.kv.connector_host_tier import HostTierStore, tier_size
 from pdserve.kv.connector_metadata import LoadSpec, PdserveConnectorMetadata, PdserveHandshake, PdserveWorkerMetadata
 from pdserve.kv.client import DEFAULT_CONNECT_TIMEOUT_S
 from pdserve.kv.connector_stats import StatsPublisher
+from pdserve.kv.read_fence import ReadFence
 from pdserve.kv.vllm_pool import CpuKVPool, make_kv_block_pool
 from pdserve.kv.vllm_reports import LoadReportSender
 from pdserve.kv.wire import PATHS
@@ -56,6 +57,9 @@ class _Load:
     local_block_ids: list[int]
     cancelled: bool = False
     num_tokens: int = 0  # LoadSpec.num_tokens
+    # READs of a failed pull (nixl, straight into the blocks) still running: vLLM keeps a request that waits for
+    # remote KV, aborted or not, and its blocks, until finished_recving lists it, so it is listed only once they end
+    fence: ReadFence = field(default_factory=ReadFence)
 
 
 class ConnectorWorker:
@@ -94,6 +98,7 @@ class ConnectorWorker:
         self._done_lock = threading.Lock()
         self._recv_finished: set[str] = set()
         self._recv_failed: set[str] = set()
+        self._fenced: dict[str, ReadFence] = {}  # failed loads whose READs still run: finished_recving once they end
         self._load_error_blocks: set[int] = set()
         self._reports: dict[str, dict] = {}
         self._counters = dict(num_kv_blocks_received=0, num_kv_bytes_received=0, kv_transfer_ms=0.0, num_recomputes=0,
@@ -230,8 +235,9 @@ class ConnectorWorker:
         for rid, why in meta.skipped:
             self._record_failure(rid, [], why)
         for spec in meta.loads:
-            self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids, num_tokens=spec.num_tokens)
-            self._loop.call_soon_threadsafe(self._spawn_pull, spec)
+            load = self._loads[spec.request_id] = _Load(spec.request_id, spec.local_block_ids,
+                                                        num_tokens=spec.num_tokens)
+            self._loop.call_soon_threadsafe(self._spawn_pull, spec, load.fence)
         for rid in meta.cached:
             report = dict(num_blocks=0, num_bytes=0, transfer_ms=0.0, recomputed=False, error=None, transport="")
             self._add_report(rid, report)
@@ -242,12 +248,12 @@ class ConnectorWorker:
                 load.cancelled = True
                 self._loop.call_soon_threadsafe(self._cancel_pull, rid)
 
-    # On the loop thread. A pull counts as finished only when its task is done: TransferClient.pull() returns
-    # or raises (cancellation included) only once nothing writes into the local blocks any more, so vLLM may
-    # reuse them as soon as they are reported.
+    # On the loop thread. A pull counts as finished only when its task is done and its fence has ended:
+    # TransferClient.pull() returns or raises (cancellation included) once nothing but the READs in its fence writes
+    # into the local blocks, so vLLM may reuse them once both are true (finished_recving, transfer_results()).
 
-    def _spawn_pull(self, spec: LoadSpec) -> None:
-        task = self._loop.create_task(self._pull(spec))
+    def _spawn_pull(self, spec: LoadSpec, fence: ReadFence) -> None:
+        task = self._loop.create_task(self._pull(spec, fence))
         self._tasks[spec.request_id] = task
         task.add_done_callback(lambda t, rid=spec.request_id: self._on_pull_done(rid, t))
 
@@ -256,7 +262,7 @@ class ConnectorWorker:
         if task is not None:
             task.cancel()
 
-    async def _pull(self, spec: LoadSpec):
+    async def _pull(self, spec: LoadSpec, fence: ReadFence):
         params = KVTransferParams.model_validate(spec.params)
         if params.kv_layout != self.layout:
             raise TransferError(f"KV layout mismatch: prefill {params.worker_id} has {params.kv_layout!r}, this "
@@ -270,7 +276,8 @@ class ConnectorWorker:
                     result = await self._client.pull(
                         params.address, params.transfer_id, params.token, spec.remote_block_ids, self.pool,
                         spec.local_block_ids, timeout_s=max(deadline - time.monotonic(), 0.001),
-                        traceparent=spec.traceparent, peer_host_id=params.host_id, peer_transports=params.transports)
+                        traceparent=spec.traceparent, peer_host_id=params.host_id, peer_transports=params.transports,
+                        fence=fence)
                     break
                 except TransferRefused as e:
                     waited = time.monotonic() - started
@@ -302,6 +309,10 @@ class ConnectorWorker:
                           recomputed=False, error=None, transport=result.transport)
         load = self._loads.get(rid)
         report["num_tokens"] = load.num_tokens if load is not None else 0
+        if error is not None and load is not None and not load.fence.ended():
+            # The engine must not wait for the request: vLLM keeps it waiting until these READs end (a frozen
+            # prefill process: maybe never), so the pdserve engine aborts it and runs the prompt anew.
+            report["reads_in_flight"] = load.fence.num_in_flight
         with self._done_lock:
             self._done.append((rid, result, error, report))
         self._send_report(rid, report)
@@ -319,7 +330,13 @@ class ConnectorWorker:
             load = self._loads.pop(rid, None)
             if load is None:
                 continue
-            self._recv_finished.add(rid)
+            if error is not None and not load.fence.ended():
+                # failed_recving now (vLLM then recomputes from scratch), finished_recving once the READs end
+                logger.warning("request %s: %d READs of its failed KV load still run; its %d blocks stay with vLLM's "
+                               "request until they end", rid, load.fence.num_in_flight, len(load.local_block_ids))
+                self._fenced[rid] = load.fence
+            else:
+                self._recv_finished.add(rid)
             if error is None:
                 self._counters["num_kv_blocks_received"] += result.num_blocks
                 self._counters["num_kv_bytes_received"] += result.num_bytes
@@ -357,6 +374,10 @@ class ConnectorWorker:
     def transfer_results(self) -> KVConnectorTransferResults:
         self._drain_done()
         self._expire_holds()
+        for rid in [r for r, fence in self._fenced.items() if fence.ended()]:
+            del self._fenced[rid]
+            self._recv_finished.add(rid)
+            logger.info("request %s: the READs of its failed KV load ended; vLLM may reuse its blocks", rid)
         results = KVConnectorTransferResults(finished_recving=self._recv_finished, failed_recving=self._recv_failed)
         self._recv_finished, self._recv_failed = set(), set()
         if self.hold_mode == "delay_free" and self._released:
@@ -402,6 +423,7 @@ class ConnectorWorker:
             "num_kv_transport_fallbacks": sum(self._client.fallbacks.values()) if self._client is not None else 0,
             "kv_transports": list(self.endpoint.transports) if self.endpoint is not None else [],
             "num_loads_in_flight": len(self._loads),
+            "num_fenced_loads": len(self._fenced),
             "num_total_blocks": self.num_blocks,
         }
 
