@@ -26,10 +26,13 @@ repetition: a fast wrong transfer does not count.
                repetition with one entry per segment array (benchmarks/mooncake_tcp.py says how it is
                driven). No integrity check of its own. Reported as unavailable, with the reason, where it
                cannot run (e.g. the system lacks libibverbs.so.1, which the wheel links).
-  nixl       : the same pull over pdserve's nixl path (kv/nixl_path.py): the endpoint describes each batch, the
-               decode side READs it with NIXL into its landing buffers, copies it into the blocks, checksums on
-               both sides. UCX's transports as --ucx-tls says (tcp by default: what hosts without RDMA NICs use
-               between them; UCX would take shared memory on one host).
+  nixl       : the same pull over pdserve's nixl path (kv/nixl_path.py) as the engines take it, with a ReadFence
+               (kv/read_fence.py): the endpoint describes each batch, the decode side READs it with NIXL straight
+               into the blocks, and the endpoint confirms it held the transfer throughout; no checksums. UCX's
+               transports as --ucx-tls says (tcp by default: what hosts without RDMA NICs use between them; UCX
+               would take shared memory on one host).
+  nixl/landing: the same without a fence: READ into landing buffers, checked there against the endpoint's
+               checksums, copied into the blocks.
   nixl/raw   : NIXL alone, the anchor for nixl: one READ of the whole pool (one descriptor per segment array)
                straight into the registered destination pool; no token, checksum or landing copy.
   memcpy/xxh3: in this process, for reference.
@@ -40,7 +43,7 @@ benchmark on 2 cores), throughput/raw tends to raw_cpu/cpu, so cpu/raw is the no
 GB/s are 1e9 bytes per second: best = payload / fastest repetition, median = payload / median time; p10/p90
 over the repetitions' GB/s. med/mc and cpu/mc: each variant over Mooncake. --out FILE.json writes all figures.
 Printed ratios (of medians, first layout): tcp/raw_socket, shm/memcpy, nixl/tcp (pdserve's nixl path over its tcp
-path, the default client here) and nixl/nixl_raw.
+path, the default client here), nixl/nixl_raw and nixl/nixl_landing.
 
 Usage: python benchmarks/transfer.py [--quick] [--payload-mib 64] [--reps 9] [--batch-blocks 8 32] [--out F.json]
 """
@@ -69,6 +72,7 @@ import numpy as np  # noqa: E402 (after the environment it reads)
 import xxhash  # noqa: E402
 
 from pdserve.kv import ArrayBlockPool, TransferClient, TransferEndpoint, nixl_path, stream
+from pdserve.kv.read_fence import ReadFence
 
 import mooncake_tcp  # benchmarks/ is not a package: it is on sys.path as this script's folder
 from mooncake_tcp import MooncakeReader, MooncakeSource, MooncakeUnavailable
@@ -248,11 +252,15 @@ async def bench_layout(layout: str, args) -> dict:
         if result.transport != "shm":
             raise RuntimeError(f"the shm variant went over {result.transport}; see the WARNING above")
 
-    async def nixl_run():
+    async def nixl_run(fence: ReadFence | None = None):
         result = await nixl_client.pull(addresses[0], "bench", TOKEN, ids, local, ids, timeout_s=60,
-                                        peer_host_id="the benchmark's prefill process", peer_transports=peer_transports)
+                                        peer_host_id="the benchmark's prefill process", peer_transports=peer_transports,
+                                        fence=fence)
         if result.transport != "nixl":
             raise RuntimeError(f"the nixl variant went over {result.transport}; see the WARNING above")
+
+    async def nixl_direct_run():
+        await nixl_run(ReadFence())
 
     async def nixl_raw_run():
         handle = nixl_reader.post_read(nixl_name, np.array(local.memory_regions(), dtype=np.uint64),
@@ -274,6 +282,7 @@ async def bench_layout(layout: str, args) -> dict:
     samples["pdserve/frames"] = []
     samples["shm"] = []
     samples["nixl"] = []
+    samples["nixl/landing"] = []
     samples["nixl/raw"] = []
     samples["memcpy"] = []
     samples["mooncake"] = []
@@ -306,7 +315,7 @@ async def bench_layout(layout: str, args) -> dict:
                 if checked and not delivered():
                     raise RuntimeError("shm delivered wrong bytes")
             if nixl_reader is not None:
-                for name, run in (("nixl", nixl_run), ("nixl/raw", nixl_raw_run)):
+                for name, run in (("nixl", nixl_direct_run), ("nixl/landing", nixl_run), ("nixl/raw", nixl_raw_run)):
                     await measure(name, run, rep)
                     if checked and not delivered():
                         raise RuntimeError(f"{name} delivered wrong bytes")
@@ -328,7 +337,7 @@ async def bench_layout(layout: str, args) -> dict:
         proc.join(timeout=10)
     if mooncake_reason is not None:
         del samples["mooncake"]
-    for name in ("shm", "nixl", "nixl/raw"):
+    for name in ("shm", "nixl", "nixl/landing", "nixl/raw"):
         if not samples[name]:
             del samples[name]
     result = summarize_layout(samples, num_blocks * block_nbytes, mooncake_reason)
@@ -448,7 +457,9 @@ def main() -> None:
               "nixl/tcp": (first["nixl"]["median_gbps"] / first["pdserve"]["median_gbps"]
                            if "nixl" in first and "pdserve" in first else None),
               "nixl/nixl_raw": (first["nixl"]["median_gbps"] / first["nixl/raw"]["median_gbps"]
-                                if "nixl" in first and "nixl/raw" in first else None)}
+                                if "nixl" in first and "nixl/raw" in first else None),
+              "nixl/nixl_landing": (first["nixl"]["median_gbps"] / first["nixl/landing"]["median_gbps"]
+                                    if "nixl" in first and "nixl/landing" in first else None)}
     print(f"# ratios of medians, layout {args.layouts[0]}")
     for name, value in ratios.items():
         if value is not None:

@@ -58,7 +58,7 @@ def test_every_layout_has_raw_pdserve_and_mooncake(quick_run):
     assert layouts and sorted(report["layouts"]) == sorted(layouts)
     pdserve = {"pdserve" if b == 0 else f"pdserve/batch={b}" for b in report["settings"]["batch_blocks"]}
     pdserve |= {"pdserve/stream", "pdserve/frames"}  # the tcp path's two ways, side by side
-    nixl = {"nixl", "nixl/raw"} if nixl_path.why_unavailable() is None else set()
+    nixl = {"nixl", "nixl/landing", "nixl/raw"} if nixl_path.why_unavailable() is None else set()
     for layout, entry in report["layouts"].items():
         assert set(entry["variants"]) == pdserve | nixl | {"shm", "memcpy", "raw", "mooncake"}, layout
         assert entry["payload_bytes"] == entry["num_blocks"] * entry["block_nbytes"] > 0
@@ -120,7 +120,7 @@ def test_it_ends_with_one_ratio_line_per_path(quick_run):
     report, stdout = quick_run
     lines = [line.split() for line in stdout.splitlines() if line.startswith("ratio ")]
     nixl = nixl_path.why_unavailable() is None
-    assert [line[1] for line in lines] == ["tcp/raw_socket", "shm/memcpy", *(["nixl/tcp", "nixl/nixl_raw"] if nixl else [])]
+    assert [line[1] for line in lines] == ["tcp/raw_socket", "shm/memcpy", *(["nixl/tcp", "nixl/nixl_raw", "nixl/nixl_landing"] if nixl else [])]
     first = report["layouts"][report["ratios"]["layout"]]["variants"]
     assert float(lines[0][2]) == round(first["pdserve"]["ratio_median_to_raw"], 2)
     assert float(lines[1][2]) == round(first["shm"]["ratio_median_to_memcpy"], 2)
@@ -128,3 +128,4 @@ def test_it_ends_with_one_ratio_line_per_path(quick_run):
     if nixl:
         assert float(lines[2][2]) == round(first["nixl"]["median_gbps"] / first["pdserve"]["median_gbps"], 2)
         assert float(lines[3][2]) == round(first["nixl"]["median_gbps"] / first["nixl/raw"]["median_gbps"], 2)
+        assert float(lines[4][2]) == round(first["nixl"]["median_gbps"] / first["nixl/landing"]["median_gbps"], 2)
