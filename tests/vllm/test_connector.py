@@ -523,6 +523,7 @@ def test_a_prefill_frozen_mid_read_holds_the_blocks_and_the_engine_prefills_anew
     assert len(reports) == 1 and reports[0].recomputed and reports[0].reads_in_flight > 0, reports
     assert "TransferTimeout" in reports[0].error
     assert [first] + [t for o in outputs if isinstance(o, TokenOutput) for t in o.token_ids] == reference
+    assert engine.stats()["num_computed_prompt_tokens"] == len(ids) + 1  # prompt and first token, once
     assert seconds < PULL_TIMEOUT_S + 10, "the engine prefilled anew instead of waiting for the frozen prefill"
     assert fenced == 1
     assert usage_while_frozen > baseline  # the failed load's blocks stay with vLLM's waiting request

@@ -302,7 +302,8 @@ class VllmEngine(VllmPeerPrefixes, Engine):
                             num_unloaded = output.num_tokens if output.recomputed else 0
                             yield output
                             if output.reads_in_flight:
-                                stuck = output
+                                # the new request loads nothing: vLLM counts none of its tokens as cached
+                                stuck, num_unloaded = output, 0
                                 break
                             continue
                         if not counted:  # what vLLM computed of the prompt (after a pull: its first token's KV)
