@@ -239,3 +239,23 @@ def test_a_reset_of_vllms_own_cache_leaves_the_tiers_copies_in_the_index():
     scheduler.reset_cache()
     mapper.on_events(scheduler.take_events())
     assert relay.held() == {}
+
+
+def test_a_tier_copy_published_after_a_reset_of_vllms_cache_stays_in_the_index():
+    """vLLM publishes a step's connector events after its block pool's: a request's blocks copied into the tier
+    before a reset of vLLM's cache can come after the reset's AllBlocksCleared in one batch. They stay listed as host
+    tier (the tier loads them back)."""
+    scheduler, relay = make_scheduler(), KVEventRelay("p", "m", publish=None)
+    mapper = VllmKVEventMapper(relay, BS)
+    tokens = list(range(8))
+    request = finished(make_request("r", tokens))
+    cached = BlockStored(block_hashes=[maybe_convert_block_hash(h) for h in request.block_hashes],
+                         parent_block_hash=None, token_ids=tokens, block_size=BS, lora_id=None, medium="GPU",
+                         lora_name=None)
+    mapper.on_events([cached])
+    scheduler.request_finished(finished(make_request("r", tokens)), [1, 2])
+
+    mapper.on_events([AllBlocksCleared(), *scheduler.take_events()])
+    assert set(relay.held()) == set(block_hashes(tokens, BS))
+    assert all(relay._blocks[h][1:] == [0, 1] for h in block_hashes(tokens, BS))  # host tier only
+    assert load(scheduler, make_request("again", tokens + [1]), [3, 4, 5]) == 2 * BS

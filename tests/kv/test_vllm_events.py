@@ -234,3 +234,17 @@ def vllm_engine(*, prefix_caching: bool, kv_events: Sink):
         bind_host="127.0.0.1", kv_lease_s=30.0, kv_pull_timeout_s=1.0, kv_connect_timeout_s=1.0,
         prefix_caching=prefix_caching),
         kv_events=kv_events)
+
+
+def test_a_tier_store_after_a_clear_moves_before_it_unless_vllm_cached_the_block_again_in_between():
+    from pdserve.kv.vllm_events import _tier_stores_in_order
+
+    def tier(hashes):
+        return BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=list(range(BS * len(hashes))),
+                           block_size=BS, lora_id=None, medium="CPU", lora_name=None)
+
+    clear, clear2, k, j = AllBlocksCleared(), AllBlocksCleared(), stored([b"k"], None, list(range(BS))), tier([b"j"])
+    assert _tier_stores_in_order([k, clear, tier_k := tier([b"k"])]) == [k, tier_k, clear]
+    assert _tier_stores_in_order([clear, k, tier_k]) == [clear, k, tier_k]  # copied after the reset
+    assert _tier_stores_in_order([k, clear, clear2, tier_k, j]) == [k, tier_k, j, clear, clear2]
+    assert _tier_stores_in_order([clear, k, clear2, tier_k]) == [clear, k, tier_k, clear2]

@@ -9,6 +9,8 @@ because vLLM's hashes are its own (another algorithm, a per-process random seed 
   token_ids. A parent never mapped (skipped, or from before a lost message) cannot be continued: skipped.
 - BlockRemoved(block_hashes): one copy of each mapped block is gone.
 - AllBlocksCleared (vLLM's prefix cache was reset): every copy in vLLM's cache is gone; the host tier's stay.
+  vLLM publishes a step's connector events after its block pool's, so a tier copy made before a reset can come after
+  the reset's AllBlocksCleared in one batch: it is applied before it (_tier_stores_in_order).
 - BlockStored / BlockRemoved with medium "CPU": pdserve's connector put copies of blocks vLLM had cached into this
   worker's host-memory tier, or dropped them there (kv.connector_host_tier): the relay's stored_host / removed_host.
   A mapped block stays mapped while either vLLM's cache or the tier has it.
@@ -49,7 +51,7 @@ class VllmKVEventMapper:
         self.num_resets = 0
 
     def on_events(self, events: list[Any]) -> None:
-        for event in events:
+        for event in _tier_stores_in_order(events):
             kind = type(event).__name__
             if kind == "BlockStored":
                 self._on_stored(event)
@@ -190,3 +192,36 @@ class VllmKVEventSubscriber:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+
+
+def _kind(event: Any) -> str:
+    return type(event).__name__
+
+
+def _is_tier_store(event: Any) -> bool:
+    return _kind(event) == "BlockStored" and getattr(event, "medium", None) == _HOST_MEDIUM
+
+
+def _tier_stores_in_order(events: list[Any]) -> list[Any]:
+    """The batch, with each store into the host tier that vLLM published after an AllBlocksCleared moved before the
+    first clear it was made before. vLLM appends a step's connector events (the tier's) after its block pool's, so
+    [AllBlocksCleared, tier store of K] can mean the tier copied K before the reset (K then stays listed, as host
+    tier), which is certain when vLLM's cache did not store K again in between: the tier copies only blocks vLLM had
+    cached. Without the move K would leave the index while the tier still holds it."""
+    if not any(_kind(e) == "AllBlocksCleared" for e in events):
+        return events
+    ordered: list[Any] = []
+    for event in events:
+        if _is_tier_store(event):
+            hashes = set(event.block_hashes)
+            at = len(ordered)
+            for i in range(len(ordered) - 1, -1, -1):  # back to the last store of these blocks in vLLM's cache
+                e = ordered[i]
+                if _kind(e) == "BlockStored" and not _is_tier_store(e) and hashes & set(e.block_hashes):
+                    break
+                if _kind(e) == "AllBlocksCleared":
+                    at = i
+            ordered.insert(at, event)
+        else:
+            ordered.append(event)
+    return ordered
