@@ -265,7 +265,7 @@ async def bench_layout(layout: str, args) -> dict:
     async def nixl_raw_run():
         handle = nixl_reader.post_read(nixl_name, np.array(local.memory_regions(), dtype=np.uint64),
                                        np.array(nixl_peer[2], dtype=np.uint64))
-        nixl_reader.wait(handle, time.monotonic() + 60, lambda: None)
+        nixl_reader.wait(handle, time.monotonic() + 60, lambda: None, nbytes=num_blocks * block_nbytes)
 
     async def memcpy_run():
         for src, dst in zip(replica._arrays, local._arrays):

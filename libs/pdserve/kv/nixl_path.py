@@ -11,7 +11,7 @@ bytes still landed once that process ran again. So:
   do): host KV is READ straight into the blocks, in batches of 64 MiB, with no checksums; the pull ends with the
   endpoint's confirmation that it held the transfer throughout ("done", as on the cuda-ipc path: only a release
   could have let the blocks change under the READ), and READs still running after a failure go to the fence.
-  Measured on 2 cores (UCX over TCP, benchmarks/transfer.py): as fast as NIXL alone, 0.81-0.89x pdserve's tcp path;
+  Measured on 2 cores (UCX over TCP, benchmarks/transfer.py): 0.82-1.09x NIXL alone, 0.90-1.17x pdserve's tcp path;
 - without one, READs land in buffers of the client's own (nixl_landing.py), are checked there against the
   checksums the endpoint took as it described the batch, and copied into the blocks; a buffer whose READ was
   abandoned is reused only once NIXL says that READ ended. That copy and the checksums cost ~150 core-ms per GB
@@ -75,6 +75,10 @@ UCX_TCP_DEFAULTS = {"UCX_TCP_SNDBUF": "8m", "UCX_TCP_RCVBUF": "8m", "UCX_TCP_TX_
 # benchmarks/nixl_vram.py). Hosts with NVLink have it on already.
 UCX_CUDA_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 POLL_S = 0.0005  # between looks at a READ in flight: busy polling would take a core from UCX's own thread
+# ... and for a large READ up to this, by its size: each look costs the polling thread ~0.3 ms of CPU here (measured
+# on 64 MiB READs over UCX tcp, 2 cores: the polling thread used 14 CPU ticks per 30 READs at 2 ms, 23-25 at 0.5 ms)
+POLL_MAX_S = 0.002
+POLL_BYTES_PER_S = 16e9  # a READ of n bytes is looked at every n / this (within POLL_S .. POLL_MAX_S)
 _import_error: str | None = None
 
 
@@ -385,11 +389,12 @@ class NixlAgent:
             raise
         return handle
 
-    def wait(self, handle: object, deadline: float, check: Callable[[], None]) -> None:
-        """Until the READ is done (its handle then released); TransferError when it fails, TransferTimeout past
-        `deadline` (monotonic), or whatever check() raises (cancellation). After a failure the READ may still be
-        in flight: the caller holds its landing buffer until ended() (nixl_landing.Landing.hold)."""
+    def wait(self, handle: object, deadline: float, check: Callable[[], None], nbytes: int = 0) -> None:
+        """Until the READ (of nbytes) is done (its handle then released); TransferError when it fails,
+        TransferTimeout past `deadline` (monotonic), or whatever check() raises (cancellation). After a failure the
+        READ may still be in flight: the caller holds its landing buffer or its blocks until ended()."""
         agent = self._agent
+        poll_s = min(POLL_MAX_S, max(POLL_S, nbytes / POLL_BYTES_PER_S))
         for spins in itertools.count():
             try:
                 state = agent.check_xfer_state(handle)
@@ -403,7 +408,7 @@ class NixlAgent:
                 raise TransferTimeout("the NIXL READ did not complete by the pull's deadline")
             if spins % 64 == 0:
                 check()
-            time.sleep(POLL_S)
+            time.sleep(poll_s)
         agent.release_xfer_handle(handle)
 
     def ended(self, handle: object) -> bool:

@@ -380,7 +380,8 @@ class _NixlReads:
         r = self.receiver
         handle, landing, buffer, header, ids = self.in_flight[0]
         try:
-            self.nixl.wait(handle, r.deadline, lambda: r._time_left(header["i"]))
+            self.nixl.wait(handle, r.deadline, lambda: r._time_left(header["i"]),
+                           nbytes=len(ids) * sum(self.pool.segment_nbytes))
         except TransferTimeout:
             r._time_left(header["i"])  # the pull's own timeout message (or cancellation)
             raise
