@@ -19,6 +19,7 @@ import time
 import pytest
 
 from pdserve.protocol import KVLayout, KVTransferParams
+from tests.kv.ucx import UCX_TCP
 from tests.vllm.conftest import BLOCK_SIZE, MODEL_DIR, skip_reason
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
@@ -70,13 +71,24 @@ def load_reports(vllm_harness):
 @pytest.fixture(scope="module")
 def engines(vllm_harness, stats_path, load_reports):
     cores = ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
-    prefill, decode = vllm_harness.start_engines([
-        dict(name="prefill-0", cores=cores[0], extra={"lease_s": LEASE_S, "hold_blocks": "refcount",
-                                                     "stats_path": stats_path, "offer_nixl": True}),
-        dict(name="decode-0", cores=cores[1], extra={"lease_s": LEASE_S, "hold_blocks": "delay_free",
-                                                    "pull_timeout_s": PULL_TIMEOUT_S,
-                                                    "reports_endpoint": load_reports.endpoint}),
-    ])
+    # nixl between the engines over UCX's TCP transport, as between hosts without RDMA NICs (the processes copy the
+    # environment when they are spawned). On one host UCX would take shared memory, whose READs the reader does
+    # alone: a frozen prefill could not hold one up.
+    saved_tls = os.environ.get("UCX_TLS")
+    os.environ["UCX_TLS"] = UCX_TCP
+    try:
+        prefill, decode = vllm_harness.start_engines([
+            dict(name="prefill-0", cores=cores[0], extra={"lease_s": LEASE_S, "hold_blocks": "refcount",
+                                                         "stats_path": stats_path, "offer_nixl": True}),
+            dict(name="decode-0", cores=cores[1], extra={"lease_s": LEASE_S, "hold_blocks": "delay_free",
+                                                        "pull_timeout_s": PULL_TIMEOUT_S,
+                                                        "reports_endpoint": load_reports.endpoint}),
+        ])
+    finally:
+        if saved_tls is None:
+            os.environ.pop("UCX_TLS", None)
+        else:
+            os.environ["UCX_TLS"] = saved_tls
     try:
         yield prefill, decode
     finally:
@@ -244,8 +256,8 @@ def test_decode_after_transfer_gives_the_tokens_of_one_engine(vllm_harness, engi
 
 
 def test_a_pull_over_nixl_gives_the_tokens_of_one_engine(vllm_harness, engines, prompts, references):
-    """The decode engine pulls over NIXL (UCX picks its transport; on this host its shared-memory ones): greedy
-    tokens as one engine alone, and the load report names the path. The prefill engine offers nixl for the whole
+    """The decode engine pulls over NIXL (UCX's TCP transport: see the engines fixture): greedy tokens as one engine
+    alone, and the load report names the path. The prefill engine offers nixl for the whole
     module (decode's auto picks shm on one host, so the other tests are unchanged)."""
     prefill_engine, decode_engine = engines
     n = max(prompts)
@@ -471,8 +483,8 @@ def listening_process(address: str):
 
 def test_a_prefill_frozen_mid_read_holds_the_blocks_and_the_engine_prefills_anew(vllm_harness, engines, layout,
                                                                                   load_reports):
-    """A pull over nixl READs straight into vLLM's blocks. The prefill's worker process stops while a READ is in
-    flight: the pull fails at its deadline, the connector reports the load failed with READs still running, and
+    """A pull over nixl READs straight into vLLM's blocks. The prefill's worker process is stopped right after the
+    decode posted its first READ (a hook in the decode's NIXL agent), so the READ is in flight: the pull fails at its deadline, the connector reports the load failed with READs still running, and
     vLLM keeps the request waiting for its KV, and its blocks, until they end. pdserve's vLLM engine does not wait:
     it aborts that request and prefills the prompt anew (same greedy tokens as one engine alone). Once the prefill
     runs again the READs end and vLLM gets its blocks back."""
@@ -483,7 +495,7 @@ def test_a_prefill_frozen_mid_read_holds_the_blocks_and_the_engine_prefills_anew
     from pdserve.protocol import ModelCard, SamplingParams
 
     prefill_engine, decode_engine = engines
-    # ~2,000 tokens, 63 blocks of 1.4 MiB: the first READ (64 MiB) is still moving 5 ms after it was described
+    # ~2,000 tokens, 63 blocks of 1.4 MiB: a first READ of 64 MiB
     ids = AutoTokenizer.from_pretrained(str(MODEL_DIR))(" ".join([TEXT] * 14))["input_ids"][:2000]
     card = ModelCard(name="m", tokenizer="unused", max_model_len=2048, kv_layout=layout)
     engine = VllmEngine(VllmEngineConfig(worker_id="test-frozen", model_path=MODEL_DIR, card=card,
@@ -497,7 +509,7 @@ def test_a_prefill_frozen_mid_read_holds_the_blocks_and_the_engine_prefills_anew
         await rpc(decode_engine, "pdserve_pull_over_for_tests", "nixl")
         first, params = await prefill(prefill_engine, "frozen-p", ids)
         worker = listening_process(params.address)
-        await rpc(prefill_engine, "pdserve_freeze_after_describing_for_tests")
+        await rpc(decode_engine, "pdserve_stop_process_after_next_read_for_tests", worker.pid)
         outputs, started = [], time.monotonic()
         try:
             async for out in engine.generate("frozen-d", tuple(ids), SamplingParams(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import threading
 import time
 from typing import Callable, Sequence
@@ -103,7 +101,6 @@ class TransferEndpoint:
         self._control: ControlSocket | None = None
         self._address: str | None = None
         self._paused_until = 0.0
-        self._freeze_after_describing = False  # test hook
         self._complaints = ThrottledLog(logger)  # refusals and bad requests: a peer decides how many
         # A pull request names each block once at most (a few bytes each) and a few fields: anything much larger is
         # not a pull; zmq drops the connection of a peer that sends it, before it is held in memory.
@@ -227,11 +224,6 @@ class TransferEndpoint:
     def _corrupt_next_send_for_tests(self) -> None:
         """Test hook: flip a byte of the next message sent, after its blocks' checksums were fed."""
         self._cutter.corrupt_next = True
-
-    def freeze_after_describing_for_tests(self) -> None:
-        """Test hook: 5 ms after the next nixl description went out, the whole process stops (SIGSTOP to itself;
-        the test sends SIGCONT): a prefill process frozen while a READ of its blocks is in flight."""
-        self._freeze_after_describing = True
 
     # ---- serving thread
 
@@ -365,10 +357,6 @@ class TransferEndpoint:
                         continue
                     message = self._cut_message(pull)
                 self._control.send(message)
-                if self._freeze_after_describing and pull.path == "nixl":
-                    self._freeze_after_describing = False
-                    time.sleep(0.005)  # the description reaches the puller, which posts its READ
-                    os.kill(os.getpid(), signal.SIGSTOP)
             except zmq.ZMQError as e:
                 self._pulls.remove(pull)
                 logger.warning("transfer %s: client went away mid-pull (%s); dropped", pull.transfer_id, e)

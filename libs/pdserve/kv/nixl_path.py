@@ -52,6 +52,7 @@ import itertools
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 import weakref
@@ -282,6 +283,7 @@ class NixlAgent:
         self._registered: dict[int, tuple[object, weakref.finalize | None]] = {}  # id(pool) -> its registration
         self._remote: dict[str, str] = {}  # endpoint address -> the name of the agent its metadata added
         self._lock = threading.Lock()
+        self._after_next_post: Callable[[], None] | None = None  # test hook
 
     def register(self, pool) -> None:
         """Register the pool's memory (once per pool; unregistered when the pool is collected or at close()).
@@ -387,7 +389,15 @@ class NixlAgent:
             if isinstance(e, Exception) and not isinstance(e, TransferError):
                 raise TransferError(f"NIXL could not post the READ ({type(e).__name__}: {e})") from e
             raise
+        hook, self._after_next_post = self._after_next_post, None
+        if hook is not None:
+            hook()
         return handle
+
+    def stop_process_after_next_read_for_tests(self, pid: int) -> None:
+        """Test hook: right after the next READ is posted, stop process `pid` (SIGSTOP; the test sends SIGCONT): a
+        prefill process frozen while a READ of its blocks is in flight."""
+        self._after_next_post = lambda: os.kill(pid, signal.SIGSTOP)
 
     def wait(self, handle: object, deadline: float, check: Callable[[], None], nbytes: int = 0) -> None:
         """Until the READ (of nbytes) is done (its handle then released); TransferError when it fails,

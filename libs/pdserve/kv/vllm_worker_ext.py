@@ -64,10 +64,10 @@ class PdserveWorkerExtension:
         """Stall this engine's transfer endpoint for `seconds` (a hung prefill)."""
         _connector_worker().endpoint.pause_for_tests(seconds)
 
-    def pdserve_freeze_after_describing_for_tests(self) -> None:
-        """Stop this engine's worker process (SIGSTOP) 5 ms after its endpoint described the next nixl batch: a
-        prefill frozen while a READ of its blocks is in flight (the test sends SIGCONT)."""
-        _connector_worker().endpoint.freeze_after_describing_for_tests()
+    def pdserve_stop_process_after_next_read_for_tests(self, pid: int) -> None:
+        """Stop process `pid` (SIGSTOP) right after this engine posts its next nixl READ: the prefill worker frozen
+        while a READ of its blocks is in flight (the test sends SIGCONT)."""
+        _connector_worker()._client._nixl_agent().stop_process_after_next_read_for_tests(pid)
 
     def pdserve_pull_over_for_tests(self, transport: str) -> None:
         """Make this engine's later pulls take `transport` (as --kv-transport would have at start)."""
