@@ -216,7 +216,7 @@ class Receiver:
         conn, nonce, transfer_id = self.conn, self.nonce, self.transfer_id
         conn.sock.send(orjson.dumps({"op": "done", "nonce": nonce}), zmq.NOBLOCK)
         while True:
-            frames = self.receive(0)
+            frames = self.receive(self.num_blocks)  # every block landed: a timeout here is the confirmation's
             header = parse_header(frames[0], transfer_id, conn.address)
             if header.get("nonce") != nonce:
                 continue
