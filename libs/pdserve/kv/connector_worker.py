@@ -330,10 +330,10 @@ class ConnectorWorker:
             load = self._loads.pop(rid, None)
             if load is None:
                 continue
-            if error is not None and not load.fence.ended():
+            if report.get("reads_in_flight"):  # decided once, on the loop thread, where the report was made
                 # failed_recving now (vLLM then recomputes from scratch), finished_recving once the READs end
                 logger.warning("request %s: %d READs of its failed KV load still run; its %d blocks stay with vLLM's "
-                               "request until they end", rid, load.fence.num_in_flight, len(load.local_block_ids))
+                               "request until they end", rid, report["reads_in_flight"], len(load.local_block_ids))
                 self._fenced[rid] = load.fence
             else:
                 self._recv_finished.add(rid)

@@ -10,7 +10,7 @@ the READs then land in the blocks themselves, and after a failure the fence says
 
 The owner of the blocks holds them (neither recomputes into them nor gives them to another request) until
 ended() is True. vLLM's scheduler already does so for a load it was told failed, until the connector lists the
-request in finished_recving (connector_worker.py); the mock engine's pool sets them aside (engine/mock.py).
+request in finished_recving (connector_worker.py); the mock engine sets them aside (engine/mock_fenced.py).
 """
 
 from __future__ import annotations
